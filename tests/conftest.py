@@ -1,0 +1,96 @@
+"""Shared fixtures: small models with known answers and a quickly trained CNN.
+
+Every test session uses its own model cache folder, so tests never depend on a user's cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REF_DIR = Path(__file__).parent / "data" / "reference"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("ATTRAX_CACHE", str(tmp_path_factory.mktemp("attrax_cache")))
+    yield
+    mp.undo()
+
+
+class LinearNet(nn.Module):
+    """f(x) = W^T flatten(x) + b: every gradient-based identity has a closed form here."""
+
+    num_classes: int = 3
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="dense")(x.reshape((x.shape[0], -1)))
+
+
+@pytest.fixture(scope="session")
+def linear():
+    """(model, params, x, target, W) for a linear model on 6x6x1 inputs with 3 classes."""
+    import attrax
+
+    module = LinearNet()
+    x = jax.random.uniform(jax.random.key(1), (4, 6, 6, 1))
+    params = module.init(jax.random.key(0), x)
+    w = params["params"]["dense"]["kernel"]  # (36, 3)
+    target = jnp.array([0, 1, 2, 1], jnp.int32)
+    return attrax.as_model(module), params, x, target, w
+
+
+@pytest.fixture(scope="session")
+def mnist_test():
+    import attrax
+
+    return attrax.datasets.load("mnist_sample", split="test")
+
+
+@pytest.fixture(scope="session")
+def mnist_train():
+    import attrax
+
+    return attrax.datasets.load("mnist_sample", split="train")
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn(mnist_train):
+    """The reference-architecture CNN (cnn_a) trained for one quick epoch on 2,000 digits."""
+    import attrax
+
+    small = mnist_train.take(per_class=200)
+    model, params, _ = attrax.train("cnn_a", small, seed=0, cfg=attrax.TrainConfig(epochs=1), progress=False)
+    return model, params
+
+
+@pytest.fixture(scope="session")
+def batch(mnist_test):
+    """Eight test digits with their labels (jax arrays)."""
+    sub = mnist_test.take(per_class=1)
+    return jnp.asarray(sub.x[:8]), jnp.asarray(sub.y[:8])
+
+
+@pytest.fixture(scope="session")
+def reference():
+    """Weights, inputs and maps from established PyTorch libraries (see data/reference/README.md)."""
+    import attrax
+
+    w = np.load(REF_DIR / "cnn_a_weights.npz")
+    maps = dict(np.load(REF_DIR / "cnn_a_maps.npz"))
+    meta = json.loads((REF_DIR / "cnn_a_meta.json").read_text())
+    params = {"params": {}}
+    for k, v in w.items():
+        layer, p = k.split("/")
+        params["params"].setdefault(layer, {})[p] = jnp.asarray(v)
+    model = attrax.models.create("cnn_a")
+    return model, params, maps, meta
