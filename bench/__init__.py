@@ -19,7 +19,7 @@ from attrax import datasets, methods, models, protocols, results  # noqa: E402
 from attrax.errors import AttraxError  # noqa: E402
 from attrax.harness import evaluate, explain, forward, resolve_target  # noqa: E402
 from attrax.models import Model, as_model  # noqa: E402
-from attrax.train import TrainConfig, train  # noqa: E402
+from attrax.train import TrainConfig, train, train_module_accuracy  # noqa: E402
 
 models.train = train  # `attrax.models.train(...)` as the architecture's API shows
 

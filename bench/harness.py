@@ -125,9 +125,10 @@ def explain(
     batch runs in chunks of `chunk_size` images (default: from `evals_per_chunk` and the method's
     cost), and per-example keys make the result independent of the chunking.
     """
-    from attrax.methods import METHODS, per_example_keys
+    from attrax.methods import per_example_keys
+    from attrax.methods.combinators import resolve
 
-    entry = METHODS.get(method)
+    entry = resolve(method)  # registered names and compositions such as "smooth(gradient)"
     model = as_model(model)
     x, target = check_batch(x, target)
     allowed = entry.hparams()

@@ -62,16 +62,20 @@ class MLP(nn.Module):
     act: Callable = nn.relu
     use_bias: bool = True
 
+    def setup(self):
+        for i, h in enumerate(self.hidden):
+            setattr(self, f"dense{i + 1}", nn.Dense(h, use_bias=self.use_bias))
+        self.out = nn.Dense(self.num_classes, use_bias=self.use_bias)
+
     def features(self, x):
         x = x.reshape((x.shape[0], -1))
-        for i, h in enumerate(self.hidden):
-            x = self.act(nn.Dense(h, use_bias=self.use_bias, name=f"dense{i + 1}")(x))
+        for i in range(len(self.hidden)):
+            x = self.act(getattr(self, f"dense{i + 1}")(x))
         return x
 
     def head(self, a):
-        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="out")(a)
+        return self.out(a)
 
-    @nn.compact
     def __call__(self, x, train: bool = False):
         return self.head(self.features(x))
 
@@ -90,22 +94,29 @@ class CNN(nn.Module):
     act: Callable = nn.relu
     use_bias: bool = True
 
+    def setup(self):
+        for i, c in enumerate(self.channels):
+            setattr(self, f"conv{i + 1}", nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias))
+            setattr(self, f"pool{i + 1}", MaxPool(2))
+        for i, d in enumerate((*self.dense, self.num_classes)):
+            setattr(self, f"dense{i + 1}", nn.Dense(d, use_bias=self.use_bias))
+
     def features(self, x):
         n = len(self.channels)
-        for i, c in enumerate(self.channels):
-            x = self.act(nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias, name=f"conv{i + 1}")(x))
+        for i in range(n):
+            x = self.act(getattr(self, f"conv{i + 1}")(x))
             if i < n - 1:
-                x = MaxPool(2, name=f"pool{i + 1}")(x)
+                x = getattr(self, f"pool{i + 1}")(x)
         return x
 
     def head(self, a):
-        x = MaxPool(2, name=f"pool{len(self.channels)}")(a)
+        x = getattr(self, f"pool{len(self.channels)}")(a)
         x = x.reshape((x.shape[0], -1))
-        for i, d in enumerate(self.dense):
-            x = self.act(nn.Dense(d, use_bias=self.use_bias, name=f"dense{i + 1}")(x))
-        return nn.Dense(self.num_classes, use_bias=self.use_bias, name=f"dense{len(self.dense) + 1}")(x)
+        nd = len(self.dense)
+        for i in range(nd):
+            x = self.act(getattr(self, f"dense{i + 1}")(x))
+        return getattr(self, f"dense{nd + 1}")(x)
 
-    @nn.compact
     def __call__(self, x, train: bool = False):
         return self.head(self.features(x))
 
@@ -131,19 +142,21 @@ class AllConv(nn.Module):
     act: Callable = nn.relu
     use_bias: bool = True
 
-    def features(self, x):
+    def setup(self):
         for i, c in enumerate(self.channels):
             stride = 2 if i % 2 == 1 else 1
-            x = self.act(
-                nn.Conv(c, (3, 3), strides=stride, padding="SAME", use_bias=self.use_bias, name=f"conv{i + 1}")(x)
-            )
+            setattr(self, f"conv{i + 1}", nn.Conv(c, (3, 3), strides=stride, padding="SAME", use_bias=self.use_bias))
+        self.classifier = nn.Conv(self.num_classes, (1, 1), use_bias=self.use_bias)
+        self.gap = GlobalAvgPool()
+
+    def features(self, x):
+        for i in range(len(self.channels)):
+            x = self.act(getattr(self, f"conv{i + 1}")(x))
         return x
 
     def head(self, a):
-        a = nn.Conv(self.num_classes, (1, 1), use_bias=self.use_bias, name="classifier")(a)
-        return GlobalAvgPool(name="gap")(a)
+        return self.gap(self.classifier(a))
 
-    @nn.compact
     def __call__(self, x, train: bool = False):
         return self.head(self.features(x))
 
@@ -157,18 +170,25 @@ class CAMNet(nn.Module):
     act: Callable = nn.relu
     use_bias: bool = True
 
+    def setup(self):
+        for i, c in enumerate(self.channels):
+            setattr(self, f"conv{i + 1}", nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias))
+            if i < len(self.channels) - 1:
+                setattr(self, f"pool{i + 1}", MaxPool(2))
+        self.gap = GlobalAvgPool()
+        self.out = nn.Dense(self.num_classes, use_bias=self.use_bias)
+
     def features(self, x):
         n = len(self.channels)
-        for i, c in enumerate(self.channels):
-            x = self.act(nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias, name=f"conv{i + 1}")(x))
+        for i in range(n):
+            x = self.act(getattr(self, f"conv{i + 1}")(x))
             if i < n - 1:
-                x = MaxPool(2, name=f"pool{i + 1}")(x)
+                x = getattr(self, f"pool{i + 1}")(x)
         return x
 
     def head(self, a):
-        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="out")(GlobalAvgPool(name="gap")(a))
+        return self.out(self.gap(a))
 
-    @nn.compact
     def __call__(self, x, train: bool = False):
         return self.head(self.features(x))
 
@@ -177,10 +197,11 @@ class _Block(nn.Module):
     channels: int
     stride: int
     act: Callable
+    train: bool = False
 
     @nn.compact
-    def __call__(self, x, train: bool):
-        norm = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.9, name=name)  # noqa: E731
+    def __call__(self, x):
+        norm = lambda name: nn.BatchNorm(use_running_average=not self.train, momentum=0.9, name=name)  # noqa: E731
         y = nn.Conv(self.channels, (3, 3), strides=self.stride, padding="SAME", use_bias=False, name="conv1")(x)
         y = self.act(norm("bn1")(y))
         y = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
@@ -193,26 +214,36 @@ class _Block(nn.Module):
 
 @ZOO.register("resnet", family="conv")
 class ResNet(nn.Module):
-    """A small ResNet with BatchNorm (one basic block per stage) for CIFAR-10-sized inputs."""
+    """A small ResNet with BatchNorm (one basic block per stage) for CIFAR-10-sized inputs.
+
+    `train=True` (a field, set by the trainer through `clone`) uses batch statistics.
+    """
 
     num_classes: int = 10
     stages: tuple[int, ...] = (16, 32, 64)
     act: Callable = nn.relu
     use_bias: bool = True
+    train: bool = False
 
-    def features(self, x, train: bool = False):
-        x = nn.Conv(self.stages[0], (3, 3), padding="SAME", use_bias=False, name="stem")(x)
-        x = self.act(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_stem")(x))
+    def setup(self):
+        self.stem = nn.Conv(self.stages[0], (3, 3), padding="SAME", use_bias=False)
+        self.bn_stem = nn.BatchNorm(use_running_average=not self.train, momentum=0.9)
         for i, c in enumerate(self.stages):
-            x = _Block(c, 1 if i == 0 else 2, self.act, name=f"block{i + 1}")(x, train)
+            setattr(self, f"block{i + 1}", _Block(c, 1 if i == 0 else 2, self.act, self.train))
+        self.gap = GlobalAvgPool()
+        self.out = nn.Dense(self.num_classes, use_bias=self.use_bias)
+
+    def features(self, x):
+        x = self.act(self.bn_stem(self.stem(x)))
+        for i in range(len(self.stages)):
+            x = getattr(self, f"block{i + 1}")(x)
         return x
 
     def head(self, a):
-        return nn.Dense(self.num_classes, use_bias=self.use_bias, name="out")(GlobalAvgPool(name="gap")(a))
+        return self.out(self.gap(a))
 
-    @nn.compact
     def __call__(self, x, train: bool = False):
-        return self.head(self.features(x, train))
+        return self.head(self.features(x))
 
 
 # ---------------------------------------------------------------------------------------------

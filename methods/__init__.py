@@ -35,7 +35,10 @@ def names(**filters) -> list[str]:
 
 
 def get(name: str):
-    return METHODS.get(name)
+    """A registered method, or a composition such as "smooth(integrated_gradients)"."""
+    from attrax.methods.combinators import resolve
+
+    return resolve(name)
 
 
 import_submodules(__name__, __path__)

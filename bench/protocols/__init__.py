@@ -15,7 +15,6 @@ import dataclasses
 from typing import Any
 
 import numpy as np
-
 from attrax._plugins import import_submodules
 from attrax.registry import Registry
 

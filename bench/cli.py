@@ -1,0 +1,93 @@
+"""Console entry point `attrax`.
+
+    attrax [hydra overrides]          the main job (Hydra; `-m` for sweeps)
+    attrax report PATH... [--out D]   leaderboard + figures from results folders
+    attrax bench [options]            the benchmark command (same as `attrax-bench`)
+
+User errors (unknown names, bad input, missing data) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+
+from attrax.errors import AttraxError, unknown_name
+
+CONF_MODULE = "attrax.conf"
+GROUPS = ("dataset", "model", "train", "methods", "method", "protocol", "experiment")
+
+
+def group_options(group: str) -> list[str]:
+    d = resources.files(CONF_MODULE) / group
+    if not d.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Unknown config-group choices get a one-line "did you mean" before Hydra starts."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "hydra")):
+            continue
+        k, v = arg.split("=", 1)
+        k = k.lstrip("+~")
+        if k in GROUPS and v not in ("null", ""):
+            opts = group_options(k)
+            for choice in v.split(","):
+                if choice not in opts:
+                    raise unknown_name(f"{k} config", choice, opts)
+
+
+def _hydra_main(argv: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    status = {"code": 0}
+
+    @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_MODULE}", config_name="config")
+    def _job(cfg: DictConfig) -> None:
+        from attrax.main import run
+
+        try:
+            run(cfg, HydraConfig.get().runtime.output_dir)
+        except AttraxError as e:
+            print(f"attrax: error: {e}", file=sys.stderr)
+            status["code"] = 2
+
+    sys.argv = [sys.argv[0], *argv]
+    _job()
+    return status["code"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "report":
+            import argparse
+
+            from attrax import report
+
+            ap = argparse.ArgumentParser(prog="attrax report", description="leaderboard and figures from results folders")
+            ap.add_argument("paths", nargs="+")
+            ap.add_argument("--out", default=None, help="output folder (default: <first path>/report)")
+            a = ap.parse_args(argv[1:])
+            report.build(a.paths, a.out)
+            return 0
+        if argv and argv[0] == "bench":
+            from attrax import perf
+
+            return perf.main(argv[1:])
+        check_overrides(argv)
+        code = _hydra_main(argv)
+    except AttraxError as e:
+        print(f"attrax: error: {e}", file=sys.stderr)
+        code = 2
+    if code:
+        sys.exit(code)
+    return 0
+
+
+if __name__ == "__main__":
+    main()

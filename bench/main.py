@@ -1,0 +1,120 @@
+"""The main job: data -> model -> methods -> protocol -> tidy rows -> table and figures."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+import attrax
+from attrax import report, results
+from attrax.errors import AttraxError
+
+
+def _plain(cfg: Any) -> Any:
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def method_specs(cfg: dict) -> dict[str, dict]:
+    """{method name: hparams} from `method` (one) or `methods` (a named set)."""
+    if cfg.get("method"):
+        m = dict(cfg["method"])
+        return {m.pop("name"): m}
+    specs = {k: dict(v or {}) for k, v in (cfg.get("methods") or {}).items()}
+    if not specs:
+        raise AttraxError("no methods selected: set methods=<set> or method=<name>")
+    return specs
+
+
+def select_images(ds, n: int):
+    """A class-balanced subset of n images (the first n/classes of every class)."""
+    per = max(1, int(np.ceil(n / ds.num_classes)))
+    return ds.take(per_class=per).take(n)
+
+
+def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
+    cfg = _plain(cfg)
+    run_dir = Path(run_dir)
+    if results.is_complete(run_dir):
+        log(f"[attrax] {run_dir} is already complete: skipping (delete it to recompute)")
+        return results.load(run_dir)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    dcfg = dict(cfg["dataset"])
+    dname = dcfg.pop("name")
+    train_set = attrax.datasets.load(dname, "train", **dcfg)
+    test_set = attrax.datasets.load(dname, "test", **dcfg)
+    timings["data_s"] = time.perf_counter() - t0
+
+    mcfg = dict(cfg["model"])
+    mname = mcfg.pop("name")
+    t = time.perf_counter()
+    model = attrax.models.create(mname, num_classes=train_set.num_classes, **mcfg)
+    tcfg = attrax.TrainConfig(**cfg.get("train", {}))
+    model, params, info = attrax.train(model, train_set, seed=cfg["model_seed"], cfg=tcfg, progress=cfg["progress"])
+    acc = attrax.train_module_accuracy(model, params, test_set)
+    timings["train_s"] = time.perf_counter() - t
+    how = "loaded from cache" if info.get("cached") else f"trained in {timings['train_s']:.1f}s"
+    log(f"[attrax] model {mname} on {dname}: {how}; test accuracy {acc:.4f}")
+
+    sub = select_images(test_set, cfg["n_images"])
+    x = jnp.asarray(sub.x)
+    target = attrax.resolve_target(model, params, x, sub.y, cfg["target"])
+    example_index = np.asarray(sub.meta.get("index", np.arange(len(sub))))
+    pcfg = dict(cfg["protocol"])
+    pname = pcfg.pop("name")
+    if pname in attrax.protocols.PROTOCOLS and "channel_mean" in attrax.protocols.get(pname).hparams():
+        pcfg.setdefault("channel_mean", np.asarray(train_set.meta["channel_mean"]).tolist())
+    key = jax.random.key(cfg["seed"])
+    frames, maps = [], {}
+    # heatmap rows: one image per class first, then the rest, up to `heatmap_images`
+    firsts = [int(np.flatnonzero(sub.y == c)[0]) for c in np.unique(sub.y)]
+    hidx = np.asarray((firsts + [i for i in range(len(sub)) if i not in firsts])[: cfg["heatmap_images"]])
+    specs = method_specs(cfg)
+    for mi, (meth, hp) in enumerate(specs.items()):
+        t = time.perf_counter()
+        r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
+                           evals_per_chunk=cfg["chunk_evals"], **hp)
+        r = jax.block_until_ready(r)
+        timings[f"explain_{meth}_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        scores = attrax.evaluate(pname, model, params, x, target, r, key=jax.random.fold_in(key, 10_000), **pcfg)
+        timings[f"protocol_{meth}_s"] = time.perf_counter() - t
+        log(f"[attrax] {meth}: explained {len(x)} images in {timings[f'explain_{meth}_s']:.2f}s, "
+            f"{pname} in {timings[f'protocol_{meth}_s']:.2f}s")
+        frames.append(results.scores_to_rows(
+            scores, example_index=example_index, run_id=run_dir.name, experiment=cfg["experiment_name"],
+            dataset=dname, model=mname, model_seed=cfg["model_seed"], method=meth, method_hparams=hp,
+            protocol=pname, seed=cfg["seed"]))
+        maps[meth] = np.asarray(r)[hidx]
+    rows = pd.concat(frames, ignore_index=True)
+    acc_row = results.conform(pd.DataFrame([{
+        "run_id": run_dir.name, "experiment": cfg["experiment_name"], "dataset": dname, "model": mname,
+        "model_seed": cfg["model_seed"], "method": "", "method_hparams": "{}", "protocol": "model",
+        "metric": "test_accuracy", "x": np.nan, "value": acc, "example": -1, "seed": cfg["seed"]}]))
+    rows = pd.concat([rows, acc_row], ignore_index=True)
+    timings["total_s"] = time.perf_counter() - t0
+    figs = []
+    if cfg["figures"]:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        figs.append(report.curve_figure(rows, run_dir / "deletion_curves.png"))
+        figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx]))
+    results.write_run(run_dir, rows, cfg, timings, extra={"model_info": {k: v for k, v in info.items() if k != "losses"},
+                                                          "test_accuracy": acc})
+    log("")
+    log(report.format_table(report.leaderboard(rows)))
+    log("")
+    log(f"[attrax] results: {run_dir / results.ROWS_FILE}")
+    for f in figs:
+        if f:
+            log(f"[attrax] figure:  {f}")
+    return rows

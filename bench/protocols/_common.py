@@ -1,0 +1,153 @@
+"""Pieces shared by the evaluation protocols: channel aggregation, seeded rankings, fills,
+batched target scores and re-explanation of perturbed inputs.
+
+Nothing here keeps state; compiled functions are memoized per model with `Model.cached`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from attrax.errors import AttraxError
+from attrax.harness import explain, forward, map_chunks
+from attrax.methods import class_score, per_example_keys
+from attrax.models import as_model
+
+Array = jax.Array
+AGGREGATES = ("sum", "abs_sum", "max_abs")
+ORDERS = ("morf", "lerf")
+REPLACEMENTS = ("zero", "mean", "uniform", "blur")
+
+
+def aggregate_channels(relevance: Array, how: str = "sum") -> Array:
+    """(n, H, W, C) -> (n, H, W): the recorded channel aggregation (sum, abs_sum or max_abs)."""
+    if relevance.ndim != 4:
+        return relevance.reshape(relevance.shape[0], -1)
+    if how == "sum":
+        return relevance.sum(-1)
+    if how == "abs_sum":
+        return jnp.abs(relevance).sum(-1)
+    if how == "max_abs":
+        return jnp.abs(relevance).max(-1)
+    raise AttraxError(f"unknown channel aggregation {how!r}: use one of {', '.join(AGGREGATES)}")
+
+
+def check_order(order: str) -> None:
+    if order not in ORDERS:
+        raise AttraxError(f"unknown order {order!r}: use morf or lerf")
+
+
+def rank_desc(values: Array, key: Array, order: str = "morf") -> Array:
+    """Per-row indices sorted by value, highest first (MoRF) or lowest first (LeRF).
+
+    Ties are broken by a seeded random permutation (the recorded tie rule "random").
+    """
+    check_order(order)
+    v = -values if order == "lerf" else values
+    tie = jax.random.uniform(key, v.shape)
+    return jnp.lexsort((tie, -v), axis=-1)
+
+
+def gaussian_blur(x: Array, size: int = 11, sigma: float = 5.0) -> Array:
+    """Depthwise Gaussian blur of NHWC images (RISE insertion: 11x11, sigma 5), zero padded."""
+    r = size // 2
+    k = jnp.exp(-0.5 * (jnp.arange(-r, r + 1) / sigma) ** 2)
+    k = k / k.sum()
+    c = x.shape[-1]
+    kern = jnp.broadcast_to((k[:, None] * k[None, :])[:, :, None, None], (size, size, 1, c))
+    return jax.lax.conv_general_dilated(
+        x,
+        kern.astype(x.dtype),
+        (1, 1),
+        "SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=c,
+    )
+
+
+def replacement(x: Array, how: str, key: Array, channel_mean: Any = None) -> Array:
+    """The value removed pixels take: zero, the channel mean, uniform noise or a blurred copy."""
+    if how == "zero":
+        return jnp.zeros_like(x)
+    if how == "mean":
+        m = x.mean(axis=tuple(range(x.ndim - 1))) if channel_mean is None else channel_mean
+        return jnp.broadcast_to(jnp.asarray(m, x.dtype), x.shape)
+    if how == "uniform":
+        return jax.random.uniform(key, x.shape, x.dtype)
+    if how == "blur":
+        return gaussian_blur(x)
+    raise AttraxError(f"unknown replacement {how!r}: use one of {', '.join(REPLACEMENTS)}")
+
+
+def target_scores(model, params, x: Array, target: Array, score: str = "logit") -> Array:
+    """f_c of every image of a (large) batch through chunked compiled forwards."""
+    return class_score(forward(as_model(model), params, x), target, score)
+
+
+def repeat_targets(target: Array, k: int) -> Array:
+    """Targets for a batch laid out as (n, k, ...) -> (n * k, ...)."""
+    return jnp.repeat(target, k)
+
+
+def reexplainer(
+    method: str | Callable | None,
+    method_hparams: dict | None,
+    model,
+    params,
+    protocol: str,
+) -> Callable[[Array, Array, Array], Array]:
+    """`explain(x, target, key) -> relevance` for protocols that re-explain perturbed inputs.
+
+    `method` is a registered method name (run through `attrax.explain`: jitted and chunked) or a
+    function with the method contract `fn(model, params, x, target, *, key, **hparams)`.
+    """
+    hp = dict(method_hparams or {})
+    model = as_model(model)
+    if method is None:
+        raise AttraxError(
+            f"protocol {protocol!r} re-explains perturbed inputs: pass method=<name> "
+            "(and method_hparams) of the method being evaluated"
+        )
+    if callable(method):
+        fn = jax.jit(lambda p, xx, tt, kk: method(model, p, xx, tt, key=kk, **hp))
+
+        def run(x, target, key):
+            return fn(params, x, target, per_example_keys(key, x.shape[0]))
+
+        return run
+
+    def run_named(x, target, key):
+        return explain(method, model, params, x, target, key=key, **hp)
+
+    return run_named
+
+
+def method_label(method: Any) -> Any:
+    """How a method argument is recorded in `Scores.choices`."""
+    if method is None or isinstance(method, str):
+        return method
+    return getattr(method, "__name__", repr(method))
+
+
+def chunked(fn: Callable, n: int, per_image: int, *arrays: Array, budget: int = 2048) -> Array:
+    """Run a compiled per-batch `fn` over image chunks of about `budget` model evaluations."""
+    n_chunks = -(-n * max(1, per_image) // budget)
+    chunk = -(-n // n_chunks)  # equal chunks: little padding in the last one
+    return map_chunks(fn, n, chunk, *arrays)
+
+
+def pearson(a: Array, b: Array, axis: int = -1) -> Array:
+    """Pearson correlation along `axis` (0 where either side is constant)."""
+    a = a - a.mean(axis, keepdims=True)
+    b = b - b.mean(axis, keepdims=True)
+    num = (a * b).sum(axis)
+    den = jnp.sqrt((a * a).sum(axis) * (b * b).sum(axis))
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def as_np(x: Any) -> np.ndarray:
+    return np.asarray(x)

@@ -1,0 +1,174 @@
+"""Leaderboards and figures built from results folders alone (`attrax report PATH...`)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from attrax import results as results_store
+from attrax.errors import AttraxError
+
+CONTROLS = ("random", "sobel")
+
+
+def _direction(protocol: str, metric: str) -> bool | None:
+    from attrax.protocols import PROTOCOLS
+
+    if protocol in PROTOCOLS:
+        return PROTOCOLS.get(protocol).meta.get("higher_is_better", {}).get(metric)
+    return None
+
+
+def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) < 2:
+        m = float(v.mean()) if len(v) else float("nan")
+        return m, m
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def leaderboard(df: pd.DataFrame, *, n_boot: int = 1000) -> pd.DataFrame:
+    """One row per (protocol, metric, method): mean, bootstrap CI, n, direction and rank.
+
+    Only scalar metrics (x is NaN) of individual examples are ranked; rank 1 is best in the
+    metric's registered direction (no rank where the direction is unknown).
+    """
+    scal = df[df["x"].isna() & (df["example"] >= 0)]
+    if scal.empty:
+        raise AttraxError("no scalar per-example metrics in these results")
+    out = []
+    for (proto, metric, method), g in scal.groupby(["protocol", "metric", "method"], sort=True):
+        lo, hi = bootstrap_ci(g["value"].to_numpy(), n_boot=n_boot)
+        out.append({"protocol": proto, "metric": metric, "method": method, "mean": g["value"].mean(),
+                    "ci_low": lo, "ci_high": hi, "n": len(g), "higher_is_better": _direction(proto, metric)})
+    lb = pd.DataFrame(out)
+    ranks = []
+    for _, g in lb.groupby(["protocol", "metric"]):
+        hib = g["higher_is_better"].iloc[0]
+        ranks.append(g["mean"].rank(ascending=not hib, method="min") if hib is not None else g["mean"] * np.nan)
+    lb["rank"] = pd.concat(ranks).reindex(lb.index)
+    return lb
+
+
+def arrow(hib: Any) -> str:
+    return "↑" if hib is True else "↓" if hib is False else ""
+
+
+def format_table(lb: pd.DataFrame) -> str:
+    """Methods x metrics text table: mean [CI] (rank), sorted by the first ranked metric."""
+    lb = lb.copy()
+    lb["col"] = lb["protocol"] + "/" + lb["metric"] + " " + lb["higher_is_better"].map(arrow)
+    lb["cell"] = [
+        f"{m:.4g} [{lo:.3g}, {hi:.3g}]" + (f" ({int(r)})" if np.isfinite(r) else "")
+        for m, lo, hi, r in zip(lb["mean"], lb["ci_low"], lb["ci_high"], lb["rank"], strict=True)
+    ]
+    wide = lb.pivot(index="method", columns="col", values="cell")
+    ranked = lb.dropna(subset=["rank"])
+    if not ranked.empty:
+        first = ranked["col"].iloc[0]
+        order = ranked[ranked["col"] == first].sort_values("rank")["method"].tolist()
+        wide = wide.reindex(order + [m for m in wide.index if m not in order])
+    wide.index = [f"{m} (control)" if m in CONTROLS else m for m in wide.index]
+    return wide.to_markdown() if _has_tabulate() else wide.to_string()
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def curve_figure(df: pd.DataFrame, path: Path, metric: str = "curve") -> Path | None:
+    """Mean curves with 95% CI bands, one line per method (e.g. deletion / pixel flipping)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    cur = df[(df["metric"] == metric) & df["x"].notna()]
+    if cur.empty:
+        return None
+    protos = sorted(cur["protocol"].unique())
+    fig, axes = plt.subplots(1, len(protos), figsize=(5.5 * len(protos), 4), squeeze=False)
+    for ax, proto in zip(axes[0], protos, strict=True):
+        sns.lineplot(data=cur[cur["protocol"] == proto], x="x", y="value", hue="method", errorbar=("ci", 95),
+                     ax=ax, n_boot=200, seed=0)
+        ax.set(title=proto, xlabel="fraction of pixels removed", ylabel="target score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, labels=None) -> Path:
+    """Images (rows) x methods (columns): the input, then each method's channel-summed map."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = images.shape[0]
+    cols = ["input", *maps]
+    fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.6 * n), squeeze=False)
+    for i in range(n):
+        for j, c in enumerate(cols):
+            ax = axes[i, j]
+            if c == "input":
+                img = images[i]
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+                if labels is not None:
+                    ax.set_ylabel(str(labels[i]), rotation=0, labelpad=10)
+            else:
+                r = maps[c][i].sum(-1)
+                v = float(np.abs(r).max()) or 1.0
+                ax.imshow(r, cmap="seismic", vmin=-v, vmax=v)
+            if i == 0:
+                ax.set_title(c, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _embed(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<figure><img alt="{Path(path).stem}" src="data:image/png;base64,{data}"/><figcaption>{Path(path).stem}</figcaption></figure>'
+
+
+def build(paths: list[str], out: str | Path | None = None) -> Path:
+    """Aggregate results folders into leaderboard.md/.csv and a self-contained report.html."""
+    df = results_store.load(*paths)
+    out = Path(out or (Path(paths[0]) / "report"))
+    out.mkdir(parents=True, exist_ok=True)
+    lb = leaderboard(df)
+    lb.to_csv(out / "leaderboard.csv", index=False)
+    table = format_table(lb)
+    (out / "leaderboard.md").write_text(f"# attrax leaderboard\n\n{len(df)} rows from {df['run_id'].nunique()} runs\n\n{table}\n")
+    figs = [p for p in [curve_figure(df, out / "curves.png")] if p]
+    for run in results_store.find_runs(paths):
+        for png in sorted(Path(run).glob("*.png")):
+            figs.append(png)
+    html = ["<!doctype html><html><head><meta charset='utf-8'><title>attrax report</title>",
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style>",
+            "</head><body><h1>attrax report</h1>", lb.to_html(index=False, float_format=lambda v: f"{v:.4g}"),
+            *[_embed(p) for p in figs], "</body></html>"]
+    (out / "report.html").write_text("\n".join(html))
+    print(table)
+    print(f"\nwrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'report.html'}")
+    return out

@@ -1,0 +1,149 @@
+"""FullGrad (Srinivas & Fleuret 2019): input-gradient x input plus every layer's bias-gradients.
+
+For a ReLU network (max/avg pooling and residual sums included) the full-gradient decomposition
+is exact: f_c(x) = sum(x * grad_x f_c) + sum over layers l of sum(b_l * grad_{b_l} f_c), where
+grad_{b_l} f_c is the gradient w.r.t. the layer's bias at every output position. The bias
+gradients come from the same single backward pass as the input gradient: every Dense/Conv layer
+with a bias (and every BatchNorm in inference mode, whose implicit bias is
+beta - scale * mean / sqrt(var + eps)) is intercepted with `flax.linen.intercept_methods` and
+gets a zero offset added to its output; the gradient w.r.t. that offset is the bias gradient.
+Works on any Flax linen module built from nn.Dense / nn.Conv / nn.BatchNorm (needs="layers").
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from attrax.errors import AttraxError
+from attrax.methods._core import METHODS, class_score
+
+Array = jax.Array
+VARIANTS = ("paper", "complete")
+
+
+def _layer_bias(module: nn.Module, method_name: str):
+    """The (implicit) bias of an intercepted call, or None for layers without one."""
+    if method_name != "__call__":
+        return None
+    if isinstance(module, nn.Dense | nn.Conv) and module.use_bias:
+        return module.variables["params"]["bias"]
+    if isinstance(module, nn.BatchNorm) and module.use_running_average and module.use_bias:
+        stats, p = module.variables["batch_stats"], module.variables["params"]
+        gain = jax.lax.rsqrt(stats["var"] + module.epsilon)
+        if module.use_scale:
+            gain = gain * p["scale"]
+        return p["bias"] - gain * stats["mean"]
+    return None
+
+
+def full_gradients(model, params, x, target, score: str = "logit"):
+    """(scores, grad_x, [(bias, grad_bias) per biased layer in call order]) from one backward pass.
+
+    grad_bias has the layer output's shape (n, ..., channels); bias has shape (channels,).
+    """
+    if model.module is None:
+        raise AttraxError(
+            "fullgrad needs the model's layers: pass the Flax module, not a plain apply_fn"
+        )
+    module = model.module
+
+    def run(xx, offsets):
+        biases, outs = [], []
+
+        def icpt(next_fun, args, kwargs, ctx):
+            out = next_fun(*args, **kwargs)
+            b = _layer_bias(ctx.module, ctx.method_name)
+            if b is None:
+                return out
+            if offsets is not None:
+                out = out + offsets[len(outs)]
+            biases.append(jax.lax.stop_gradient(b))
+            outs.append(out)
+            return out
+
+        with nn.intercept_methods(icpt):
+            logits = module.apply(params, xx)
+        return logits, biases, outs
+
+    shapes = jax.eval_shape(lambda xx: run(xx, None)[2], x)
+
+    def total(xx, offsets):
+        logits, biases, _ = run(xx, offsets)
+        s = class_score(logits, target, score)
+        return s.sum(), (s, biases)
+
+    zeros = [jnp.zeros(s.shape, x.dtype) for s in shapes]
+    (_, (s, biases)), (gx, gb) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(x, zeros)
+    return s, gx, list(zip(biases, gb, strict=True))
+
+
+def _nearest_index(src: int, dst: int) -> np.ndarray:
+    return np.minimum((np.arange(dst) + 0.5) * src / dst, src - 1).astype(np.int64)
+
+
+def _spread(m: Array, height: int, width: int) -> Array:
+    """Mass-preserving nearest upsampling of (n, h, w) maps to (n, H, W): every source cell's
+    value is shared equally by the input pixels that map to it."""
+    n, h, w = m.shape
+    rows, cols = _nearest_index(h, height), _nearest_index(w, width)
+    counts = np.zeros((h, w))
+    np.add.at(counts, (rows[:, None], cols[None, :]), 1.0)
+    inv = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    return (m * jnp.asarray(inv, m.dtype))[:, rows][:, :, cols]
+
+
+def _psi(t: Array, height: int, width: int) -> Array:
+    """FullGrad's post-processing of one (n, h, w, k) term: |.|, bilinear resize to H x W, then
+    min-max rescaling to [0, 1] per image; summed over channels -> (n, H, W)."""
+    a = jnp.abs(t)
+    if a.shape[1:3] != (height, width):
+        a = jax.image.resize(a, (a.shape[0], height, width, a.shape[-1]), "linear")
+    flat = a.reshape(a.shape[0], -1)
+    lo, hi = flat.min(1), flat.max(1)
+    span = hi - lo
+    norm = jnp.where(
+        span[:, None] > 0, (flat - lo[:, None]) / jnp.where(span > 0, span, 1.0)[:, None], 0.0
+    )
+    return norm.reshape(a.shape).sum(-1)
+
+
+@METHODS.register(
+    "fullgrad", family="gradient", needs="layers", stochastic=False, cost=lambda hp: 1
+)
+def fullgrad(
+    model, params, x, target, *, key=None, variant: str = "paper", score: str = "logit"
+) -> Array:
+    """FullGrad (Srinivas & Fleuret 2019). Default target: the class logit.
+
+    variant "paper" (default): psi(x * grad_x) + sum over layers with spatial maps of
+      psi(b * grad_b), psi = abs, bilinear resize to the input size, min-max rescale per image,
+      summed over channels (the paper's saliency map; layers without spatial maps are left out,
+      as in the paper). Same map in every channel.
+    variant "complete": the signed full-gradient decomposition, sum R = f_c(x) exactly on ReLU
+      networks: x * grad_x plus each layer's bias term summed over its channels, spread over the
+      input pixels by mass-preserving nearest upsampling (dense layers: uniformly), shared equally
+      by the input channels.
+    """
+    if x.ndim != 4:
+        raise AttraxError(f"fullgrad needs NHWC images, got shape {x.shape}")
+    if variant not in VARIANTS:
+        raise AttraxError(f"unknown fullgrad variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    n, h, w, c = x.shape
+    _, gx, layers = full_gradients(model, params, x, target, score)
+    if variant == "paper":
+        r = _psi(x * gx, h, w)
+        for b, gb in layers:
+            if gb.ndim == 4:
+                r = r + _psi(gb * b, h, w)
+        return jnp.broadcast_to(r[..., None], x.shape)
+    r = x * gx
+    extra = jnp.zeros((n, h, w), x.dtype)
+    for b, gb in layers:
+        t = gb * b
+        if t.ndim == 4:
+            extra = extra + _spread(t.sum(-1), h, w)
+        else:
+            extra = extra + (t.reshape(n, -1).sum(1) / (h * w))[:, None, None]
+    return r + extra[..., None] / c

@@ -1,0 +1,170 @@
+"""Known answers of the CAM family on global-average-pooling -> linear heads, Score-CAM on a model
+that looks at one channel, layer selection, and clear errors."""
+
+from __future__ import annotations
+
+import attrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attrax.methods import cam as cam_mod
+
+
+def _gap_net(channels, key=0, n=3, size=12):
+    """A CAM net with random nonzero biases; `channels=(k,)` keeps features at input resolution."""
+    model = attrax.models.create("camnet", num_classes=4, channels=channels)
+    x = jax.random.uniform(jax.random.key(key), (n, size, size, 1))
+    params = attrax.models.init(model, jax.random.key(key + 1), x)
+    params = jax.tree.map(lambda a: a, params)
+    b = jax.random.normal(jax.random.key(key + 2), (4,))
+    params["params"]["out"]["bias"] = b
+    target = jnp.arange(n, dtype=jnp.int32) % 4
+    return model, params, x, target
+
+
+def _closed_form(model, params, x, target):
+    a = model.features(params, x)
+    w = params["params"]["out"]["kernel"][:, target].T  # (n, K)
+    b = params["params"]["out"]["bias"][target]
+    cam = jnp.einsum("nk,nhwk->nhw", w, a)
+    return a, w, b, cam
+
+
+@pytest.fixture(scope="module")
+def gap_full():
+    return _gap_net((6,))
+
+
+def test_cam_mean_equals_logit_minus_bias_at_feature_resolution():
+    model, params, x, target = _gap_net((4, 8))
+    m = cam_mod.cam_map(model, params, x, target)
+    assert m.shape == (3, 6, 6)
+    logits = model(params, x)[jnp.arange(3), target]
+    b = params["params"]["out"]["bias"][target]
+    np.testing.assert_allclose(m.mean(axis=(1, 2)), logits - b, rtol=1e-4, atol=1e-5)
+    _, _, _, cf = _closed_form(model, params, x, target)
+    np.testing.assert_allclose(m, cf, rtol=1e-4, atol=1e-5)
+    # explain() upsamples to the input and broadcasts over channels
+    r = attrax.explain("cam", model, params, x, target)
+    assert r.shape == x.shape
+
+
+def test_cam_and_grad_cam_closed_forms(gap_full):
+    model, params, x, target = gap_full
+    _, _, b, cf = _closed_form(model, params, x, target)
+    hw = x.shape[1] * x.shape[2]
+    r_cam = attrax.explain("cam", model, params, x, target)[..., 0]
+    np.testing.assert_allclose(r_cam, cf, rtol=1e-4, atol=1e-5)
+    logits = model(params, x)[jnp.arange(3), target]
+    np.testing.assert_allclose(r_cam.mean(axis=(1, 2)), logits - b, rtol=1e-4, atol=1e-5)
+    r_gc = attrax.explain("grad_cam", model, params, x, target)[..., 0]
+    np.testing.assert_allclose(r_gc, jax.nn.relu(cf) / hw, rtol=1e-4, atol=1e-6)
+    assert float(jnp.abs(r_gc).max()) > 0
+
+
+def test_grad_cam_pp_closed_forms(gap_full):
+    model, params, x, target = gap_full
+    a, w, _, _ = _closed_form(model, params, x, target)
+    hw = x.shape[1] * x.shape[2]
+    mean_a = a.mean(axis=(1, 2))  # (n, K)
+    # tutorial: alpha = 1 / (2 + g S_k) with g = w / HW, S_k = HW mean(A_k): weights summed over HW
+    w_tut = jax.nn.relu(w) / (2.0 + w * mean_a)
+    expect_tut = jax.nn.relu(jnp.einsum("nk,nhwk->nhw", w_tut, a))
+    r = attrax.explain("grad_cam_pp", model, params, x, target, variant="tutorial")[..., 0]
+    np.testing.assert_allclose(r, expect_tut, rtol=1e-4, atol=1e-6)
+    # paper: alphas normalized to sum to one where the gradient is positive -> weights relu(w)/HW
+    expect_paper = jax.nn.relu(jnp.einsum("nk,nhwk->nhw", jax.nn.relu(w), a)) / hw
+    r = attrax.explain("grad_cam_pp", model, params, x, target, variant="paper")[..., 0]
+    np.testing.assert_allclose(r, expect_paper, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_cam_pp_guards_zero_division():
+    # all-zero feature maps and gradients: 0/0 everywhere must give a finite (zero) map
+    model, params, x, target = _gap_net((4,))
+    params["params"]["out"]["kernel"] = jnp.zeros_like(params["params"]["out"]["kernel"])
+    for variant in ("paper", "tutorial"):
+        r = attrax.explain("grad_cam_pp", model, params, x, target, variant=variant)
+        assert bool(jnp.all(jnp.isfinite(r))) and float(jnp.abs(r).max()) == 0.0
+
+
+def test_guided_grad_cam_is_guided_backprop_times_grad_cam():
+    # without ReLUs guided backprop is the gradient, so guided Grad-CAM = gradient x Grad-CAM
+    model = attrax.models.create("camnet", num_classes=4, channels=(4, 8), act=lambda z: z)
+    model, params, x, target = (model,) + _gap_net((4, 8))[1:]
+    r = attrax.explain("guided_grad_cam", model, params, x, target)
+    g = attrax.explain("gradient", model, params, x, target)
+    gc = attrax.explain("grad_cam", model, params, x, target)
+    np.testing.assert_allclose(r, g * gc, rtol=1e-4, atol=1e-8)
+
+
+def test_named_layer_matches_features_stage():
+    # identity activation: the output of conv2 is exactly the `features` stage
+    model = attrax.models.create("camnet", num_classes=4, channels=(4, 8), act=lambda z: z)
+    _, params, x, target = _gap_net((4, 8))
+    a = cam_mod.grad_cam_map(model, params, x, target)
+    b = cam_mod.grad_cam_map(model, params, x, target, layer="conv2")
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    r = attrax.explain("score_cam", model, params, x, target, layer="pool1")
+    assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
+    with pytest.raises(attrax.AttraxError, match="no layer 'nope'.*conv1"):
+        attrax.explain("grad_cam", model, params, x, target, layer="nope")
+    with pytest.raises(attrax.AttraxError, match="spatial maps"):
+        attrax.explain("grad_cam", model, params, x, target, layer="out")
+
+
+class QuadrantNet(nn.Module):
+    """features: channel k = the image on quadrant k; logit 0 = mean of channel `j`, logit 1 = 0."""
+
+    j: int = 2
+
+    def features(self, x):
+        h, w = x.shape[1:3]
+        ii, jj = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+        quad = (ii >= h // 2).astype(jnp.int32) * 2 + (jj >= w // 2).astype(jnp.int32)
+        masks = jax.nn.one_hot(quad, 4)  # (H, W, 4)
+        return x.sum(-1, keepdims=True) * masks
+
+    def head(self, a):
+        s = 10.0 * a[..., self.j].mean(axis=(1, 2))
+        return jnp.stack([s, jnp.zeros_like(s)], axis=-1)
+
+    def __call__(self, x, train: bool = False):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("score,subtract", [("logit", False), ("probability", True)])
+def test_score_cam_ranks_the_region_of_the_used_channel_first(score, subtract):
+    model = attrax.as_model(QuadrantNet(j=2))
+    x = 0.2 + 0.8 * jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+    params = model.module.init(jax.random.key(0), x)
+    r = attrax.explain(
+        "score_cam",
+        model,
+        params,
+        x,
+        jnp.zeros(2, jnp.int32),
+        score=score,
+        subtract_baseline=subtract,
+    )[..., 0]
+    region = np.zeros((8, 8), bool)
+    region[4:, :4] = True  # quadrant 2
+    for i in range(2):
+        top = np.argsort(-np.asarray(r[i]).ravel())[: region.sum()]
+        assert region.ravel()[top].all()
+        assert float(np.abs(np.asarray(r[i])[~region]).max()) < 1e-6
+
+
+def test_errors_without_stages(linear):
+    model, params, x, target, _ = linear
+    for name in ("cam", "grad_cam", "grad_cam_pp", "score_cam"):
+        with pytest.raises(attrax.AttraxError, match="stages|NHWC"):
+            attrax.explain(name, model, params, x, target)
+    plain = attrax.as_model(lambda p, xx: model(p, xx))
+    with pytest.raises(attrax.AttraxError):
+        attrax.explain("grad_cam", plain, params, x, target)
+    mlp = attrax.models.create("mlp", hidden=(8,))
+    mp = attrax.models.init(mlp, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
+    with pytest.raises(attrax.AttraxError, match="spatial maps"):
+        attrax.explain("grad_cam", mlp, mp, x, target)

@@ -1,0 +1,397 @@
+"""Known answers for the gradient family, combinators, perturbation methods and controls
+(METHODS.md "Testable properties")."""
+
+from __future__ import annotations
+
+import attrax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from attrax.methods import combinators, per_example_keys
+from attrax.methods.gradient import make_baseline, riemann
+from attrax.methods.perturbation import occlusion_windows, rise_masks
+
+
+def _lin_expected(linear):
+    model, params, x, target, w = linear
+    wt = w[:, target].T.reshape(x.shape)  # (n, 6, 6, 1): the target's weights per example
+    return model, params, x, target, wt
+
+
+# ----------------------------------------------------------------------------- linear identities
+
+
+def test_linear_gradient_is_w(linear):
+    model, params, x, target, wt = _lin_expected(linear)
+    g = attrax.explain("gradient", model, params, x, target)
+    np.testing.assert_allclose(g, wt, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        attrax.explain("gradient", model, params, x, target, postprocess="abs"),
+        jnp.abs(wt),
+        atol=1e-7,
+    )
+    np.testing.assert_allclose(
+        attrax.explain("gradient", model, params, x, target, postprocess="square"), wt**2, atol=1e-7
+    )
+
+
+def test_linear_input_x_gradient_and_times_input(linear):
+    model, params, x, target, wt = _lin_expected(linear)
+    np.testing.assert_allclose(
+        attrax.explain("input_x_gradient", model, params, x, target), wt * x, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        attrax.explain("times_input(gradient)", model, params, x, target), wt * x, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "rule,steps", [("right", 1), ("left", 3), ("midpoint", 2), ("trapezoid", 5)]
+)
+def test_linear_ig_is_w_times_x(linear, rule, steps):
+    model, params, x, target, wt = _lin_expected(linear)
+    r = attrax.explain("integrated_gradients", model, params, x, target, steps=steps, rule=rule)
+    np.testing.assert_allclose(r, wt * x, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_smoothgrad_is_w_for_any_sigma(linear):
+    model, params, x, target, wt = _lin_expected(linear)
+    for sigma in (0.0, 0.5):
+        r = attrax.explain("smoothgrad", model, params, x, target, key=3, n_samples=5, sigma=sigma)
+        np.testing.assert_allclose(r, wt, rtol=1e-5, atol=1e-6)
+    sq = attrax.explain("smoothgrad_sq", model, params, x, target, key=3, n_samples=5)
+    np.testing.assert_allclose(sq, wt**2, rtol=1e-5, atol=1e-7)
+    var = attrax.explain("vargrad", model, params, x, target, key=3, n_samples=5)
+    np.testing.assert_allclose(var, 0.0, atol=1e-10)
+
+
+def test_linear_occlusion_one_pixel_is_w_times_x(linear):
+    model, params, x, target, wt = _lin_expected(linear)
+    r = attrax.explain("occlusion", model, params, x, target, window=1, stride=1, fill=0.0)
+    np.testing.assert_allclose(r, wt * x, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_occlusion_overlapping_windows_average(linear):
+    """2x2 windows, stride 1: each pixel = mean over its covering windows of the window's w.x."""
+    model, params, x, target, wt = _lin_expected(linear)
+    r = np.asarray(attrax.explain("occlusion", model, params, x, target, window=2, stride=1))
+    masks = occlusion_windows(6, 6, 2, 1)  # (25, 6, 6)
+    contrib = np.asarray(wt * x)[..., 0]
+    drops = np.einsum("phw,nhw->np", masks, contrib)
+    expected = np.einsum("np,phw->nhw", drops, masks) / masks.sum(0)
+    np.testing.assert_allclose(r[..., 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_expected_gradients_one_baseline(linear):
+    model, params, x, target, wt = _lin_expected(linear)
+    b = jnp.full(x.shape[1:], 0.25)
+    r = attrax.explain(
+        "expected_gradients", model, params, x, target, key=1, n_samples=3, baselines=b
+    )
+    np.testing.assert_allclose(r, wt * (x - 0.25), rtol=1e-5, atol=1e-6)
+    # several baselines: the estimate is w * (x - mean of the sampled baselines); in expectation
+    # w * (x - mean baseline)
+    bs = jax.random.uniform(jax.random.key(2), (8,) + x.shape[1:])
+    r = attrax.explain(
+        "gradient_shap", model, params, x, target, key=1, n_samples=400, baselines=bs
+    )
+    expected = wt * (x - bs.mean(0))
+    assert float(jnp.abs(r - expected).max()) < 0.1 * float(jnp.abs(expected).max())
+
+
+def test_linear_rise_matches_closed_form(linear):
+    """RISE on f = w.x + b: S = sum_j (w.(x*M_j) + b) M_j / (N p), with the same masks."""
+    model, params, x, target, _ = linear
+    n_masks, cells, p = 40, 3, 0.5
+    r = np.asarray(
+        attrax.explain("rise", model, params, x, target, n_masks=n_masks, cells=cells, p_keep=p)
+    )
+    m = np.asarray(rise_masks(n_masks, cells, p, 6, 6, 0))
+    masked = (x[None] * m[:, None, :, :, None]).reshape(-1, 6, 6, 1)
+    logits = np.asarray(model(params, masked))
+    s = logits.reshape(n_masks, x.shape[0], -1)[:, np.arange(x.shape[0]), np.asarray(target)]
+    expected = np.einsum("jn,jhw->nhw", s, m) / (n_masks * p)
+    np.testing.assert_allclose(r[..., 0], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_rise_masks_are_smooth_with_keep_probability():
+    m = np.asarray(rise_masks(2000, 4, 0.3, 16, 16, seed=5))
+    assert m.shape == (2000, 16, 16) and m.min() >= 0 and m.max() <= 1
+    assert abs(m.mean() - 0.3) < 0.02
+    assert len(np.unique(np.round(m, 3))) > 10  # bilinear upsampling, not binary
+
+
+# ----------------------------------------------------------------------------- score option
+
+
+def test_probability_score_is_explicit(linear):
+    model, params, x, target, _ = linear
+
+    def prob(xx):
+        return jax.nn.softmax(model(params, xx[None]))[0]
+
+    expected = jnp.stack(
+        [jax.grad(lambda xx, t=t: prob(xx)[t])(xi) for xi, t in zip(x, target, strict=True)]
+    )
+    g = attrax.explain("gradient", model, params, x, target, score="probability")
+    np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-7)
+    logit_g = attrax.explain("gradient", model, params, x, target)
+    assert float(jnp.abs(g - logit_g).max()) > 1e-3
+    for name in ("input_x_gradient", "integrated_gradients", "guided_backprop", "occlusion"):
+        hp = {"steps": 2} if name == "integrated_gradients" else {}
+        model_ = attrax.as_model(attrax.models.create("mlp", hidden=(4,)).module)
+        p = attrax.models.init(model_, jax.random.key(0), x)
+        r = attrax.explain(name, model_, p, x, target, score="probability", **hp)
+        assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
+
+
+# ----------------------------------------------------------------------------- integrated gradients
+
+
+@pytest.fixture(scope="module")
+def relu_net():
+    """A small ReLU MLP with non-zero biases (so the IG path crosses ReLU kinks) on 6x6 inputs."""
+    model = attrax.models.create("mlp", hidden=(16, 16), num_classes=3)
+    x = 3 * jax.random.uniform(jax.random.key(7), (4, 6, 6, 1))
+    params = attrax.models.init(model, jax.random.key(8), x)
+    keys = iter(jax.random.split(jax.random.key(9), 100))
+    params = jax.tree.map(
+        lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim == 1 else p, params
+    )
+    return model, params, x, jnp.array([0, 1, 2, 0], jnp.int32)
+
+
+def test_ig_completeness_shrinks_with_steps(relu_net):
+    model, params, x, target = relu_net
+    logits = model(params, x)
+    delta = logits[jnp.arange(4), target] - model(params, jnp.zeros_like(x))[jnp.arange(4), target]
+    res = {}
+    for steps in (4, 256):
+        r = attrax.explain("integrated_gradients", model, params, x, target, steps=steps)
+        res[steps] = np.asarray(jnp.abs(r.reshape(4, -1).sum(1) - delta) / jnp.abs(delta))
+    assert (res[256] < 1e-2).all(), res
+    assert res[256].max() < res[4].max()
+
+
+def test_ig_one_right_step_is_grad_times_delta(relu_net):
+    model, params, x, target = relu_net
+    g = attrax.explain("gradient", model, params, x, target)
+    keys = per_example_keys(0, x.shape[0])
+    for baseline in ("zero", "black", "mean", "blur", "uniform", 0.3):
+        r = attrax.explain(
+            "integrated_gradients",
+            model,
+            params,
+            x,
+            target,
+            key=0,
+            steps=1,
+            rule="right",
+            baseline=baseline,
+        )
+        base = make_baseline(x, baseline, keys)
+        np.testing.assert_allclose(r, g * (x - base), rtol=1e-5, atol=1e-6, err_msg=str(baseline))
+
+
+def test_baselines_known_values():
+    x = jnp.stack([jnp.full((5, 5, 2), 0.2).at[0, 0, 0].set(0.8), jnp.full((5, 5, 2), 0.6)])
+    keys = per_example_keys(0, 2)
+    np.testing.assert_allclose(make_baseline(x, "black", keys)[0], 0.2)
+    np.testing.assert_allclose(make_baseline(x, "black", keys)[1], 0.6)
+    np.testing.assert_allclose(make_baseline(x, "mean", keys, mean=(0.1, 0.9))[..., 1], 0.9)
+    np.testing.assert_allclose(make_baseline(x, "mean", keys)[1], 0.6, rtol=1e-6)
+    np.testing.assert_allclose(make_baseline(x, "blur", keys)[1], 0.6, rtol=1e-5)  # constant stays
+    blurred = make_baseline(x, "blur", keys, blur_sigma=1.0)[0, ..., 0]
+    assert 0.2 < float(blurred[0, 0]) < 0.8 and float(blurred[1, 1]) > 0.2
+    u = make_baseline(x, "uniform", keys)
+    assert float(u.min()) >= 0 and float(u.max()) < 1 and float(jnp.abs(u[0] - u[1]).max()) > 0
+
+
+def test_riemann_weights_integrate_exactly():
+    for rule in ("left", "right", "midpoint", "trapezoid"):
+        a, w = riemann(8, rule)
+        assert abs(float(w.sum()) - 1) < 1e-6
+    a, w = riemann(8, "midpoint")
+    assert abs(float((w * a).sum()) - 0.5) < 1e-6  # midpoint is exact for linear integrands
+    with pytest.raises(attrax.AttraxError):
+        riemann(4, "simpson")
+
+
+def test_ig_separable_function_per_coordinate():
+    """f = 5a + b^2 + sin c on a plain apply_fn: IG_i = f_i(x_i) - f_i(0) for each coordinate."""
+
+    def apply_fn(params, x):
+        return (5 * x[:, 0] + x[:, 1] ** 2 + jnp.sin(x[:, 2]))[:, None]
+
+    x = jnp.array([[0.5, -1.5, 2.0], [1.0, 0.7, -0.3]])
+    t = jnp.zeros((2,), jnp.int32)
+    r = attrax.explain("integrated_gradients", apply_fn, None, x, t, steps=256, rule="midpoint")
+    expected = jnp.stack([5 * x[:, 0], x[:, 1] ** 2, jnp.sin(x[:, 2])], axis=1)
+    np.testing.assert_allclose(r, expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- SmoothGrad
+
+
+def test_smoothgrad_sigma_zero_is_gradient(relu_net):
+    model, params, x, target = relu_net
+    g = attrax.explain("gradient", model, params, x, target)
+    s = attrax.explain("smoothgrad", model, params, x, target, n_samples=3, sigma=0.0)
+    np.testing.assert_allclose(s, g, rtol=1e-5, atol=1e-7)
+    s = attrax.explain(
+        "smooth(integrated_gradients)", model, params, x, target, n_samples=2, sigma=0.0, steps=3
+    )
+    ig = attrax.explain("integrated_gradients", model, params, x, target, steps=3)
+    np.testing.assert_allclose(s, ig, rtol=1e-5, atol=1e-7)
+
+
+def test_smoothgrad_noise_has_requested_std():
+    x = jnp.stack(
+        [jnp.linspace(0, 1, 400).reshape(20, 20, 1), 2 * jnp.linspace(0, 1, 400).reshape(20, 20, 1)]
+    )
+    keys = per_example_keys(0, 2)
+    xs, sub = combinators.noisy_copies(x, keys, 50, 0.15)
+    assert xs.shape == (50, 2, 20, 20, 1) and sub.shape == (50, 2)
+    eps = np.asarray(xs - x[None])
+    np.testing.assert_allclose(eps[:, 0].std(), 0.15, rtol=0.03)
+    np.testing.assert_allclose(eps[:, 1].std(), 0.30, rtol=0.03)  # relative to the image range
+    assert abs(eps.mean()) < 0.01
+
+    def identity(model, params, x, target, *, key=None):
+        return x
+
+    # VarGrad of the identity "method" is the noise variance itself
+    var = combinators.vargrad(identity).fn(
+        None, None, x, jnp.zeros(2, jnp.int32), key=keys, n_samples=50
+    )
+    np.testing.assert_allclose(np.asarray(var[0]).mean(), 0.15**2, rtol=0.06)
+
+
+def test_smoothgrad_is_batched_in_one_call(relu_net):
+    """All noisy copies go through the wrapped method in ONE call (counted at trace time)."""
+    model, params, x, target = relu_net
+    calls = []
+
+    def apply_fn(p, xx):
+        calls.append(xx.shape)
+        return model(p, xx)
+
+    attrax.explain("smoothgrad", apply_fn, params, x, target, n_samples=6)
+    assert calls == [(24, 6, 6, 1)]
+    calls.clear()
+    attrax.explain("integrated_gradients", apply_fn, params, x, target, steps=5)
+    assert calls == [(20, 6, 6, 1)]
+
+
+def test_composite_names_and_errors(relu_net):
+    model, params, x, target = relu_net
+    entry = attrax.methods.get("smooth(squared(integrated_gradients))")
+    assert {"n_samples", "sigma", "steps", "rule", "baseline", "score"} <= set(entry.hparams())
+    assert entry.meta["cost"]({**entry.hparams(), "n_samples": 3, "steps": 4}) == 12
+    with pytest.raises(attrax.AttraxError, match="did you mean|Did you mean"):
+        attrax.methods.get("smoth(gradient)")
+    with pytest.raises(attrax.AttraxError, match="unknown method"):
+        attrax.methods.get("smooth(gradiant)")
+    with pytest.raises(attrax.AttraxError, match="both take"):
+        attrax.methods.get("smooth(smoothgrad)")
+    with pytest.raises(attrax.AttraxError, match="no hyperparameter"):
+        attrax.explain("smooth(gradient)", model, params, x, target, steps=3)
+
+
+# ----------------------------------------------------------------------------- backprop variants
+
+
+def _one_hidden(act):
+    model = attrax.models.create("mlp", hidden=(12,), num_classes=3, act=act, use_bias=False)
+    x = jax.random.normal(jax.random.key(3), (5, 4, 4, 1))
+    params = attrax.models.init(model, jax.random.key(4), x)
+    return model, params, x, jnp.array([0, 1, 2, 0, 1], jnp.int32)
+
+
+def test_guided_and_deconvnet_closed_form_on_one_hidden_layer():
+    """f = v^T relu(W x): grad = W (v [z > 0]); guided = W (relu(v) [z > 0]); deconv = W relu(v)."""
+    model, params, x, target = _one_hidden(nn.relu)
+    w = params["params"]["dense1"]["kernel"]  # (16, 12)
+    v = params["params"]["out"]["kernel"][:, target].T  # (n, 12)
+    z = x.reshape(5, -1) @ w
+    cases = {
+        "gradient": v * (z > 0),
+        "guided_backprop": jax.nn.relu(v) * (z > 0),
+        "deconvnet": jax.nn.relu(v) * jnp.ones_like(z),
+    }
+    for name, hidden in cases.items():
+        r = attrax.explain(name, model, params, x, target)
+        np.testing.assert_allclose(
+            r.reshape(5, -1), hidden @ w.T, rtol=1e-5, atol=1e-6, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("act", [nn.tanh, lambda z: z])
+def test_guided_and_deconvnet_equal_gradient_without_relu(act):
+    model, params, x, target = _one_hidden(act)
+    g = attrax.explain("gradient", model, params, x, target)
+    for name in ("guided_backprop", "deconvnet"):
+        np.testing.assert_allclose(
+            attrax.explain(name, model, params, x, target), g, rtol=1e-6, atol=1e-7
+        )
+
+
+def test_backprop_needs_an_activation_field(linear):
+    model, params, x, target, _ = linear
+    with pytest.raises(attrax.AttraxError, match="activation"):
+        attrax.explain("guided_backprop", model, params, x, target)
+
+
+# ----------------------------------------------------------------------------- FullGrad
+
+
+def test_fullgrad_complete_sums_to_logit():
+    model = attrax.models.create("camnet", channels=(4, 6), num_classes=3)
+    x = jax.random.uniform(jax.random.key(0), (3, 8, 8, 2))
+    params = attrax.models.init(model, jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
+    target = jnp.array([0, 1, 2], jnp.int32)
+    r = attrax.explain("fullgrad", model, params, x, target, variant="complete")
+    f = model(params, x)[jnp.arange(3), target]
+    np.testing.assert_allclose(r.reshape(3, -1).sum(1), f, rtol=1e-4, atol=1e-5)
+    ixg = attrax.explain("input_x_gradient", model, params, x, target)
+    assert float(jnp.abs(r - ixg).max()) > 1e-3  # the bias terms are really there
+    paper = attrax.explain("fullgrad", model, params, x, target)
+    assert paper.shape == x.shape and float(paper.min()) >= 0
+    np.testing.assert_allclose(paper[..., 0], paper[..., 1])
+
+
+def test_fullgrad_includes_batchnorm_bias():
+    model = attrax.models.create("resnet", stages=(4, 6), num_classes=3)
+    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
+    params = attrax.models.init(model, jax.random.key(1), x)
+    k = iter(jax.random.split(jax.random.key(2), 1000))
+    params = jax.tree.map(lambda p: p + 0.2 * jax.random.uniform(next(k), p.shape), params)
+    target = jnp.array([1, 2], jnp.int32)
+    r = attrax.explain("fullgrad", model, params, x, target, variant="complete")
+    f = model(params, x)[jnp.arange(2), target]
+    np.testing.assert_allclose(r.reshape(2, -1).sum(1), f, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- controls
+
+
+def test_sobel_known_edges():
+    x = jnp.zeros((2, 6, 8, 1)).at[0, :, 4:].set(1.0)  # vertical step between columns 3 and 4
+    r = np.asarray(attrax.explain("sobel", lambda p, xx: xx, None, x, jnp.zeros(2, jnp.int32)))
+    np.testing.assert_allclose(r[1], 0.0)  # constant image: no edges, not even at the border
+    np.testing.assert_allclose(r[0, :, 3:5, 0], 4.0)
+    np.testing.assert_allclose(r[0, :, :3, 0], 0.0)
+    np.testing.assert_allclose(r[0, :, 5:, 0], 0.0)
+
+
+def test_random_is_seeded_uniform(linear):
+    model, params, x, target, _ = linear
+    a = attrax.explain("random", model, params, x, target, key=1)
+    b = attrax.explain("random", model, params, x, target, key=1)
+    c = attrax.explain("random", model, params, x, target, key=2)
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.abs(a - c).max()) > 0.1
+    assert float(a.min()) >= 0 and float(a.max()) < 1

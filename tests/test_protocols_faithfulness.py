@@ -1,0 +1,63 @@
+"""Faithfulness correlation, infidelity and monotonicity on a linear model (closed forms)."""
+
+from __future__ import annotations
+
+import attrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def contribution(x, w, target):
+    return (x.reshape(x.shape[0], -1) * w[:, target].T).reshape(x.shape)
+
+
+def test_faithfulness_correlation_is_one_for_the_true_contribution(linear):
+    model, params, x, target, w = linear
+    r = contribution(x, w, target)
+    kw = dict(key=0, n_runs=30, subset_size=6)
+    good = attrax.evaluate("faithfulness_correlation", model, params, x, target, r, **kw)
+    bad = attrax.evaluate("faithfulness_correlation", model, params, x, target, -r, **kw)
+    noise = attrax.evaluate(
+        "faithfulness_correlation",
+        model,
+        params,
+        x,
+        target,
+        jax.random.normal(jax.random.key(5), x.shape),
+        **kw,
+    )
+    np.testing.assert_allclose(np.asarray(good.values["faithfulness_correlation"]), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(bad.values["faithfulness_correlation"]), -1.0, atol=1e-4)
+    assert abs(noise.mean()["faithfulness_correlation"]) < 0.5
+    assert good.choices["n_runs"] == 30 and good.choices["replacement"] == "zero"
+
+
+def test_infidelity_is_zero_for_the_gradient_of_a_linear_model(linear):
+    model, params, x, target, w = linear
+    g = attrax.explain("gradient", model, params, x, target)
+    zero = attrax.evaluate("infidelity", model, params, x, target, g, key=0)
+    other = attrax.evaluate(
+        "infidelity", model, params, x, target, contribution(x, w, target), key=0
+    )
+    assert float(zero.values["infidelity"].max()) < 1e-8
+    assert float(other.values["infidelity"].min()) > 1e-4
+    # normalize: any positive rescaling of the exact explanation is still exact
+    scaled = attrax.evaluate("infidelity", model, params, x, target, 3.0 * g, key=0, normalize=True)
+    assert float(scaled.values["infidelity"].max()) < 1e-8
+
+
+def test_monotonicity(linear):
+    model, params, x, target, w = linear
+    r = contribution(x, w, target)
+    kw = dict(key=0, steps=36, score="logit")
+    good = attrax.evaluate("monotonicity", model, params, x, target, r, **kw)
+    bad = attrax.evaluate("monotonicity", model, params, x, target, -r, **kw)
+    # one pixel per step: each marginal effect is exactly its relevance -> Spearman 1 / -1
+    np.testing.assert_allclose(np.asarray(good.values["correlation"]), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(bad.values["correlation"]), -1.0, atol=1e-5)
+    # positive weights and inputs: every insertion raises the logit, in any order
+    pos = attrax.as_model(lambda p, xx: xx.reshape(xx.shape[0], -1) @ jnp.abs(p))
+    s = attrax.evaluate("monotonicity", pos, w, x, target, -r, **kw)
+    assert s.values["monotonic"].tolist() == [1.0] * 4
+    assert bad.values["monotonic"].tolist() == [0.0] * 4  # mixed signs: the logit goes down too

@@ -1,0 +1,145 @@
+"""ROAR / KAR (Hooker et al. 2019): ranking, tie rules, replacement, controls, the retrain run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from attrax.errors import AttraxError
+from attrax.protocols import roar
+
+CONF = Path(attrax.__file__).resolve().parent.parent / "conf" / "protocol"
+
+
+def _hand_made():
+    # one 2x2 image with 2 channels; flat value index i = (row*2 + col)*2 + channel
+    r = jnp.array([3.0, -5.0, 1.0, 5.0, 0.0, 1.0, -1.0, 0.0]).reshape(1, 2, 2, 2)
+    x = jnp.arange(8, dtype=jnp.float32).reshape(1, 2, 2, 2) / 10
+    return r, x
+
+
+def test_value_ranking_and_replacement_exact():
+    r, x = _hand_made()
+    # |R| = 3 5 1 5 0 1 1 0; descending, ties by lower index: 1 3 0 2 5 6 4 7
+    pos = roar.rank_positions(r, rank="value", tie="index")
+    np.testing.assert_array_equal(pos[0], [2, 0, 3, 1, 6, 4, 5, 7])
+    fill = np.array([0.5, 0.25], np.float32)  # per-channel train mean
+    out = roar.apply_mask(x, roar.replace_mask(pos, 0.25, "roar"), fill, "value")
+    expect = np.asarray(x).reshape(-1).copy()
+    expect[[1, 3]] = 0.25  # both replaced values sit in channel 1
+    np.testing.assert_array_equal(np.asarray(out).reshape(-1), expect)
+    # ROAR 0.5 replaces indices 1 3 0 2; KAR 0.5 keeps exactly those and replaces 5 6 4 7
+    roar_half = np.asarray(roar.replace_mask(pos, 0.5, "roar"))[0]
+    np.testing.assert_array_equal(np.flatnonzero(roar_half), [0, 1, 2, 3])
+    kar_half = np.asarray(roar.replace_mask(pos, 0.5, "kar"))[0]
+    np.testing.assert_array_equal(np.flatnonzero(kar_half), [4, 5, 6, 7])
+    out = np.asarray(roar.apply_mask(x, kar_half[None], fill, "value")).reshape(-1)
+    np.testing.assert_array_equal(out[4:], [0.5, 0.25, 0.5, 0.25])
+
+
+def test_pixel_ranking_replaces_whole_pixels():
+    r, x = _hand_made()
+    # pixel |R| sums: 8, 6, 1, 1 -> the tie between pixels 2 and 3 goes to the lower index
+    pos = roar.rank_positions(r, rank="pixel", tie="index")
+    np.testing.assert_array_equal(pos[0], [0, 1, 2, 3])
+    out = roar.apply_mask(x, roar.replace_mask(pos, 0.75, "roar"), np.array([0.5, 0.25]), "pixel")
+    np.testing.assert_array_equal(np.asarray(out)[0, 0], [[0.5, 0.25], [0.5, 0.25]])
+    np.testing.assert_array_equal(np.asarray(out)[0, 1, 0], [0.5, 0.25])
+    np.testing.assert_array_equal(np.asarray(out)[0, 1, 1], np.asarray(x)[0, 1, 1])
+
+
+def test_random_ties_are_seeded_and_documented():
+    r = jnp.ones((2, 4, 4, 1))  # every value tied
+    key = jax.random.key(7)
+    pos = roar.rank_positions(r, key=key, rank="value", tie="random")
+    np.testing.assert_array_equal(pos, roar.rank_positions(r, key=key, tie="random"))
+    for i in range(2):  # example i: ascending uniform keys from fold_in(key, i) go first
+        u = jax.random.uniform(jax.random.fold_in(key, i), (16,))
+        np.testing.assert_array_equal(np.argsort(np.asarray(pos[i])), np.argsort(np.asarray(u)))
+    other = roar.rank_positions(r, key=jax.random.key(8), tie="random")
+    assert not np.array_equal(pos, other)
+    # a strict order is never touched by the tie rule
+    strict = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(roar.rank_positions(strict, key=key)[0], np.arange(16)[::-1])
+
+
+def test_kar_t_and_roar_one_minus_t_are_complementary():
+    r = jax.random.normal(jax.random.key(0), (3, 5, 5, 3))
+    pos = roar.rank_positions(r, key=jax.random.key(1))
+    d = 75
+    for t in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0):
+        kar_t = np.asarray(roar.replace_mask(pos, t, "kar"))
+        roar_c = np.asarray(roar.replace_mask(pos, 1.0 - t, "roar"))
+        np.testing.assert_array_equal(kar_t, ~roar_c)
+        roar_t = np.asarray(roar.replace_mask(pos, t, "roar"))
+        assert (roar_t.sum(1) == round(t * d)).all()
+        # the ROAR set is the top of |R|: every replaced value >= every kept one
+        mag = np.abs(np.asarray(r)).reshape(3, -1)
+        for i in range(3):
+            if 0 < roar_t[i].sum() < d:
+                assert mag[i][roar_t[i]].min() >= mag[i][~roar_t[i]].max()
+
+
+def test_random_control_removes_about_t():
+    for t in (0.1, 0.5, 0.9):
+        m = np.asarray(roar.random_mask(jax.random.key(3), (64, 784), t))
+        assert abs(m.mean() - t) < 0.01
+        assert m.mean(1).std() < 0.05  # per image too
+    x = jnp.zeros((4, 28, 28, 1))
+    out = roar.apply_mask(x, roar.random_mask(0, (4, 784), 0.3), np.array([1.0]), "value")
+    assert abs(float(out.mean()) - 0.3) < 0.05
+
+
+def test_errors():
+    r, _ = _hand_made()
+    with pytest.raises(AttraxError, match="rank"):
+        roar.rank_positions(r, rank="patch")
+    with pytest.raises(AttraxError, match="tie"):
+        roar.rank_positions(r, tie="first")
+    with pytest.raises(AttraxError, match="fraction"):
+        roar.n_units(1.5, 10)
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(mnist_train, mnist_test):
+    return mnist_train.take(per_class=8), mnist_test.take(per_class=4)
+
+
+def test_run_tiny_grid_rows_and_cache(tiny_sets):
+    tr, te = tiny_sets
+    model = attrax.models.create("mlp", hidden=(32,))
+    kw = dict(fractions=(0.0, 0.5), seeds=(0, 1), train_config={"epochs": 1, "batch_size": 16})
+    df = roar.run("gradient", model, tr, te, **kw)
+    assert list(df.columns) == attrax.results.COLUMNS
+    assert len(df) == 2 * 2 * 2 and set(df.protocol) == {"roar", "kar"}
+    assert (df.metric == "test_accuracy").all() and df.value.between(0, 1).all()
+    assert df.attrs["timings"]["n_trained"] == 2 * 3  # fraction 0 is shared by ROAR and KAR
+    at0 = df[df.x == 0].pivot_table(index="seed", columns="protocol", values="value")
+    np.testing.assert_array_equal(at0["roar"], at0["kar"])
+    again = roar.run("gradient", model, tr, te, **kw)  # everything from the cache
+    assert again.attrs["timings"]["n_trained"] == 0 and again.attrs["timings"]["n_cached"] == 6
+    np.testing.assert_array_equal(again.value, df.value)
+    ctrl = roar.run("random", model, tr, te, **kw)  # Bernoulli control: ROAR and KAR coincide
+    assert ctrl.attrs["timings"]["n_trained"] == 2  # fraction 0 came from the cache
+    c = ctrl.pivot_table(index=["x", "seed"], columns="protocol", values="value")
+    np.testing.assert_array_equal(c["roar"], c["kar"])
+
+
+@pytest.mark.parametrize("name", ["roar", "kar"])
+def test_configs_match_signature(name):
+    import inspect
+
+    text = (CONF / f"{name}.yaml").read_text()
+    assert text.startswith("# @package protocol")
+    cfg = yaml.safe_load(text)
+    assert cfg.pop("name") == name
+    sig = inspect.signature(getattr(roar, name)).parameters
+    assert set(cfg) <= {k for k, p in sig.items() if p.kind is p.KEYWORD_ONLY}
+    for k, v in cfg.items():
+        default = sig[k].default
+        assert (list(default) if isinstance(default, tuple) else default) == v, k
