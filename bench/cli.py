@@ -15,7 +15,7 @@ from importlib import resources
 from attrax.errors import AttraxError, unknown_name
 
 CONF_MODULE = "attrax.conf"
-GROUPS = ("dataset", "model", "train", "methods", "method", "protocol", "experiment")
+GROUPS = ("dataset", "model", "train", "methods", "method", "protocols", "protocol", "experiment")
 
 
 def group_options(group: str) -> list[str]:

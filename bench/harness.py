@@ -69,16 +69,112 @@ def resolve_target(model: Model, params: Any, x: Array, y: Any, mode: str = "lab
 
 
 def chunk_size_for(cost: int, n: int, evals_per_chunk: int | None = None) -> int:
-    """Images per compiled call so that images x evaluations-per-image stays within the budget."""
+    """Images per compiled call so that images x evaluations-per-image stays within the budget.
+
+    Chunks are balanced (100 images at most 81 per chunk -> 2 x 50, not 81 + 19 padded to 81),
+    so the padded last chunk wastes little work.
+    """
     budget = evals_per_chunk or DEFAULT_EVALS_PER_CHUNK
-    return int(max(1, min(n, budget // max(1, cost))))
+    most = int(max(1, min(n, budget // max(1, cost))))
+    return int(math.ceil(n / math.ceil(n / most))) if n > 0 else most
+
+
+def compiled_memory_bytes(compiled: Any) -> int | None:
+    """Bytes one call of a compiled function holds at its peak, from XLA's memory analysis.
+
+    arguments + outputs + temporaries - aliased (donated) bytes; None where the backend gives no
+    analysis. This is XLA's static buffer assignment for the call, not a process measurement.
+    """
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - backends without an analysis
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - getattr(m, "alias_size_in_bytes", 0))
+
+
+def evals_per_chunk_for_memory(
+    method: str,
+    model: Any,
+    params: Any,
+    x: Any,
+    *,
+    memory_mb: float,
+    probe_images: tuple[int, int] = (2, 4),
+    **hparams: Any,
+) -> int:
+    """Model evaluations per chunk that keep one compiled chunk of `method` within `memory_mb`.
+
+    Pass the result to `explain(..., evals_per_chunk=...)`. The memory of a chunk is measured,
+    not guessed: the method is compiled (not run) for two small probe chunks and XLA's memory
+    analysis (`compiled_memory_bytes`) gives the fixed part (parameters, constants) and the bytes
+    per image; memory is linear in the chunk's images, so the largest chunk that fits is
+    (budget - fixed) / per-image, times the method's cost (evaluations per image). Raises when
+    not even one image fits. Default probe: 2 and 4 images.
+    """
+    from attrax.methods import per_example_keys
+    from attrax.methods.combinators import resolve
+
+    entry = resolve(method)
+    model = as_model(model)
+    x = jnp.asarray(x)
+    cost = max(1, int(entry.meta.get("cost", lambda hp: 1)({**entry.hparams(), **hparams})))
+
+    def run(p, xx, tt, kk):
+        return entry.fn(model, p, xx, tt, key=kk, **hparams)
+
+    sizes = []
+    for k in probe_images:
+        xx = jnp.zeros((k, *x.shape[1:]), x.dtype)
+        compiled = jax.jit(run).lower(params, xx, jnp.zeros((k,), jnp.int32), per_example_keys(0, k)).compile()
+        b = compiled_memory_bytes(compiled)
+        if b is None:
+            raise AttraxError(f"the {jax.default_backend()} backend reports no compiled memory analysis")
+        sizes.append(b)
+    (k1, k2), (b1, b2) = probe_images, sizes
+    per_image = max(1.0, (b2 - b1) / (k2 - k1))
+    fixed = max(0.0, b1 - per_image * k1)
+    budget = memory_mb * 2**20
+    images = int((budget - fixed) // per_image)
+    if images < 1:
+        raise AttraxError(
+            f"memory budget {memory_mb} MB is too small for {method!r}: one image needs "
+            f"{(fixed + per_image) / 2**20:.1f} MB"
+        )
+    return images * cost
+
+
+def batch_sharding(n: int):
+    """Sharding of a batch of n over all local devices (a 1-D mesh), or None on one device.
+
+    Used by `map_chunks`: with several devices (GPUs, TPU cores, or CPU devices forced with
+    XLA_FLAGS=--xla_force_host_platform_device_count=N) every chunk is split along its batch
+    axis and jit partitions the computation; per-example results do not change.
+    """
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devs = jax.local_devices()
+    if len(devs) < 2 or n % len(devs):
+        return None
+    return NamedSharding(Mesh(np.asarray(devs), ("batch",)), PartitionSpec("batch"))
+
+
+def device_multiple(chunk: int) -> int:
+    """Round a chunk size up to a multiple of the local device count (for batch sharding)."""
+    d = jax.local_device_count()
+    return int(math.ceil(chunk / d) * d)
 
 
 def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
-    """Apply a compiled `fn(*batch_arrays, offset)` over fixed-size chunks (last one padded).
+    """Apply a compiled `fn(*batch_arrays)` over fixed-size chunks (last one padded).
 
-    Padding keeps one shape, so a second chunk never retraces.
+    Padding keeps one shape, so a second chunk never retraces. With several local devices the
+    chunk is rounded up to a multiple of the device count and sharded along the batch axis.
     """
+    chunk = device_multiple(chunk)
+    sharding = batch_sharding(chunk)
     outs = []
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
@@ -86,10 +182,13 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
         for a in arrays:
             part = a[start:stop]
             if stop - start < chunk:
-                pad = [(0, chunk - (stop - start))] + [(0, 0)] * (part.ndim - 1)
-                part = jnp.pad(part, pad) if not jnp.issubdtype(part.dtype, jax.dtypes.prng_key) else jnp.concatenate(
-                    [part, jnp.repeat(part[:1], chunk - (stop - start), axis=0)]
-                )
+                extra = chunk - (stop - start)
+                if jnp.issubdtype(part.dtype, jax.dtypes.prng_key):
+                    part = jnp.concatenate([part, jnp.repeat(part[:1], extra, axis=0)])
+                else:
+                    part = jnp.pad(part, [(0, extra)] + [(0, 0)] * (part.ndim - 1))
+            if sharding is not None:
+                part = jax.device_put(part, sharding)
             parts.append(part)
         out = fn(*parts)
         outs.append(jax.tree.map(lambda o, k=stop - start: o[:k], out))
@@ -185,7 +284,3 @@ def evaluate(
     if isinstance(key, int):
         key = jax.random.key(key)
     return entry.fn(model, params, x, target, relevance, key=key, **hparams)
-
-
-def ceil_div(a: int, b: int) -> int:
-    return int(math.ceil(a / b))

@@ -35,6 +35,30 @@ def method_specs(cfg: dict) -> dict[str, dict]:
     return specs
 
 
+def protocol_specs(cfg: dict) -> dict[str, dict]:
+    """{protocol name: parameters} from `protocol` (one) or `protocols` (a named set)."""
+    if cfg.get("protocol"):
+        p = dict(cfg["protocol"])
+        return {p.pop("name"): p}
+    specs = {k: dict(v or {}) for k, v in (cfg.get("protocols") or {}).items()}
+    if not specs:
+        raise AttraxError("no protocols selected: set protocols=<set> or protocol=<name>")
+    return specs
+
+
+def protocol_context(pname: str, given: dict, context: dict) -> dict:
+    """Fill parameters the protocol takes from the run's context (train channel mean, ground-truth
+    masks, the method being scored) unless the config sets them."""
+    accepted = attrax.protocols.get(pname).hparams()
+    out = dict(given)
+    for k, v in context.items():
+        if k in accepted and k not in out and v is not None:
+            out[k] = v
+    if "masks" in accepted and out.get("masks") is None and accepted.get("masks") is None:
+        raise AttraxError(f"protocol {pname!r} needs ground-truth masks: use dataset=cluttered_mnist or synthetic")
+    return out
+
+
 def select_images(ds, n: int):
     """A class-balanced subset of n images (the first n/classes of every class)."""
     per = max(1, int(np.ceil(n / ds.num_classes)))
@@ -70,31 +94,38 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     x = jnp.asarray(sub.x)
     target = attrax.resolve_target(model, params, x, sub.y, cfg["target"])
     example_index = np.asarray(sub.meta.get("index", np.arange(len(sub))))
-    pcfg = dict(cfg["protocol"])
-    pname = pcfg.pop("name")
-    if pname in attrax.protocols.PROTOCOLS and "channel_mean" in attrax.protocols.get(pname).hparams():
-        pcfg.setdefault("channel_mean", np.asarray(train_set.meta["channel_mean"]).tolist())
+    pspecs = protocol_specs(cfg)
+    for pname in pspecs:
+        attrax.protocols.get(pname)  # unknown names fail before any work
+    masks = sub.meta.get("masks")
     key = jax.random.key(cfg["seed"])
-    frames, maps = [], {}
+    frames, maps, choices = [], {}, {}
     # heatmap rows: one image per class first, then the rest, up to `heatmap_images`
     firsts = [int(np.flatnonzero(sub.y == c)[0]) for c in np.unique(sub.y)]
     hidx = np.asarray((firsts + [i for i in range(len(sub)) if i not in firsts])[: cfg["heatmap_images"]])
     specs = method_specs(cfg)
+    for c in cfg.get("controls") or []:  # every comparison carries its controls
+        specs.setdefault(c, {})
     for mi, (meth, hp) in enumerate(specs.items()):
         t = time.perf_counter()
         r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
                            evals_per_chunk=cfg["chunk_evals"], **hp)
         r = jax.block_until_ready(r)
         timings[f"explain_{meth}_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        scores = attrax.evaluate(pname, model, params, x, target, r, key=jax.random.fold_in(key, 10_000), **pcfg)
-        timings[f"protocol_{meth}_s"] = time.perf_counter() - t
-        log(f"[attrax] {meth}: explained {len(x)} images in {timings[f'explain_{meth}_s']:.2f}s, "
-            f"{pname} in {timings[f'protocol_{meth}_s']:.2f}s")
-        frames.append(results.scores_to_rows(
-            scores, example_index=example_index, run_id=run_dir.name, experiment=cfg["experiment_name"],
-            dataset=dname, model=mname, model_seed=cfg["model_seed"], method=meth, method_hparams=hp,
-            protocol=pname, seed=cfg["seed"]))
+        context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
+                   "masks": None if masks is None else jnp.asarray(masks), "method": meth, "method_hparams": hp}
+        for pi, (pname, pcfg) in enumerate(pspecs.items()):
+            t = time.perf_counter()
+            scores = attrax.evaluate(pname, model, params, x, target, r, key=jax.random.fold_in(key, 10_000 + pi),
+                                     **protocol_context(pname, pcfg, context))
+            timings[f"protocol_{pname}_{meth}_s"] = dt = time.perf_counter() - t
+            log(f"[attrax] {meth}: {pname} scored in {dt:.2f}s")
+            rec = {k: v for k, v in pcfg.items()}
+            frames.append(results.scores_to_rows(
+                scores, example_index=example_index, run_id=run_dir.name, experiment=cfg["experiment_name"],
+                dataset=dname, model=mname, model_seed=cfg["model_seed"], method=meth, method_hparams=hp,
+                protocol=pname, seed=cfg["seed"]))
+            choices[pname] = {**rec, **{k: v for k, v in scores.choices.items() if not hasattr(v, "shape")}}
         maps[meth] = np.asarray(r)[hidx]
     rows = pd.concat(frames, ignore_index=True)
     acc_row = results.conform(pd.DataFrame([{
@@ -108,8 +139,9 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         run_dir.mkdir(parents=True, exist_ok=True)
         figs.append(report.curve_figure(rows, run_dir / "deletion_curves.png"))
         figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx]))
+        np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], **maps)
     results.write_run(run_dir, rows, cfg, timings, extra={"model_info": {k: v for k, v in info.items() if k != "losses"},
-                                                          "test_accuracy": acc})
+                                                          "test_accuracy": acc, "protocol_choices": choices})
     log("")
     log(report.format_table(report.leaderboard(rows)))
     log("")

@@ -32,7 +32,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-
 from attrax.errors import AttraxError
 from attrax.models import MaxPool
 
@@ -193,7 +192,8 @@ class Linear:
 
     def kernel_transpose(self, a: Array, s: Array) -> Array:
         """sum over examples and positions of patch(a) * s: the kernel-shaped statistic."""
-        (t,) = jax.linear_transpose(lambda k: self.op(a, k), jax.ShapeDtypeStruct(self.kernel.shape, self.kernel.dtype))(s)
+        spec = jax.ShapeDtypeStruct(self.kernel.shape, self.kernel.dtype)
+        (t,) = jax.linear_transpose(lambda k: self.op(a, k), spec)(s)
         return t
 
 
@@ -420,18 +420,24 @@ def max_pool_rule(mod, a: Array, out: Array, pooling: str) -> Array:
     """Max pooling with winner-take-all (gradient) or proportional (a_j / sum a) redistribution."""
     if pooling == "winner":
         return out
+    w = (mod.window, mod.window)
     avg = _pool_fn(mod)
     spec = jax.ShapeDtypeStruct(a.shape, a.dtype)
 
+    def pool(t):
+        return nn.max_pool(t, w, strides=w, padding=mod.padding)
+
     @jax.custom_vjp
     def f(t):
-        return out
+        return pool(t)
 
     def fwd(t):
-        return out, t
+        y = pool(t)
+        return y, (t, y)
 
-    def bwd(t, g):
-        s = out * g / stabilize(avg(t), TINY)
+    def bwd(res, g):
+        t, y = res
+        s = y * g / stabilize(avg(t), TINY)
         (gin,) = jax.linear_transpose(avg, spec)(s)
         return (gin,)
 
@@ -485,24 +491,7 @@ def start_cotangent(logits: Array, target: Array, start: str, eps: float = 1e-6)
     raise AttraxError(f"unknown start {start!r}: use one of {', '.join(STARTS)}")
 
 
-def propagate(
-    model,
-    params: Any,
-    x: Array,
-    cotangent: Callable[[Array], Array],
-    rule_for: Callable[[LayerInfo], Any] | None,
-    *,
-    pooling: str = "winner",
-    canonize: bool = True,
-    kernel_for: Callable[[LayerInfo, Array, Array], Array] | None = None,
-) -> Array:
-    """Cotangent at the input of one forward + one rule-modified backward pass.
-
-    `cotangent(logits) -> array` seeds the backward pass; `rule_for(info)` picks a rule per
-    linear layer; or `kernel_for(info, kernel, bias) -> kernel'` makes each linear layer's
-    backward pass the plain transpose with kernel' (PatternNet/PatternAttribution, where the
-    cotangent is the signal itself). The forward pass and logits are the model's own.
-    """
+def _interceptor(model, params, x, rule_for, pooling, canonize, kernel_for):
     if pooling not in POOLINGS:
         raise AttraxError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
     st = structure_of(model, params, x)
@@ -526,6 +515,37 @@ def propagate(
         if isinstance(mod, MaxPool):
             return max_pool_rule(mod, args[0], next_fun(*args, **kwargs), pooling)
         return next_fun(*args, **kwargs)
+
+    return interceptor
+
+
+def canonized_forward(model, params: Any, x: Array, *, canonize: bool = True) -> Array:
+    """The logits computed through the rule machinery (BatchNorm merged when `canonize`):
+    equal to `model(params, x)` up to float rounding."""
+    interceptor = _interceptor(model, params, x, lambda info: Zero(), "winner", canonize, None)
+    with nn.intercept_methods(interceptor):
+        return model(params, x)
+
+
+def propagate(
+    model,
+    params: Any,
+    x: Array,
+    cotangent: Callable[[Array], Array],
+    rule_for: Callable[[LayerInfo], Any] | None,
+    *,
+    pooling: str = "winner",
+    canonize: bool = True,
+    kernel_for: Callable[[LayerInfo, Array, Array], Array] | None = None,
+) -> Array:
+    """Cotangent at the input of one forward + one rule-modified backward pass.
+
+    `cotangent(logits) -> array` seeds the backward pass; `rule_for(info)` picks a rule per
+    linear layer; or `kernel_for(info, kernel, bias) -> kernel'` makes each linear layer's
+    backward pass the plain transpose with kernel' (PatternNet/PatternAttribution, where the
+    cotangent is the signal itself). The forward pass and logits are the model's own.
+    """
+    interceptor = _interceptor(model, params, x, rule_for, pooling, canonize, kernel_for)
 
     def fwd(xx):
         with nn.intercept_methods(interceptor):

@@ -178,8 +178,9 @@ def _sample_coalitions(key: Array, n_samples: int, f: int) -> Array:
     p = (f - 1) / (sizes * (f - sizes)).astype(jnp.float32)
     k1, k2 = jax.random.split(key)
     s = jax.random.choice(k1, sizes, (half,), p=p / p.sum())
-    ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k2, (half, f)), axis=-1), axis=-1)
-    z = (ranks < s[:, None]).astype(jnp.float32)
+    u = jax.random.uniform(k2, (half, f))
+    kth = jnp.take_along_axis(jnp.sort(u, axis=-1), (s - 1)[:, None], axis=-1)
+    z = (u <= kth).astype(jnp.float32)  # a uniformly random subset of size s
     return jnp.concatenate([z, 1.0 - z], axis=0)
 
 

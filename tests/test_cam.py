@@ -3,6 +3,8 @@ that looks at one channel, layer selection, and clear errors."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrax
 import flax.linen as nn
 import jax
@@ -168,3 +170,46 @@ def test_errors_without_stages(linear):
     mp = attrax.models.init(mlp, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
     with pytest.raises(attrax.AttraxError, match="spatial maps"):
         attrax.explain("grad_cam", mlp, mp, x, target)
+
+
+SMALL = {
+    "cam": {},
+    "grad_cam": {},
+    "grad_cam_pp": {},
+    "guided_grad_cam": {},
+    "score_cam": {},
+    "lime": {"n_samples": 12, "patch": 4},
+    "kernel_shap": {"n_samples": 12, "patch": 4},
+    "meaningful_perturbation": {"steps": 3, "mask_size": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_camnet():
+    model = attrax.models.create("camnet", num_classes=3, channels=(4, 4))
+    x = jax.random.uniform(jax.random.key(4), (3, 8, 8, 1))
+    params = attrax.models.init(model, jax.random.key(5), x)
+    return model, params, x, jnp.array([0, 1, 2], jnp.int32)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_conformance_of_this_module(tiny_camnet, name):
+    """Shape, finiteness, jit == eager, determinism and batch independence; config keys."""
+    import yaml
+    from attrax.methods import per_example_keys
+
+    model, params, x, target = tiny_camnet
+    hp = SMALL[name]
+    r = attrax.explain(name, model, params, x, target, key=7, **hp)
+    assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
+    again = attrax.explain(name, model, params, x, target, key=7, chunk_size=2, **hp)
+    np.testing.assert_allclose(r, again, rtol=1e-4, atol=1e-6)
+    entry = attrax.methods.get(name)
+    keys = per_example_keys(7, x.shape[0])
+    eager = entry.fn(model, params, x, target, key=keys, **hp)
+    np.testing.assert_allclose(r, eager, rtol=1e-3, atol=1e-5)
+    conf = Path(__file__).resolve().parents[1] / "conf" / "method" / f"{name}.yaml"
+    cfg = yaml.safe_load(conf.read_text())
+    assert cfg.pop("name") == name
+    assert set(cfg) <= set(entry.hparams())
+    assert all(entry.hparams()[k] == v for k, v in cfg.items())

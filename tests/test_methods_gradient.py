@@ -14,6 +14,12 @@ from attrax.methods.gradient import make_baseline, riemann
 from attrax.methods.perturbation import occlusion_windows, rise_masks
 
 
+def explain(*args, **kwargs):
+    """attrax.explain without jit: on these tiny models eager runs are cheaper than compiles
+    (the conformance test checks jit == eager for every method)."""
+    return attrax.explain(*args, jit=kwargs.pop("jit", False), **kwargs)
+
+
 def _lin_expected(linear):
     model, params, x, target, w = linear
     wt = w[:, target].T.reshape(x.shape)  # (n, 6, 6, 1): the target's weights per example
@@ -25,58 +31,50 @@ def _lin_expected(linear):
 
 def test_linear_gradient_is_w(linear):
     model, params, x, target, wt = _lin_expected(linear)
-    g = attrax.explain("gradient", model, params, x, target)
+    g = explain("gradient", model, params, x, target)
     np.testing.assert_allclose(g, wt, rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(
-        attrax.explain("gradient", model, params, x, target, postprocess="abs"),
+        explain("gradient", model, params, x, target, postprocess="abs"),
         jnp.abs(wt),
         atol=1e-7,
     )
-    np.testing.assert_allclose(
-        attrax.explain("gradient", model, params, x, target, postprocess="square"), wt**2, atol=1e-7
-    )
+    np.testing.assert_allclose(explain("gradient", model, params, x, target, postprocess="square"), wt**2, atol=1e-7)
 
 
 def test_linear_input_x_gradient_and_times_input(linear):
     model, params, x, target, wt = _lin_expected(linear)
-    np.testing.assert_allclose(
-        attrax.explain("input_x_gradient", model, params, x, target), wt * x, atol=1e-6
-    )
-    np.testing.assert_allclose(
-        attrax.explain("times_input(gradient)", model, params, x, target), wt * x, atol=1e-6
-    )
+    np.testing.assert_allclose(explain("input_x_gradient", model, params, x, target), wt * x, atol=1e-6)
+    np.testing.assert_allclose(explain("times_input(gradient)", model, params, x, target), wt * x, atol=1e-6)
 
 
-@pytest.mark.parametrize(
-    "rule,steps", [("right", 1), ("left", 3), ("midpoint", 2), ("trapezoid", 5)]
-)
+@pytest.mark.parametrize("rule,steps", [("right", 1), ("left", 3), ("midpoint", 2), ("trapezoid", 5)])
 def test_linear_ig_is_w_times_x(linear, rule, steps):
     model, params, x, target, wt = _lin_expected(linear)
-    r = attrax.explain("integrated_gradients", model, params, x, target, steps=steps, rule=rule)
+    r = explain("integrated_gradients", model, params, x, target, steps=steps, rule=rule)
     np.testing.assert_allclose(r, wt * x, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_smoothgrad_is_w_for_any_sigma(linear):
     model, params, x, target, wt = _lin_expected(linear)
     for sigma in (0.0, 0.5):
-        r = attrax.explain("smoothgrad", model, params, x, target, key=3, n_samples=5, sigma=sigma)
+        r = explain("smoothgrad", model, params, x, target, key=3, n_samples=5, sigma=sigma)
         np.testing.assert_allclose(r, wt, rtol=1e-5, atol=1e-6)
-    sq = attrax.explain("smoothgrad_sq", model, params, x, target, key=3, n_samples=5)
+    sq = explain("smoothgrad_sq", model, params, x, target, key=3, n_samples=5)
     np.testing.assert_allclose(sq, wt**2, rtol=1e-5, atol=1e-7)
-    var = attrax.explain("vargrad", model, params, x, target, key=3, n_samples=5)
+    var = explain("vargrad", model, params, x, target, key=3, n_samples=5)
     np.testing.assert_allclose(var, 0.0, atol=1e-10)
 
 
 def test_linear_occlusion_one_pixel_is_w_times_x(linear):
     model, params, x, target, wt = _lin_expected(linear)
-    r = attrax.explain("occlusion", model, params, x, target, window=1, stride=1, fill=0.0)
+    r = explain("occlusion", model, params, x, target, window=1, stride=1, fill=0.0)
     np.testing.assert_allclose(r, wt * x, rtol=1e-4, atol=1e-5)
 
 
 def test_linear_occlusion_overlapping_windows_average(linear):
     """2x2 windows, stride 1: each pixel = mean over its covering windows of the window's w.x."""
     model, params, x, target, wt = _lin_expected(linear)
-    r = np.asarray(attrax.explain("occlusion", model, params, x, target, window=2, stride=1))
+    r = np.asarray(explain("occlusion", model, params, x, target, window=2, stride=1))
     masks = occlusion_windows(6, 6, 2, 1)  # (25, 6, 6)
     contrib = np.asarray(wt * x)[..., 0]
     drops = np.einsum("phw,nhw->np", masks, contrib)
@@ -87,16 +85,12 @@ def test_linear_occlusion_overlapping_windows_average(linear):
 def test_linear_expected_gradients_one_baseline(linear):
     model, params, x, target, wt = _lin_expected(linear)
     b = jnp.full(x.shape[1:], 0.25)
-    r = attrax.explain(
-        "expected_gradients", model, params, x, target, key=1, n_samples=3, baselines=b
-    )
+    r = explain("expected_gradients", model, params, x, target, key=1, n_samples=3, baselines=b)
     np.testing.assert_allclose(r, wt * (x - 0.25), rtol=1e-5, atol=1e-6)
     # several baselines: the estimate is w * (x - mean of the sampled baselines); in expectation
     # w * (x - mean baseline)
     bs = jax.random.uniform(jax.random.key(2), (8,) + x.shape[1:])
-    r = attrax.explain(
-        "gradient_shap", model, params, x, target, key=1, n_samples=400, baselines=bs
-    )
+    r = explain("gradient_shap", model, params, x, target, key=1, n_samples=400, baselines=bs)
     expected = wt * (x - bs.mean(0))
     assert float(jnp.abs(r - expected).max()) < 0.1 * float(jnp.abs(expected).max())
 
@@ -105,9 +99,7 @@ def test_linear_rise_matches_closed_form(linear):
     """RISE on f = w.x + b: S = sum_j (w.(x*M_j) + b) M_j / (N p), with the same masks."""
     model, params, x, target, _ = linear
     n_masks, cells, p = 40, 3, 0.5
-    r = np.asarray(
-        attrax.explain("rise", model, params, x, target, n_masks=n_masks, cells=cells, p_keep=p)
-    )
+    r = np.asarray(explain("rise", model, params, x, target, n_masks=n_masks, cells=cells, p_keep=p))
     m = np.asarray(rise_masks(n_masks, cells, p, 6, 6, 0))
     masked = (x[None] * m[:, None, :, :, None]).reshape(-1, 6, 6, 1)
     logits = np.asarray(model(params, masked))
@@ -132,18 +124,16 @@ def test_probability_score_is_explicit(linear):
     def prob(xx):
         return jax.nn.softmax(model(params, xx[None]))[0]
 
-    expected = jnp.stack(
-        [jax.grad(lambda xx, t=t: prob(xx)[t])(xi) for xi, t in zip(x, target, strict=True)]
-    )
-    g = attrax.explain("gradient", model, params, x, target, score="probability")
+    expected = jnp.stack([jax.grad(lambda xx, t=t: prob(xx)[t])(xi) for xi, t in zip(x, target, strict=True)])
+    g = explain("gradient", model, params, x, target, score="probability")
     np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-7)
-    logit_g = attrax.explain("gradient", model, params, x, target)
+    logit_g = explain("gradient", model, params, x, target)
     assert float(jnp.abs(g - logit_g).max()) > 1e-3
     for name in ("input_x_gradient", "integrated_gradients", "guided_backprop", "occlusion"):
         hp = {"steps": 2} if name == "integrated_gradients" else {}
         model_ = attrax.as_model(attrax.models.create("mlp", hidden=(4,)).module)
         p = attrax.models.init(model_, jax.random.key(0), x)
-        r = attrax.explain(name, model_, p, x, target, score="probability", **hp)
+        r = explain(name, model_, p, x, target, score="probability", **hp)
         assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
 
 
@@ -157,9 +147,7 @@ def relu_net():
     x = 3 * jax.random.uniform(jax.random.key(7), (4, 6, 6, 1))
     params = attrax.models.init(model, jax.random.key(8), x)
     keys = iter(jax.random.split(jax.random.key(9), 100))
-    params = jax.tree.map(
-        lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim == 1 else p, params
-    )
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(next(keys), p.shape) if p.ndim == 1 else p, params)
     return model, params, x, jnp.array([0, 1, 2, 0], jnp.int32)
 
 
@@ -169,7 +157,7 @@ def test_ig_completeness_shrinks_with_steps(relu_net):
     delta = logits[jnp.arange(4), target] - model(params, jnp.zeros_like(x))[jnp.arange(4), target]
     res = {}
     for steps in (4, 256):
-        r = attrax.explain("integrated_gradients", model, params, x, target, steps=steps)
+        r = explain("integrated_gradients", model, params, x, target, steps=steps)
         res[steps] = np.asarray(jnp.abs(r.reshape(4, -1).sum(1) - delta) / jnp.abs(delta))
     assert (res[256] < 1e-2).all(), res
     assert res[256].max() < res[4].max()
@@ -177,10 +165,10 @@ def test_ig_completeness_shrinks_with_steps(relu_net):
 
 def test_ig_one_right_step_is_grad_times_delta(relu_net):
     model, params, x, target = relu_net
-    g = attrax.explain("gradient", model, params, x, target)
+    g = explain("gradient", model, params, x, target)
     keys = per_example_keys(0, x.shape[0])
     for baseline in ("zero", "black", "mean", "blur", "uniform", 0.3):
-        r = attrax.explain(
+        r = explain(
             "integrated_gradients",
             model,
             params,
@@ -227,7 +215,7 @@ def test_ig_separable_function_per_coordinate():
 
     x = jnp.array([[0.5, -1.5, 2.0], [1.0, 0.7, -0.3]])
     t = jnp.zeros((2,), jnp.int32)
-    r = attrax.explain("integrated_gradients", apply_fn, None, x, t, steps=256, rule="midpoint")
+    r = explain("integrated_gradients", apply_fn, None, x, t, steps=256, rule="midpoint")
     expected = jnp.stack([5 * x[:, 0], x[:, 1] ** 2, jnp.sin(x[:, 2])], axis=1)
     np.testing.assert_allclose(r, expected, atol=1e-4)
 
@@ -237,20 +225,16 @@ def test_ig_separable_function_per_coordinate():
 
 def test_smoothgrad_sigma_zero_is_gradient(relu_net):
     model, params, x, target = relu_net
-    g = attrax.explain("gradient", model, params, x, target)
-    s = attrax.explain("smoothgrad", model, params, x, target, n_samples=3, sigma=0.0)
+    g = explain("gradient", model, params, x, target)
+    s = explain("smoothgrad", model, params, x, target, n_samples=3, sigma=0.0)
     np.testing.assert_allclose(s, g, rtol=1e-5, atol=1e-7)
-    s = attrax.explain(
-        "smooth(integrated_gradients)", model, params, x, target, n_samples=2, sigma=0.0, steps=3
-    )
-    ig = attrax.explain("integrated_gradients", model, params, x, target, steps=3)
+    s = explain("smooth(integrated_gradients)", model, params, x, target, n_samples=2, sigma=0.0, steps=3)
+    ig = explain("integrated_gradients", model, params, x, target, steps=3)
     np.testing.assert_allclose(s, ig, rtol=1e-5, atol=1e-7)
 
 
 def test_smoothgrad_noise_has_requested_std():
-    x = jnp.stack(
-        [jnp.linspace(0, 1, 400).reshape(20, 20, 1), 2 * jnp.linspace(0, 1, 400).reshape(20, 20, 1)]
-    )
+    x = jnp.stack([jnp.linspace(0, 1, 400).reshape(20, 20, 1), 2 * jnp.linspace(0, 1, 400).reshape(20, 20, 1)])
     keys = per_example_keys(0, 2)
     xs, sub = combinators.noisy_copies(x, keys, 50, 0.15)
     assert xs.shape == (50, 2, 20, 20, 1) and sub.shape == (50, 2)
@@ -263,9 +247,7 @@ def test_smoothgrad_noise_has_requested_std():
         return x
 
     # VarGrad of the identity "method" is the noise variance itself
-    var = combinators.vargrad(identity).fn(
-        None, None, x, jnp.zeros(2, jnp.int32), key=keys, n_samples=50
-    )
+    var = combinators.vargrad(identity).fn(None, None, x, jnp.zeros(2, jnp.int32), key=keys, n_samples=50)
     np.testing.assert_allclose(np.asarray(var[0]).mean(), 0.15**2, rtol=0.06)
 
 
@@ -278,10 +260,10 @@ def test_smoothgrad_is_batched_in_one_call(relu_net):
         calls.append(xx.shape)
         return model(p, xx)
 
-    attrax.explain("smoothgrad", apply_fn, params, x, target, n_samples=6)
+    explain("smoothgrad", apply_fn, params, x, target, n_samples=6)
     assert calls == [(24, 6, 6, 1)]
     calls.clear()
-    attrax.explain("integrated_gradients", apply_fn, params, x, target, steps=5)
+    explain("integrated_gradients", apply_fn, params, x, target, steps=5)
     assert calls == [(20, 6, 6, 1)]
 
 
@@ -297,7 +279,7 @@ def test_composite_names_and_errors(relu_net):
     with pytest.raises(attrax.AttraxError, match="both take"):
         attrax.methods.get("smooth(smoothgrad)")
     with pytest.raises(attrax.AttraxError, match="no hyperparameter"):
-        attrax.explain("smooth(gradient)", model, params, x, target, steps=3)
+        explain("smooth(gradient)", model, params, x, target, steps=3)
 
 
 # ----------------------------------------------------------------------------- backprop variants
@@ -322,26 +304,22 @@ def test_guided_and_deconvnet_closed_form_on_one_hidden_layer():
         "deconvnet": jax.nn.relu(v) * jnp.ones_like(z),
     }
     for name, hidden in cases.items():
-        r = attrax.explain(name, model, params, x, target)
-        np.testing.assert_allclose(
-            r.reshape(5, -1), hidden @ w.T, rtol=1e-5, atol=1e-6, err_msg=name
-        )
+        r = explain(name, model, params, x, target)
+        np.testing.assert_allclose(r.reshape(5, -1), hidden @ w.T, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("act", [nn.tanh, lambda z: z])
 def test_guided_and_deconvnet_equal_gradient_without_relu(act):
     model, params, x, target = _one_hidden(act)
-    g = attrax.explain("gradient", model, params, x, target)
+    g = explain("gradient", model, params, x, target)
     for name in ("guided_backprop", "deconvnet"):
-        np.testing.assert_allclose(
-            attrax.explain(name, model, params, x, target), g, rtol=1e-6, atol=1e-7
-        )
+        np.testing.assert_allclose(explain(name, model, params, x, target), g, rtol=1e-6, atol=1e-7)
 
 
 def test_backprop_needs_an_activation_field(linear):
     model, params, x, target, _ = linear
     with pytest.raises(attrax.AttraxError, match="activation"):
-        attrax.explain("guided_backprop", model, params, x, target)
+        explain("guided_backprop", model, params, x, target)
 
 
 # ----------------------------------------------------------------------------- FullGrad
@@ -353,34 +331,41 @@ def test_fullgrad_complete_sums_to_logit():
     params = attrax.models.init(model, jax.random.key(1), x)
     params = jax.tree.map(lambda p: p + 0.1, params)  # non-zero biases
     target = jnp.array([0, 1, 2], jnp.int32)
-    r = attrax.explain("fullgrad", model, params, x, target, variant="complete")
+    r = explain("fullgrad", model, params, x, target, variant="complete", jit=True)
     f = model(params, x)[jnp.arange(3), target]
     np.testing.assert_allclose(r.reshape(3, -1).sum(1), f, rtol=1e-4, atol=1e-5)
-    ixg = attrax.explain("input_x_gradient", model, params, x, target)
+    ixg = explain("input_x_gradient", model, params, x, target)
     assert float(jnp.abs(r - ixg).max()) > 1e-3  # the bias terms are really there
-    paper = attrax.explain("fullgrad", model, params, x, target)
+    paper = explain("fullgrad", model, params, x, target, jit=True)
     assert paper.shape == x.shape and float(paper.min()) >= 0
     np.testing.assert_allclose(paper[..., 0], paper[..., 1])
 
 
+class _ConvBN(nn.Module):
+    act: object = nn.relu
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(4, (3, 3), use_bias=False, name="conv")(x)
+        x = self.act(nn.BatchNorm(use_running_average=True, name="bn")(x))
+        return nn.Dense(3, name="out")(x.reshape(x.shape[0], -1))
+
+
 def test_fullgrad_includes_batchnorm_bias():
-    model = attrax.models.create("resnet", stages=(4, 6), num_classes=3)
-    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
-    params = attrax.models.init(model, jax.random.key(1), x)
-    k = iter(jax.random.split(jax.random.key(2), 1000))
-    params = jax.tree.map(lambda p: p + 0.2 * jax.random.uniform(next(k), p.shape), params)
+    module = _ConvBN()
+    x = jax.random.uniform(jax.random.key(0), (2, 5, 5, 1))
+    params = module.init(jax.random.key(1), x)
+    keys = iter(jax.random.split(jax.random.key(2), 100))
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.uniform(next(keys), p.shape), params)
     target = jnp.array([1, 2], jnp.int32)
-    r = attrax.explain("fullgrad", model, params, x, target, variant="complete")
-    f = model(params, x)[jnp.arange(2), target]
+    r = explain("fullgrad", module, params, x, target, variant="complete", jit=True)
+    f = module.apply(params, x)[jnp.arange(2), target]
     np.testing.assert_allclose(r.reshape(2, -1).sum(1), f, rtol=1e-4, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------- controls
 
 
 def test_sobel_known_edges():
     x = jnp.zeros((2, 6, 8, 1)).at[0, :, 4:].set(1.0)  # vertical step between columns 3 and 4
-    r = np.asarray(attrax.explain("sobel", lambda p, xx: xx, None, x, jnp.zeros(2, jnp.int32)))
+    r = np.asarray(explain("sobel", lambda p, xx: xx, None, x, jnp.zeros(2, jnp.int32)))
     np.testing.assert_allclose(r[1], 0.0)  # constant image: no edges, not even at the border
     np.testing.assert_allclose(r[0, :, 3:5, 0], 4.0)
     np.testing.assert_allclose(r[0, :, :3, 0], 0.0)
@@ -389,9 +374,9 @@ def test_sobel_known_edges():
 
 def test_random_is_seeded_uniform(linear):
     model, params, x, target, _ = linear
-    a = attrax.explain("random", model, params, x, target, key=1)
-    b = attrax.explain("random", model, params, x, target, key=1)
-    c = attrax.explain("random", model, params, x, target, key=2)
+    a = explain("random", model, params, x, target, key=1)
+    b = explain("random", model, params, x, target, key=1)
+    c = explain("random", model, params, x, target, key=2)
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - c).max()) > 0.1
     assert float(a.min()) >= 0 and float(a.max()) < 1

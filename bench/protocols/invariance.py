@@ -30,9 +30,7 @@ from attrax.protocols._common import method_label, reexplainer
 def first_linear_layer(model: Model, params: Any, x: jax.Array) -> tuple[tuple[str, ...], str]:
     """(params path, "dense" | "conv") of the first Dense/Conv layer called in a forward pass."""
     if model.module is None:
-        raise AttraxError(
-            "input_invariance builds a bias-shifted twin: it needs a Flax module model"
-        )
+        raise AttraxError("input_invariance builds a bias-shifted twin: it needs a Flax module model")
     found: list = []
 
     def spy(next_fun, args, kwargs, context):
@@ -48,9 +46,7 @@ def first_linear_layer(model: Model, params: Any, x: jax.Array) -> tuple[tuple[s
         raise AttraxError("input_invariance found no Dense/Conv layer in the model")
     path, kind, use_bias = found[0]
     if not use_bias:
-        raise AttraxError(
-            "input_invariance needs a first layer with a bias to compensate the shift"
-        )
+        raise AttraxError("input_invariance needs a first layer with a bias to compensate the shift")
     return path, kind
 
 
@@ -69,15 +65,11 @@ def shifted_twin(model: Model, params: Any, x: jax.Array, shift: Any = -1.0) -> 
     if kind == "dense":
         delta = jnp.broadcast_to(m, x.shape[1:]).reshape(-1)
         if delta.shape[0] != k.shape[0]:
-            raise AttraxError(
-                "input_invariance: the first Dense layer does not see the flattened input"
-            )
+            raise AttraxError("input_invariance: the first Dense layer does not see the flattened input")
         correction = delta @ k
     else:
         if m.ndim > 1:
-            raise AttraxError(
-                "input_invariance on a Conv first layer needs a scalar or per-channel shift"
-            )
+            raise AttraxError("input_invariance on a Conv first layer needs a scalar or per-channel shift")
         mc = jnp.broadcast_to(m, (k.shape[-2],))
         correction = jnp.einsum("hwio,i->o", k, mc)
     new_layer = {**layer, "bias": b - correction}
@@ -109,6 +101,7 @@ def input_invariance(
     method_hparams: dict | None = None,
     shift: Any = -1.0,
     tol: float = 1e-3,
+    twin_method_hparams: dict | None = None,
 ) -> Scores:
     """Kindermans et al. input invariance: does the method's map survive a compensated shift?
 
@@ -116,19 +109,20 @@ def input_invariance(
     R1 = E(f1, x), R2 = E(f2, x + m). Scores per image: `distance` = ||R1 - R2||_1 / ||R1||_1,
     `passed` = distance <= tol (1.0 / 0.0), `twin_error` = max |f1(x) - f2(x + m)|.
     Defaults: m = -1 per pixel (inputs in [0, 1] become [-1, 0]), tol = 1e-3.
+    `twin_method_hparams` (default: the same as `method_hparams`) sets the twin's run apart,
+    e.g. integrated gradients with a reference that moves with the data (baseline = m).
     """
     model = as_model(model)
     twin, kind = shifted_twin(model, params, x, shift)
     m = jnp.broadcast_to(jnp.asarray(shift, x.dtype), x.shape[1:])
     xs = x + m
     r1 = reexplainer(method, method_hparams, model, params, "input_invariance")(x, target, key)
-    r2 = reexplainer(method, method_hparams, model, twin, "input_invariance")(xs, target, key)
+    hp2 = method_hparams if twin_method_hparams is None else twin_method_hparams
+    r2 = reexplainer(method, hp2, model, twin, "input_invariance")(xs, target, key)
     n = x.shape[0]
     diff = jnp.abs(r1 - r2).reshape(n, -1).sum(-1)
     norm = jnp.abs(r1).reshape(n, -1).sum(-1)
-    dist = jnp.where(
-        norm > 0, diff / jnp.where(norm > 0, norm, 1.0), jnp.where(diff > 0, jnp.inf, 0.0)
-    )
+    dist = jnp.where(norm > 0, diff / jnp.where(norm > 0, norm, 1.0), jnp.where(diff > 0, jnp.inf, 0.0))
     err = jnp.abs(forward(model, params, x) - forward(model, twin, xs)).max(-1)
     shift_rec = float(shift) if np.ndim(shift) == 0 else np.asarray(shift).tolist()
     return Scores(
@@ -136,6 +130,7 @@ def input_invariance(
         choices=dict(
             method=method_label(method),
             method_hparams=method_hparams or {},
+            twin_method_hparams=hp2 or {},
             shift=shift_rec,
             tol=tol,
             distance="relative L1",

@@ -53,7 +53,9 @@ SIMILARITIES = ("spearman", "spearman_abs", "ssim", "hog")
 
 
 def layer_names(variables) -> list[str]:
-    """Top-level parameterized layers in forward order (the order Flax created them)."""
+    """Top-level parameterized layers in the order of the dict: forward order for the output of
+    `module.init` (Flax creates them in call order); tree maps, optax updates and training sort
+    keys, so `randomized_variables` takes the order from a fresh init."""
     return list(variables["params"].keys())
 
 
@@ -85,13 +87,14 @@ def randomized_variables(
         raise AttraxError("model randomization needs a Flax module to re-initialize its layers")
     if mode not in MODES:
         raise AttraxError(f"unknown randomization mode {mode!r}: use one of {', '.join(MODES)}")
-    top_down = list(layers) if layers is not None else layer_names(variables)[::-1]
-    unknown = set(top_down) - set(layer_names(variables))
+    fresh = init(model, key, jnp.asarray(x[:1]))
+    forward_order = [n for n in layer_names(fresh) if n in variables["params"]]
+    top_down = list(layers) if layers is not None else forward_order[::-1]
+    unknown = set(top_down) - set(forward_order)
     if unknown:
         raise AttraxError(
-            f"unknown layer(s) {sorted(unknown)}; the model has {', '.join(layer_names(variables))}"
+            f"unknown layer(s) {sorted(unknown)}; the model has {', '.join(forward_order)}"
         )
-    fresh = init(model, key, jnp.asarray(x[:1]))
     if mode == "cascading":
         steps = [swap_layers(variables, fresh, top_down[: j + 1]) for j in range(len(top_down))]
     else:

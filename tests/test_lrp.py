@@ -1,0 +1,345 @@
+"""LRP rules, composites, canonizer and deep Taylor: known answers (METHODS.md) and references."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import attrax
+from attrax.errors import AttraxError
+from attrax.methods import _rules, input_gradient
+from attrax.models import AvgPool, GlobalAvgPool, MaxPool
+
+KEY = jax.random.key(0)
+
+
+def _tiny_cnn(use_bias=True):
+    return attrax.models.create("cnn_a", channels=(4, 6), dense=(12,), use_bias=use_bias)
+
+
+def _init(model, x, seed=0):
+    return attrax.models.init(model, jax.random.key(seed), x)
+
+
+def _x(shape, seed=1):
+    return jax.random.uniform(jax.random.key(seed), shape)
+
+
+class PoolNet(nn.Module):
+    """Conv - ReLU - AvgPool - Conv - ReLU - MaxPool - Dense - ReLU - Dense, with biases."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = AvgPool(2, name="avg")(nn.relu(nn.Conv(4, (3, 3), name="c1")(x)))
+        x = MaxPool(2, name="max")(nn.relu(nn.Conv(5, (3, 3), name="c2")(x)))
+        x = nn.relu(nn.Dense(7, name="d1")(x.reshape((x.shape[0], -1))))
+        return nn.Dense(3, name="d2")(x)
+
+
+class OneDense(nn.Module):
+    features: int = 4
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(self.features, use_bias=self.use_bias, name="dense")(x)
+
+
+class OneConv(nn.Module):
+    """A single SAME 3x3 conv followed by global average pooling (logit c = mean of map c)."""
+
+    features: int = 3
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return GlobalAvgPool(name="gap")(nn.Conv(self.features, (3, 3), use_bias=self.use_bias, name="conv")(x))
+
+
+def _perturbed(params, scale=0.5, seed=7):
+    """Random-sign weights and biases (so that rules differ from each other)."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return jax.tree.unflatten(tree, [v + scale * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+
+
+# --------------------------------------------------------------------------- LRP-0 and epsilon
+@pytest.mark.parametrize("net", ["cnn_a", "poolnet", "resnet"])
+def test_lrp0_equals_input_times_gradient(net):
+    if net == "cnn_a":
+        model, x = _tiny_cnn(), _x((3, 12, 12, 1))
+    elif net == "poolnet":
+        model, x = attrax.as_model(PoolNet()), _x((3, 12, 12, 2))
+    else:
+        model, x = attrax.models.create("resnet", stages=(4, 6)), _x((3, 8, 8, 3))
+    params = _perturbed(_init(model, x), 0.1)
+    t = jnp.array([0, 1, 2])
+    r = attrax.explain("lrp_0", model, params, x, t)
+    _, g = input_gradient(lambda xx: model(params, xx), x, t)
+    np.testing.assert_allclose(r, x * g, atol=1e-6 * float(jnp.abs(x * g).max()) + 1e-9)
+
+
+def test_epsilon_bias_free_sums_to_logit():
+    model, x = _tiny_cnn(use_bias=False), _x((4, 12, 12, 1))
+    params = _init(model, x)
+    t = jnp.array([0, 3, 5, 9])
+    f = attrax.methods.class_score(model(params, x), t)
+    r = attrax.explain("lrp_epsilon", model, params, x, t, eps=1e-9)
+    np.testing.assert_allclose(r.sum((1, 2, 3)), f, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("start,expected", [("probability", "p"), ("one", "1")])
+def test_start_relevance_options(start, expected):
+    model, x = _tiny_cnn(use_bias=False), _x((2, 12, 12, 1))
+    params = _init(model, x)
+    t = jnp.array([1, 2])
+    logits = model(params, x)
+    r = attrax.explain("lrp_0", model, params, x, t, start=start)
+    want = jax.nn.softmax(logits)[jnp.arange(2), t] if expected == "p" else jnp.ones(2)
+    np.testing.assert_allclose(r.sum((1, 2, 3)), want, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- conservation
+@pytest.mark.parametrize("first", ["zplus", "zbox", "wsquare", "flat"])
+def test_exact_conservation_bias_free(first):
+    """z+ on every hidden layer and one of z+, z^B, w^2, flat on the input: sum R = f_c."""
+    model, x = _tiny_cnn(use_bias=False), _x((3, 12, 12, 1))
+    params = _init(model, x)
+    t = jnp.array([2, 4, 6])
+    f = attrax.methods.class_score(model(params, x), t)
+    r = attrax.explain("lrp", model, params, x, t, rules={"first": first, "default": "zplus"})
+    np.testing.assert_allclose(r.sum((1, 2, 3)), f, rtol=1e-5, atol=1e-7)
+    # the same with proportional max-pool redistribution
+    r2 = attrax.explain("lrp", model, params, x, t, rules={"first": first, "default": "zplus"}, pooling="proportional")
+    np.testing.assert_allclose(r2.sum((1, 2, 3)), f, rtol=1e-5, atol=1e-7)
+    assert float(jnp.abs(r2 - r).max()) > 1e-6
+
+
+def test_zbox_nonnegative_inside_the_box():
+    model, x = _tiny_cnn(), _x((4, 12, 12, 1))
+    params = _perturbed(_init(model, x), 0.1)
+    t = jnp.array([0, 1, 2, 3])
+    r = attrax.explain("deep_taylor", model, params, x, t, input_rule="zbox", low=0.0, high=1.0)
+    assert float(r.min()) >= -1e-7 and float(jnp.abs(r).max()) > 0
+
+
+def test_alpha_beta_conservation_and_failure_case():
+    mod = OneDense(5, use_bias=False)
+    x = jax.random.normal(jax.random.key(3), (4, 30))  # mixed-sign inputs
+    params = mod.init(KEY, x)
+    params = {"params": {"dense": {"kernel": jax.random.normal(jax.random.key(4), (30, 5))}}}
+    model = attrax.as_model(mod)
+    t = jnp.array([0, 1, 2, 3])
+    f = attrax.methods.class_score(model(params, x), t)
+    for a, b in [(1.0, 0.0), (2.0, 1.0), (3.0, 2.0)]:
+        r = attrax.explain("lrp_alpha_beta", model, params, x, t, alpha=a, beta=b)
+        np.testing.assert_allclose(r.sum(1), f, rtol=1e-5)
+    # one-signed contributions (positive inputs, positive weights): alpha = 2 doubles relevance
+    pos = {"params": {"dense": {"kernel": jnp.abs(params["params"]["dense"]["kernel"])}}}
+    xp = jnp.abs(x)
+    fp = attrax.methods.class_score(model(pos, xp), t)
+    r = attrax.explain("lrp_alpha_beta", model, pos, xp, t, alpha=2.0, beta=1.0)
+    np.testing.assert_allclose(r.sum(1), 2 * fp, rtol=1e-5)
+    with pytest.raises(AttraxError, match="alpha - beta = 1"):
+        attrax.explain("lrp_alpha_beta", model, params, x, t, alpha=2.0, beta=0.0)
+
+
+# --------------------------------------------------------------------------- closed forms
+def _np_lrp(a, w, b, r_out, rule, valid=None, eps=1e-6, gamma=0.25, alpha=2.0, beta=1.0, low=0.0, high=1.0):
+    """Closed-form input relevance of one bias-included linear map, per sample.
+
+    a (n, J), w (J, K), b (K,), r_out (n, K); `valid` (n, J) marks real (non-padding) inputs.
+    """
+    a, w, b, r_out = (np.asarray(v, np.float64) for v in (a, w, b, r_out))
+    valid = np.ones_like(a) if valid is None else np.asarray(valid, np.float64)
+
+    def sdiv(num, den, e):
+        den = np.where(den >= 0, den + e, den - e)
+        return num / den
+
+    if rule in ("zero", "epsilon", "gamma"):
+        wm = w + gamma * np.maximum(w, 0) if rule == "gamma" else w
+        bm = b + gamma * np.maximum(b, 0) if rule == "gamma" else b
+        c = a[:, :, None] * wm[None]
+        z = c.sum(1) + bm
+        e = {"zero": 0.0, "epsilon": eps, "gamma": 1e-6}[rule]  # gamma keeps the method's eps (1e-6)
+        return (sdiv(c, z[:, None], e) * r_out[:, None]).sum(2)
+    if rule in ("alpha_beta", "zplus"):
+        al, be = (1.0, 0.0) if rule == "zplus" else (alpha, beta)
+        c = a[:, :, None] * w[None]
+        cp, cn = np.maximum(c, 0), np.minimum(c, 0)
+        zp, zn = cp.sum(1) + np.maximum(b, 0), cn.sum(1) + np.minimum(b, 0)
+        out = al * np.where(zp[:, None] != 0, cp / np.where(zp == 0, 1, zp)[:, None], 0)
+        out = out - be * np.where(zn[:, None] != 0, cn / np.where(zn == 0, 1, zn)[:, None], 0)
+        return (out * r_out[:, None]).sum(2)
+    if rule == "zbox":
+        c = a[:, :, None] * w[None] - (low * valid)[:, :, None] * np.maximum(w, 0) - (high * valid)[:, :, None] * np.minimum(w, 0)
+        return (c / c.sum(1)[:, None] * r_out[:, None]).sum(2)
+    if rule in ("wsquare", "flat"):
+        c = valid[:, :, None] * (w**2 if rule == "wsquare" else np.ones_like(w))[None]
+        return (c / c.sum(1)[:, None] * r_out[:, None]).sum(2)
+    raise ValueError(rule)
+
+
+def _patches(x, k=3):
+    """SAME-padded k x k patches of NHWC x: (n, H, W, k*k*C) plus the validity mask."""
+    n, h, w, c = x.shape
+    p = k // 2
+    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    vp = np.pad(np.ones_like(x), ((0, 0), (p, p), (p, p), (0, 0)))
+    pats = np.stack([xp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], axis=3)
+    vals = np.stack([vp[:, i:i + h, j:j + w] for i in range(k) for j in range(k)], axis=3)
+    return pats.reshape(n, h, w, -1), vals.reshape(n, h, w, -1)
+
+
+def _fold(rp, shape, k=3):
+    """Scatter-add patch relevance (n, H, W, k*k*C) back onto the input (n, H, W, C)."""
+    n, h, w, c = shape
+    p = k // 2
+    out = np.zeros((n, h + 2 * p, w + 2 * p, c))
+    rp = rp.reshape(n, h, w, k * k, c)
+    for idx, (i, j) in enumerate([(i, j) for i in range(k) for j in range(k)]):
+        out[:, i:i + h, j:j + w] += rp[:, :, :, idx]
+    return out[:, p:p + h, p:p + w]
+
+
+RULE_SPECS = {
+    "zero": "zero", "epsilon": {"name": "epsilon", "eps": 0.01}, "gamma": {"name": "gamma", "gamma": 0.25},
+    "alpha_beta": {"name": "alpha_beta", "alpha": 2.0, "beta": 1.0}, "zplus": "zplus",
+    "zbox": {"name": "zbox", "low": -1.0, "high": 2.0}, "wsquare": "wsquare", "flat": "flat",
+}
+
+
+@pytest.mark.parametrize("rule", list(RULE_SPECS))
+def test_rule_matches_numpy_on_dense_layer(rule):
+    mod = OneDense(4)
+    x = jax.random.normal(jax.random.key(5), (3, 9))
+    params = _perturbed(mod.init(KEY, x), 0.3)
+    w, b = params["params"]["dense"]["kernel"], params["params"]["dense"]["bias"]
+    t = jnp.array([0, 2, 3])
+    r = attrax.explain("lrp", OneDense(4), params, x, t, rules={"default": RULE_SPECS[rule]})
+    z = np.asarray(x @ w + b, np.float64)
+    r_out = np.eye(4)[np.asarray(t)] * z
+    kw = dict(eps=0.01, gamma=0.25, alpha=2.0, beta=1.0, low=-1.0, high=2.0)
+    want = _np_lrp(x, w, b, r_out, rule, **kw)
+    np.testing.assert_allclose(r, want, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("rule", list(RULE_SPECS))
+def test_rule_matches_numpy_on_conv_layer(rule):
+    mod = OneConv(3)
+    x = jax.random.normal(jax.random.key(6), (2, 5, 5, 2))
+    params = _perturbed(mod.init(KEY, x), 0.3)
+    w, b = params["params"]["conv"]["kernel"], params["params"]["conv"]["bias"]
+    t = jnp.array([0, 2])
+    r = attrax.explain("lrp", OneConv(3), params, x, t, rules={"default": RULE_SPECS[rule]})
+    pats, vals = _patches(np.asarray(x, np.float64))
+    n, h, wd, kk = pats.shape
+    wk = np.asarray(w, np.float64).reshape(kk, 3)
+    z = pats @ wk + np.asarray(b)
+    r_out = np.eye(3)[np.asarray(t)][:, None, None, :] * z / (h * wd)
+    kw = dict(eps=0.01, gamma=0.25, alpha=2.0, beta=1.0, low=-1.0, high=2.0)
+    rp = _np_lrp(pats.reshape(-1, kk), wk, np.asarray(b), r_out.reshape(-1, 3), rule, valid=vals.reshape(-1, kk), **kw)
+    want = _fold(rp.reshape(n, h, wd, kk), x.shape)
+    np.testing.assert_allclose(r, want, rtol=2e-4, atol=2e-6)
+
+
+def test_proportional_max_pool_closed_form():
+    a = jnp.array([[[[1.0], [3.0]], [[0.0], [2.0]]]])  # one 2x2 window
+    mod = MaxPool(2)
+
+    def f(t):
+        return _rules.max_pool_rule(mod, t, nn.max_pool(t, (2, 2), strides=(2, 2), padding="SAME"), "proportional")
+
+    out, vjp = jax.vjp(f, a)
+    r_out = jnp.full_like(out, 5.0)
+    (g,) = vjp(r_out / out)
+    np.testing.assert_allclose((a * g).ravel(), np.array([1, 3, 0, 2]) / 6 * 5, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- composites, canonizer
+def test_composites_and_user_rule_maps():
+    model, x = _tiny_cnn(), _x((2, 12, 12, 1))
+    params = _perturbed(_init(model, x), 0.1)
+    t = jnp.array([1, 2])
+    a = attrax.explain("lrp_epsilon_plus_flat", model, params, x, t)
+    b = attrax.explain("lrp", model, params, x, t, rules={"first": "flat", "conv": "zplus", "dense": "epsilon"})
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    # a layer path beats the type selector: epsilon everywhere but z+ on conv2 == epsilon_plus on this net?
+    c = attrax.explain("lrp", model, params, x, t, rules={"default": "epsilon", "conv2": "zplus", "conv1": "zplus"})
+    np.testing.assert_allclose(c, attrax.explain("lrp_epsilon_plus", model, params, x, t), rtol=1e-6, atol=1e-9)
+    g = attrax.explain("lrp", model, params, x, t, rules={"first": "zbox", "conv": {"name": "gamma", "gamma": 0.25},
+                                                          "dense": "epsilon"})
+    np.testing.assert_allclose(g, attrax.explain("lrp_epsilon_gamma_box", model, params, x, t), rtol=1e-6, atol=1e-9)
+    with pytest.raises(AttraxError, match="match no layer"):
+        attrax.explain("lrp", model, params, x, t, rules={"conv7": "zplus"})
+    with pytest.raises(AttraxError, match="only to the first layer"):
+        attrax.explain("lrp", model, params, x, t, rules={"default": "zbox"})
+    with pytest.raises(AttraxError, match="unknown LRP rule"):
+        attrax.explain("lrp", model, params, x, t, rules={"default": "epsilonn"})
+
+
+def test_batchnorm_canonizer_keeps_logits():
+    model = attrax.models.create("resnet", stages=(4, 6))
+    x = _x((3, 8, 8, 3))
+    params = _init(model, x)
+    stats = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(9), v.shape), params["batch_stats"])
+    params = {"params": _perturbed(params["params"], 0.2), "batch_stats": stats}
+    st = _rules.layer_structure(model, params, x)
+    assert sum(info.bn is not None for info in st.layers) == 8 and len(st.bn) == 8
+    np.testing.assert_allclose(_rules.canonized_forward(model, params, x), model(params, x), atol=1e-5, rtol=1e-5)
+    r = attrax.explain("lrp_epsilon_gamma_box", model, params, x, jnp.array([0, 1, 2]))
+    assert bool(jnp.isfinite(r).all())
+
+
+# --------------------------------------------------------------------------- deep Taylor toy
+class MaxToy(nn.Module):
+    """f = max(x1, x2) for x >= 0: hidden ReLU units (1,-1), (-1,1), (1,1), output weights 1/2."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(1, use_bias=False, name="out")(nn.relu(nn.Dense(3, use_bias=False, name="hidden")(x)))
+
+
+def test_deep_taylor_toy_max_network():
+    params = {"params": {"hidden": {"kernel": jnp.array([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]])},
+                         "out": {"kernel": jnp.full((3, 1), 0.5)}}}
+    x = jnp.array([[3.0, 1.0], [1.0, 3.0], [2.0, 2.0], [2.0 + 1e-3, 2.0], [2.0, 2.0 + 1e-3]])
+    t = jnp.zeros(5, jnp.int32)
+    model = attrax.as_model(MaxToy())
+    np.testing.assert_allclose(model(params, x)[:, 0], x.max(1), rtol=1e-6)
+    r = np.asarray(attrax.explain("deep_taylor", model, params, x, t, input_rule="zplus"))
+    x1, x2 = np.asarray(x).T
+    want = np.where((x1 >= x2)[:, None], np.stack([(2 * x1 - x2) / 2, x2 / 2], 1), np.stack([x1 / 2, (2 * x2 - x1) / 2], 1))
+    np.testing.assert_allclose(r, want, rtol=1e-5)
+    # continuous across x1 = x2, while the gradient jumps there
+    assert np.abs(r[3] - r[4]).max() < 1e-2
+    _, g = input_gradient(lambda xx: model(params, xx), x, t)
+    assert float(jnp.abs(g[3] - g[4]).max()) > 0.9
+
+
+# --------------------------------------------------------------------------- reference maps (Zennit)
+def test_epsilon_plus_flat_matches_zennit_reference(reference):
+    model, params, maps, _ = reference
+    x, t = jnp.asarray(maps["x"]), jnp.asarray(maps["target"])
+    ref = maps["lrp_epsilon_plus_flat"]
+    r_one = attrax.explain("lrp_epsilon_plus_flat", model, params, x, t, start="one")
+    np.testing.assert_allclose(r_one, ref, atol=1e-6 * np.abs(ref).max())
+    r = attrax.explain("lrp_epsilon_plus_flat", model, params, x, t)  # logit start = one-hot start * f_c
+    f = np.asarray(maps["logits"])[np.arange(10), np.asarray(t)]
+    np.testing.assert_allclose(np.asarray(r) / f[:, None, None, None], ref, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("name", ["lrp_0", "lrp_zplus", "lrp_alpha2beta1", "lrp_alpha1beta0", "lrp_gamma", "deep_taylor"])
+def test_methods_run_on_zoo_models(name):
+    """Shape, finiteness and jit == eager on an MLP and a small BatchNorm ResNet."""
+    for model, x in [(attrax.models.create("mlp", hidden=(8,)), _x((2, 6, 6, 1))),
+                     (attrax.models.create("resnet", stages=(4, 4)), _x((2, 8, 8, 3)))]:
+        params = _init(model, x)
+        t = jnp.array([3, 7])
+        r = attrax.explain(name, model, params, x, t)
+        assert r.shape == x.shape and bool(jnp.isfinite(r).all())
+        np.testing.assert_allclose(r, attrax.explain(name, model, params, x, t, jit=False), rtol=1e-4, atol=1e-7)

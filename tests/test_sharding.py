@@ -1,0 +1,46 @@
+"""Batch sharding over several devices gives the single-device results (CPU devices forced)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, jax, jax.numpy as jnp, numpy as np, attrax
+    model = attrax.models.create("cnn_a")
+    x = jax.random.uniform(jax.random.key(0), (10, 28, 28, 1))
+    params = attrax.models.init(model, jax.random.key(1), x)
+    y = jnp.arange(10) % 10
+    out = {"n_devices": jax.local_device_count()}
+    out["gradient"] = attrax.explain("gradient", model, params, x, y, chunk_size=4)
+    out["integrated_gradients"] = attrax.explain("integrated_gradients", model, params, x, y, steps=4)
+    out["random"] = attrax.explain("random", model, params, x, y, key=3, chunk_size=3)
+    out["logits"] = attrax.forward(model, params, x)
+    out["sharded"] = attrax.harness.batch_sharding(4) is not None
+    np.savez(sys.argv[1], **{k: np.asarray(v) for k, v in out.items()})
+    """
+)
+
+
+def _run(tmp_path, devices):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    path = tmp_path / f"out{devices}.npz"
+    p = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    import numpy as np
+
+    return dict(np.load(path))
+
+
+def test_two_devices_equal_one(tmp_path):
+    import numpy as np
+
+    one, two = _run(tmp_path, 1), _run(tmp_path, 2)
+    assert int(one["n_devices"]) == 1 and int(two["n_devices"]) == 2
+    assert not bool(one["sharded"]) and bool(two["sharded"])
+    for k in ("gradient", "integrated_gradients", "random", "logits"):
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
