@@ -15,7 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from attrax import datasets, harness, methods, models, protocols, results  # noqa: E402
+from attrax import conf_resolvers, datasets, harness, methods, models, protocols, results  # noqa: E402
 from attrax.errors import AttraxError  # noqa: E402
 from attrax.harness import evaluate, explain, forward, resolve_target  # noqa: E402
 from attrax.models import Model, as_model  # noqa: E402
@@ -24,6 +24,6 @@ from attrax.train import TrainConfig, train, train_module_accuracy  # noqa: E402
 models.train = train  # `attrax.models.train(...)` as the architecture's API shows
 
 __all__ = [
-    "AttraxError", "Model", "TrainConfig", "as_model", "datasets", "harness", "evaluate", "explain", "forward",
+    "AttraxError", "Model", "conf_resolvers", "TrainConfig", "as_model", "datasets", "harness", "evaluate", "explain", "forward",
     "methods", "models", "protocols", "resolve_target", "results", "train",
 ]

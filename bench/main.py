@@ -52,7 +52,7 @@ def protocol_context(pname: str, given: dict, context: dict) -> dict:
     accepted = attrax.protocols.get(pname).hparams()
     out = dict(given)
     for k, v in context.items():
-        if k in accepted and k not in out and v is not None:
+        if k in accepted and v is not None and (out.get(k) is None or (k == "method_hparams" and not out[k])):
             out[k] = v
     if "masks" in accepted and out.get("masks") is None and accepted.get("masks") is None:
         raise AttraxError(f"protocol {pname!r} needs ground-truth masks: use dataset=cluttered_mnist or synthetic")
@@ -99,7 +99,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         attrax.protocols.get(pname)  # unknown names fail before any work
     masks = sub.meta.get("masks")
     key = jax.random.key(cfg["seed"])
-    frames, maps, choices = [], {}, {}
+    frames, maps, choices, skipped = [], {}, {}, {}
     # heatmap rows: one image per class first, then the rest, up to `heatmap_images`
     firsts = [int(np.flatnonzero(sub.y == c)[0]) for c in np.unique(sub.y)]
     hidx = np.asarray((firsts + [i for i in range(len(sub)) if i not in firsts])[: cfg["heatmap_images"]])
@@ -108,8 +108,15 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         specs.setdefault(c, {})
     for mi, (meth, hp) in enumerate(specs.items()):
         t = time.perf_counter()
-        r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
-                           evals_per_chunk=cfg["chunk_evals"], **hp)
+        try:
+            r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
+                               evals_per_chunk=cfg["chunk_evals"], **hp)
+        except AttraxError as e:
+            if len(specs) == 1:
+                raise
+            skipped[meth] = str(e)
+            log(f"[attrax] {meth}: skipped: {e}")
+            continue
         r = jax.block_until_ready(r)
         timings[f"explain_{meth}_s"] = time.perf_counter() - t
         context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
@@ -141,9 +148,14 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx]))
         np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], **maps)
     results.write_run(run_dir, rows, cfg, timings, extra={"model_info": {k: v for k, v in info.items() if k != "losses"},
-                                                          "test_accuracy": acc, "protocol_choices": choices})
+                                                          "test_accuracy": acc, "protocol_choices": choices,
+                                                          "skipped_methods": skipped})
     log("")
     log(report.format_table(report.leaderboard(rows)))
+    from attrax import findings
+
+    for c in findings.check(rows):
+        log(f"[attrax] expected finding {c['verdict']}: {c['claim']}. {c['numbers']}")
     log("")
     log(f"[attrax] results: {run_dir / results.ROWS_FILE}")
     for f in figs:

@@ -91,27 +91,84 @@ def _has_tabulate() -> bool:
         return False
 
 
-def curve_figure(df: pd.DataFrame, path: Path, metric: str = "curve") -> Path | None:
-    """Mean curves with 95% CI bands, one line per method (e.g. deletion / pixel flipping)."""
+X_LABELS = {"pixel_flipping": "fraction of pixels removed", "deletion": "fraction removed",
+            "insertion": "fraction inserted", "roar": "fraction removed", "kar": "fraction kept",
+            "sanity_model_randomization": "randomized layer", "selectivity": "step",
+            "continuity": "shift (px)"}
+
+
+def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None) -> Path | None:
+    """Mean curves with 95% CI bands, one line per method, one panel per (protocol, metric).
+
+    Covers deletion / insertion / pixel-flipping curves, ROAR/KAR accuracy vs fraction and
+    sanity similarity vs randomized layer alike: anything recorded with an x position.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    cur = df[(df["metric"] == metric) & df["x"].notna()]
+    cur = df[df["x"].notna()]
+    if metric is not None:
+        cur = cur[cur["metric"] == metric]
     if cur.empty:
         return None
-    protos = sorted(cur["protocol"].unique())
-    fig, axes = plt.subplots(1, len(protos), figsize=(5.5 * len(protos), 4), squeeze=False)
-    for ax, proto in zip(axes[0], protos, strict=True):
-        sns.lineplot(data=cur[cur["protocol"] == proto], x="x", y="value", hue="method", errorbar=("ci", 95),
-                     ax=ax, n_boot=200, seed=0)
-        ax.set(title=proto, xlabel="fraction of pixels removed", ylabel="target score")
+    panels = sorted(cur.groupby(["protocol", "metric"]).groups)
+    cols = min(3, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
+    for ax, (proto, met) in zip(axes.flat, panels, strict=False):
+        sub = cur[(cur["protocol"] == proto) & (cur["metric"] == met)]
+        sns.lineplot(data=sub, x="x", y="value", hue="method", errorbar=("ci", 95), ax=ax, n_boot=200, seed=0)
+        ax.set(title=f"{proto}: {met}", xlabel=X_LABELS.get(proto, "x"), ylabel=met)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rank_heatmap(lb: pd.DataFrame, path: Path) -> Path | None:
+    """Methods x metrics heatmap of ranks (1 = best in the metric's direction)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    r = lb.dropna(subset=["rank"])
+    if r.empty:
+        return None
+    wide = r.assign(col=r["protocol"] + "/" + r["metric"]).pivot(index="method", columns="col", values="rank")
+    wide = wide.loc[wide.mean(axis=1).sort_values().index]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * wide.shape[1], 1 + 0.4 * wide.shape[0]))
+    sns.heatmap(wide, annot=True, fmt=".0f", cmap="viridis_r", cbar_kws={"label": "rank"}, ax=ax)
+    ax.set(xlabel="", ylabel="")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def merged_heatmaps(runs: list[Path], path: Path) -> Path | None:
+    """One images x methods grid from the `maps.npz` of several runs (e.g. a sweep's jobs)."""
+    x = y = None
+    maps: dict[str, np.ndarray] = {}
+    for run in runs:
+        f = Path(run) / "maps.npz"
+        if not f.exists():
+            continue
+        d = np.load(f)
+        if x is None:
+            x, y = d["x"], d["y"]
+        elif d["x"].shape != x.shape or not np.array_equal(d["x"], x):
+            continue
+        maps.update({k: d[k] for k in d.files if k not in ("x", "y")})
+    if x is None or not maps:
+        return None
+    return heatmap_grid(x, maps, path, labels=y)
 
 
 def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, labels=None) -> Path:
@@ -153,22 +210,41 @@ def _embed(path: Path) -> str:
 
 def build(paths: list[str], out: str | Path | None = None) -> Path:
     """Aggregate results folders into leaderboard.md/.csv and a self-contained report.html."""
+    from attrax import findings
+
     df = results_store.load(*paths)
+    runs = results_store.find_runs(paths)
     out = Path(out or (Path(paths[0]) / "report"))
     out.mkdir(parents=True, exist_ok=True)
     lb = leaderboard(df)
     lb.to_csv(out / "leaderboard.csv", index=False)
     table = format_table(lb)
-    (out / "leaderboard.md").write_text(f"# attrax leaderboard\n\n{len(df)} rows from {df['run_id'].nunique()} runs\n\n{table}\n")
-    figs = [p for p in [curve_figure(df, out / "curves.png")] if p]
-    for run in results_store.find_runs(paths):
+    checks = findings.check(df)
+    check_md = findings.format(checks)
+    (out / "leaderboard.md").write_text(
+        f"# attrax leaderboard\n\n{len(df)} rows from {df['run_id'].nunique()} runs; "
+        f"mean [95% bootstrap CI] (rank), arrows give each metric's better direction.\n\n{table}\n"
+        + (f"\n## Expected findings\n\n{check_md}\n" if checks else ""))
+    figs = [p for p in (curve_figure(df, out / "curves.png"), rank_heatmap(lb, out / "ranks.png"),
+                        merged_heatmaps(runs, out / "heatmaps.png")) if p]
+    seen = {p.name for p in figs}
+    for run in runs:
         for png in sorted(Path(run).glob("*.png")):
-            figs.append(png)
+            if png.name not in ("deletion_curves.png", "heatmaps.png") and png.name not in seen:
+                figs.append(png)
     html = ["<!doctype html><html><head><meta charset='utf-8'><title>attrax report</title>",
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 6px}</style>",
-            "</head><body><h1>attrax report</h1>", lb.to_html(index=False, float_format=lambda v: f"{v:.4g}"),
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>",
+            "</head><body><h1>attrax report</h1>",
+            f"<p>{len(df)} rows from {df['run_id'].nunique()} runs.</p>",
+            lb.assign(direction=lb["higher_is_better"].map(arrow)).to_html(
+                index=False, float_format=lambda v: f"{v:.4g}"),
+            *(["<h2>Expected findings</h2><pre>", check_md, "</pre>"] if checks else []),
             *[_embed(p) for p in figs], "</body></html>"]
     (out / "report.html").write_text("\n".join(html))
     print(table)
+    if checks:
+        print()
+        print(check_md)
     print(f"\nwrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'report.html'}")
     return out

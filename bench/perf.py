@@ -1,0 +1,659 @@
+"""The benchmark command: speed and memory of every method and protocol against the bound.
+
+    attrax-bench [--config default] [--methods a,b] [--protocols a,b] [--batch 100] [--out DIR]
+    attrax bench ...                      (the same; argparse, not Hydra)
+
+For every registered method (`attrax.methods.names()`) and protocol (`attrax.protocols.names()`)
+on one dataset/model/batch (default: mnist_sample, the `cnn_a` reference CNN, batch 100, trained
+one quick epoch) it measures
+
+- `images_per_s`: steady state, the median of several timed calls after warm-up, each ended by
+  `jax.block_until_ready`; methods run through `attrax.explain` (the user's path: jit cache,
+  chunking, per-example keys), protocols through `attrax.evaluate` on gradient maps;
+- `compile_s`: first call minus a steady call (tracing + XLA compilation);
+- `peak_mb`: XLA's compiled memory analysis of one chunk of the method (arguments + outputs +
+  temporaries; `attrax.harness.compiled_memory_bytes`), a static figure that does not depend on
+  other processes; protocols (several compiled calls each) report none;
+- `bound_ratio`: time / the time of the raw batched evaluations the computation needs at least,
+  measured in the same run: a gradient-family (gradient, backprop, relevance, CAM) method is
+  bounded by `cost(hparams)` batched gradients of the same images, a perturbation or surrogate
+  method by `cost` batched forwards (`cost` = the registered model evaluations per image); a
+  protocol with K steps/runs/samples by K + 1 forwards (or K re-explanations).
+
+Beside them: the figures of the performance work (XLA's select-and-scatter max pooling vs the
+reshape max pooling of `attrax.models.max_pool`, chunk sizes, optional XLA flags in
+subprocesses), `lax.scan` vs Python-loop training and vmapped vs sequential retraining (both
+numbers kept), and the memory-bounded chunking check (10,000 images x IG 256 steps within a
+budget, chunk size from `attrax.harness.evals_per_chunk_for_memory`). Output: a tidy table
+(`attrax.results` schema, protocol="bench", one metric per row) in `<out>/rows.parquet` +
+`run.json`, and `<out>/performance.md` with the PyTorch-stack bar side by side.
+Settings and per-method benchmark hyperparameters: conf/bench/default.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from attrax.errors import AttraxError
+
+GRADIENT_FAMILIES = ("gradient", "backprop", "relevance", "cam")
+METRICS_HIGHER = {"images_per_s": True, "compile_s": False, "peak_mb": False, "bound_ratio": False}
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+
+
+def load_config(name: str = "default", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The benchmark settings: conf/bench/<name>.yaml (or a path to a YAML file) + overrides."""
+    import yaml
+
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        text = p.read_text()
+    else:
+        f = resources.files("attrax.conf") / "bench" / f"{name}.yaml"
+        if not f.is_file():
+            raise AttraxError(f"no benchmark config {name!r}: give a name under conf/bench/ or a YAML path")
+        text = f.read_text()
+    cfg = yaml.safe_load(text) or {}
+    cfg.setdefault("methods", {})
+    cfg.setdefault("protocols", {})
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            cfg[k] = v
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
+               max_seconds: float = 15.0) -> dict[str, float]:
+    """First-call seconds (compile + run) and the median of `repeats` steady calls.
+
+    Every call ends with `jax.block_until_ready`. When one call is slow, fewer repeats run
+    (at least 2) so that an entry takes about `max_seconds`.
+    """
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(max(0, warmup)):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    one = times[-1] if times else first
+    n = int(max(2, min(repeats, max_seconds // max(one, 1e-9))))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return {"first_s": first, "median_s": med, "compile_s": max(0.0, first - med), "repeats": n,
+            "min_s": min(times)}
+
+
+def rss_peak_mb() -> float:
+    """The process's resident-set high-water mark (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def setup(cfg: dict[str, Any]):
+    """(model, params, x, target, info) for the configured dataset, model and batch."""
+    import attrax
+
+    test = attrax.datasets.load(cfg["dataset"], split="test")
+    n = int(cfg["batch"])
+    if len(test.x) < n:
+        reps = -(-n // len(test.x))
+        x_np, y_np = np.concatenate([test.x] * reps)[:n], np.concatenate([test.y] * reps)[:n]
+    else:
+        x_np, y_np = test.x[:n], test.y[:n]
+    info: dict[str, Any] = {}
+    if int(cfg.get("train_epochs", 0)) > 0:
+        train_set = attrax.datasets.load(cfg["dataset"], split="train").take(int(cfg.get("train_images", 2000)))
+        model, params, tinfo = attrax.train(cfg["model"], train_set, seed=0, progress=False,
+                                            cfg=attrax.TrainConfig(epochs=int(cfg["train_epochs"])))
+        info = {"train_cached": tinfo.get("cached"), "train_accuracy": tinfo.get("train_accuracy")}
+    else:
+        model = attrax.models.create(cfg["model"])
+        params = attrax.models.init(model, jax.random.key(0), jnp.asarray(x_np[:1]))
+    return model, params, jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32), info
+
+
+def reference_times(model, params, x, target, *, repeats: int, max_seconds: float) -> dict[str, float]:
+    """Seconds of one raw batched forward and one batched input gradient of the batch."""
+    from attrax.methods import input_gradient
+
+    fwd = jax.jit(lambda p, xx: model(p, xx))
+    grad = jax.jit(lambda p, xx, tt: input_gradient(lambda z: model(p, z), xx, tt)[1])
+    kw = {"repeats": max(repeats, 7), "warmup": 2, "max_seconds": max_seconds}
+    return {
+        "forward": time_calls(lambda: fwd(params, x), **kw)["median_s"],
+        "gradient": time_calls(lambda: grad(params, x, target), **kw)["median_s"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+def method_bound(name: str, hp: dict[str, Any], entry_cfg: dict[str, Any]) -> tuple[str, float]:
+    """(kind, evaluations per image) of the lower bound of a method."""
+    from attrax.methods import get
+
+    entry = get(name)
+    if "bound" in entry_cfg:
+        b = entry_cfg["bound"]
+        return b["kind"], float(b["evals"])
+    cost = float(entry.meta.get("cost", lambda h: 1)({**entry.hparams(), **hp}))
+    kind = "gradient" if entry.meta.get("family") in GRADIENT_FAMILIES else "forward"
+    return kind, cost
+
+
+def _explain_memory_mb(model, name: str, params, x, target) -> float | None:
+    """Compiled memory of the chunk that `attrax.explain` just ran for `name`."""
+    from attrax.harness import compiled_memory_bytes
+    from attrax.methods import per_example_keys
+
+    for key, fn in list(model._cache.items()):
+        if isinstance(key, tuple) and len(key) == 5 and key[0] == "explain" and key[1] == name:
+            chunk = key[4]
+            xx = jnp.zeros((chunk, *x.shape[1:]), x.dtype)
+            try:
+                compiled = fn.lower(params, xx, jnp.zeros((chunk,), jnp.int32), per_example_keys(0, chunk)).compile()
+            except Exception:  # noqa: BLE001 - a figure we cannot get is reported as missing
+                return None
+            b = compiled_memory_bytes(compiled)
+            return None if b is None else b / 2**20
+    return None
+
+
+def bench_method(name: str, model, params, x, target, ref: dict[str, float], cfg: dict[str, Any]) -> dict:
+    import attrax
+
+    ecfg = dict(cfg["methods"].get(name) or {})
+    hp = dict(ecfg.get("hparams") or {})
+    rec: dict[str, Any] = {"kind": "method", "name": name, "hparams": hp, "bar": ecfg.get("bar")}
+    kind, evals = method_bound(name, hp, ecfg)
+    model = attrax.as_model(model)
+    # a fresh wrapper per method: its jit cache holds only this method's compiled chunks
+    model = attrax.models.Model(model.name, model.apply_fn, model.module)
+
+    def call():
+        return attrax.explain(name, model, params, x, target, key=0, **hp)
+
+    t = time_calls(call, repeats=cfg["repeats"], warmup=cfg["warmup"], max_seconds=cfg["max_seconds"])
+    n = x.shape[0]
+    bound_s = evals * ref[kind]
+    rec.update(
+        images_per_s=n / t["median_s"], compile_s=t["compile_s"], seconds=t["median_s"], repeats=t["repeats"],
+        bound_kind=kind, bound_evals=evals, bound_s=bound_s,
+        bound_ratio=(t["median_s"] / bound_s) if bound_s > 0 else float("nan"),
+        peak_mb=_explain_memory_mb(model, name, params, x, target),
+    )
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Protocols
+
+
+def protocol_bound(name: str, choices: dict[str, Any], entry_cfg: dict[str, Any],
+                   method_evals: float) -> tuple[str, float] | None:
+    """(kind, evaluations per image) of a protocol's lower bound, or None (no model evaluation)."""
+    from attrax.protocols import PROTOCOLS
+
+    if "bound" in entry_cfg:
+        b = entry_cfg["bound"]
+        return b["kind"], float(b["evals"])
+    entry = PROTOCOLS.get(name)
+    hp = {**entry.hparams(), **choices}
+    if entry.meta.get("needs_masks") or entry.meta.get("category") == "complexity":
+        return None
+    if entry.meta.get("needs_method"):
+        k = hp.get("n_samples") or hp.get("steps") or 1
+        return "gradient", float(k) * method_evals
+    for key in ("steps", "n_runs", "n_samples"):
+        if isinstance(hp.get(key), int):
+            return "forward", float(hp[key] + 1)
+    return "forward", 1.0
+
+
+def bench_protocol(name: str, model, params, x, target, relevance, ref: dict[str, float], cfg: dict[str, Any],
+                   masks) -> dict:
+    import attrax
+    from attrax.protocols import PROTOCOLS
+
+    entry = PROTOCOLS.get(name)
+    ecfg = dict(cfg["protocols"].get(name) or {})
+    choices = dict(ecfg.get("choices") or {})
+    rec: dict[str, Any] = {"kind": "protocol", "name": name, "hparams": choices, "bar": ecfg.get("bar")}
+    if "relevance" not in inspect.signature(entry.fn).parameters:
+        rec["note"] = "retraining protocol (no relevance argument): see the training figures"
+        return rec
+    if entry.meta.get("needs_method"):
+        choices.setdefault("method", cfg["relevance_method"])
+    if entry.meta.get("needs_masks"):
+        choices.setdefault("masks", masks)
+    method_evals = method_bound(cfg["relevance_method"], {}, {})[1]
+    bound = protocol_bound(name, {k: v for k, v in choices.items() if k != "masks"}, ecfg, method_evals)
+
+    def call():
+        s = attrax.evaluate(name, model, params, x, target, relevance, key=0, **choices)
+        return jax.tree.map(jnp.asarray, s.values)
+
+    t = time_calls(call, repeats=cfg["repeats"], warmup=cfg["warmup"], max_seconds=cfg["max_seconds"])
+    rec["hparams"] = {k: v for k, v in choices.items() if k != "masks"}
+    rec.update(images_per_s=x.shape[0] / t["median_s"], compile_s=t["compile_s"], seconds=t["median_s"],
+               repeats=t["repeats"], peak_mb=None)
+    if bound is not None:
+        kind, evals = bound
+        rec.update(bound_kind=kind, bound_evals=evals, bound_s=evals * ref[kind],
+                   bound_ratio=t["median_s"] / (evals * ref[kind]))
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# The performance work: each step's figure
+
+
+def _select_and_scatter_pooling():
+    """An interceptor that runs every MaxPool module through `flax.linen.max_pool` (XLA's
+    reduce-window forward, select-and-scatter backward): the state before `attrax.models.max_pool`."""
+    import flax.linen as nn
+
+    from attrax.models import MaxPool
+
+    def interceptor(next_fun, args, kwargs, ctx):
+        if isinstance(ctx.module, MaxPool) and ctx.method_name == "__call__":
+            w = (ctx.module.window, ctx.module.window)
+            return nn.max_pool(args[0], w, strides=w, padding=ctx.module.padding)
+        return next_fun(*args, **kwargs)
+
+    return nn.intercept_methods(interceptor)
+
+
+def bench_steps(model, params, x, target, cfg: dict[str, Any]) -> list[dict]:
+    """Figures of the optimizations, measured in this run (before / after each step)."""
+    import attrax
+    from attrax.methods import input_gradient
+
+    recs = []
+    kw = {"repeats": max(cfg["repeats"], 5), "warmup": 1, "max_seconds": cfg["max_seconds"]}
+    n = x.shape[0]
+
+    def grad_fn(p, xx, tt):
+        return input_gradient(lambda z: model(p, z), xx, tt)[1]
+
+    def ig_fn(p, xx, tt):
+        return attrax.methods.get("integrated_gradients").fn(model, p, xx, tt, key=None, steps=50)
+
+    def slow_pool(f):
+        def g(*a):
+            with _select_and_scatter_pooling():
+                return f(*a)
+        return g
+
+    for label, fn in (("gradient", grad_fn), ("integrated_gradients(steps=50)", ig_fn)):
+        for variant, f in (("max pool: XLA select-and-scatter backward", slow_pool(fn)),
+                           ("max pool: reshape + elementwise first-winner backward", fn)):
+            jf = jax.jit(f)
+            t = time_calls(lambda jf=jf: jf(params, x, target), **kw)
+            recs.append({"kind": "step", "name": label, "hparams": {"variant": variant},
+                         "images_per_s": n / t["median_s"], "compile_s": t["compile_s"]})
+    for evals in (1024, 2048, 4096, 8192):
+        def call(evals=evals):
+            return attrax.explain("integrated_gradients", model, params, x, target, steps=50, evals_per_chunk=evals)
+
+        t = time_calls(call, **kw)
+        recs.append({"kind": "step", "name": "integrated_gradients(steps=50)",
+                     "hparams": {"variant": f"evals_per_chunk={evals}"}, "images_per_s": n / t["median_s"],
+                     "compile_s": t["compile_s"]})
+    return recs
+
+
+def probe(batch: int = 100) -> dict[str, float]:
+    """Images/s of the batched forward, gradient and IG(50) of a random-init cnn_a (for flag runs)."""
+    import attrax
+
+    model = attrax.models.create("cnn_a")
+    x = jax.random.uniform(jax.random.key(0), (batch, 28, 28, 1))
+    t = jnp.zeros((batch,), jnp.int32)
+    params = attrax.models.init(model, jax.random.key(1), x[:1])
+    ref = reference_times(model, params, x, t, repeats=7, max_seconds=10)
+    ig = time_calls(lambda: attrax.explain("integrated_gradients", model, params, x, t, steps=50),
+                    repeats=3, warmup=1, max_seconds=10)
+    return {"forward": batch / ref["forward"], "gradient": batch / ref["gradient"],
+            "integrated_gradients(steps=50)": batch / ig["median_s"]}
+
+
+def bench_flags(flag_sets: list[str]) -> list[dict]:
+    """The probe under each XLA_FLAGS value, each in a fresh process (flags are read at start-up)."""
+    recs = []
+    for flags in flag_sets:
+        env = dict(os.environ, XLA_FLAGS=flags)
+        out = subprocess.run([sys.executable, "-m", "attrax.perf", "--probe"], env=env, capture_output=True,
+                             text=True, timeout=600)
+        try:
+            figs = json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            recs.append({"kind": "step", "name": "xla_flags", "hparams": {"variant": flags or "(none)"},
+                         "note": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+            continue
+        for what, v in figs.items():
+            recs.append({"kind": "step", "name": what, "hparams": {"variant": f"XLA_FLAGS={flags or '(none)'}"},
+                         "images_per_s": v})
+    return recs
+
+
+# ---------------------------------------------------------------------------------------------
+# Training strategies
+
+
+def bench_training(cfg: dict[str, Any]) -> list[dict]:
+    """lax.scan vs Python-loop epochs, and vmapped vs sequential training of several seeds."""
+    import attrax
+    from attrax import train as tr
+
+    tcfg = cfg.get("training") or {}
+    ds = attrax.datasets.load(cfg["dataset"], split="train").take(int(tcfg.get("images", 2000)))
+    model = attrax.models.create(cfg["model"])
+    epochs = int(tcfg.get("epochs", 1))
+    recs = []
+    for loop in ("python", "scan"):
+        c = attrax.TrainConfig(epochs=epochs, loop=loop)
+        t = time_calls(lambda c=c: tr.fit(model, ds.x, ds.y, seed=0, cfg=c, progress=False)[0],
+                       repeats=2, warmup=0, max_seconds=60)
+        recs.append({"kind": "train", "name": "fit", "hparams": {"loop": loop, "epochs": epochs},
+                     "images_per_s": len(ds.x) * epochs / t["median_s"], "compile_s": t["compile_s"],
+                     "seconds": t["median_s"]})
+    if hasattr(tr, "train_many"):
+        seeds = list(range(int(tcfg.get("seeds", 4))))
+        for mode in ("sequential", "vmap"):
+            c = attrax.TrainConfig(epochs=epochs, loop="python")
+            t = time_calls(lambda c=c, mode=mode: tr.train_many(model, ds.x, ds.y, seeds, cfg=c, mode=mode)[0],
+                           repeats=2, warmup=0, max_seconds=60)
+            recs.append({"kind": "train", "name": "train_many",
+                         "hparams": {"mode": mode, "seeds": len(seeds), "epochs": epochs, "loop": "python"},
+                         "images_per_s": len(seeds) * len(ds.x) * epochs / t["median_s"],
+                         "compile_s": t["compile_s"], "seconds": t["median_s"]})
+    return recs
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory-bounded chunking
+
+
+def budget_check(model, params, x, cfg: dict[str, Any]) -> dict:
+    """images x IG steps within a memory budget: chunk size from the measured per-image memory."""
+    import attrax
+    from attrax.harness import chunk_size_for, compiled_memory_bytes, evals_per_chunk_for_memory
+    from attrax.methods import get, per_example_keys
+
+    b = cfg.get("budget") or {}
+    images, steps, mb = int(b.get("images", 10000)), int(b.get("steps", 256)), float(b.get("memory_mb", 1024))
+    evals = evals_per_chunk_for_memory("integrated_gradients", model, params, x, memory_mb=mb, steps=steps)
+    chunk = chunk_size_for(steps, images, evals)
+    entry = get("integrated_gradients")
+    fn = jax.jit(lambda p, xx, tt, kk: entry.fn(model, p, xx, tt, key=kk, steps=steps))
+    xx = jnp.zeros((chunk, *x.shape[1:]), x.dtype)
+    compiled = fn.lower(params, xx, jnp.zeros((chunk,), jnp.int32), per_example_keys(0, chunk)).compile()
+    used = compiled_memory_bytes(compiled) / 2**20
+    rec = {"kind": "budget", "name": "integrated_gradients",
+           "hparams": {"steps": steps, "images": images, "memory_mb": mb, "evals_per_chunk": evals,
+                       "chunk": chunk},
+           "peak_mb": used, "within_budget": used <= mb}
+    run_chunks = int(b.get("run_chunks", 1))
+    n_run = images if run_chunks < 0 else min(images, run_chunks * chunk)
+    reps = -(-n_run // x.shape[0])
+    xr = jnp.concatenate([x] * reps)[:n_run]
+    tr = jnp.zeros((n_run,), jnp.int32)
+    rss0 = rss_peak_mb()
+    t0 = time.perf_counter()
+    jax.block_until_ready(attrax.explain("integrated_gradients", model, params, xr, tr, steps=steps,
+                                         evals_per_chunk=evals))
+    secs = time.perf_counter() - t0
+    rec.update(images_run=n_run, seconds=secs, images_per_s=n_run / secs,
+               rss_growth_mb=rss_peak_mb() - rss0, projected_s=images * secs / n_run)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{nd}f}"
+    return str(v)
+
+
+def to_rows(records: list[dict], *, run_id: str, cfg: dict[str, Any]) -> pd.DataFrame:
+    from attrax.results import conform, hparams_json
+
+    rows = []
+    for r in records:
+        hp = {**(r.get("hparams") or {}), **({"bound": r["bound_kind"]} if r.get("bound_kind") else {})}
+        for metric in ("images_per_s", "compile_s", "peak_mb", "bound_ratio", "bar_images_per_s", "speedup_vs_bar"):
+            v = r.get("bar") if metric == "bar_images_per_s" else r.get(metric)
+            if metric == "speedup_vs_bar" and r.get("bar") and r.get("images_per_s"):
+                v = r["images_per_s"] / r["bar"]
+            if v is None or not np.isfinite(float(v)):
+                continue
+            rows.append({"run_id": run_id, "experiment": f"bench/{r['kind']}", "dataset": cfg["dataset"],
+                         "model": cfg["model"], "model_seed": 0, "method": r["name"],
+                         "method_hparams": hparams_json(hp), "protocol": "bench", "metric": metric,
+                         "x": np.nan, "value": float(v), "example": -1, "seed": 0})
+    return conform(pd.DataFrame(rows))
+
+
+def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> str:
+    target = float(cfg.get("target", 1.5))
+    out = ["# attrax performance", "",
+           f"`attrax-bench` on {env['cpus']} CPU cores ({env['backend']}), {cfg['dataset']}, model `{cfg['model']}`, "
+           f"batch {cfg['batch']}; median of up to {cfg['repeats']} timed calls after warm-up. "
+           f"Load average {env['load_before']:.1f} before / {env['load_after']:.1f} after (the machine is shared: "
+           f"figures above an idle machine's are lower bounds of what it reaches). XLA_FLAGS: "
+           f"`{env['xla_flags'] or '(none)'}`.", "",
+           "images/s: steady state through `attrax.explain` / `attrax.evaluate`. compile s: first call minus a steady "
+           "call. peak MB: XLA's compiled memory analysis of one chunk (arguments + outputs + temporaries). bound "
+           "ratio: time / time of `cost` raw batched gradients (gradient, backprop, relevance, CAM families) or "
+           f"forwards (perturbation, surrogate; protocols: K+1 forwards), measured in this run (one forward "
+           f"{1e3 * env['ref']['forward']:.1f} ms, one gradient {1e3 * env['ref']['gradient']:.1f} ms per batch). "
+           f"bar: the PyTorch stack (Captum / Quantus) on this machine, idle; target {target}x.", ""]
+
+    def table(kind: str, title: str):
+        rs = [r for r in records if r["kind"] == kind]
+        if not rs:
+            return
+        out.extend([f"## {title}", "",
+                    "| name | hyperparameters | images/s | bar (PyTorch) | speed-up | compile s | peak MB | bound | "
+                    "bound ratio |", "|---|---|---:|---:|---:|---:|---:|---|---:|"])
+        for r in rs:
+            if r.get("error") or r.get("note"):
+                out.append(f"| {r['name']} | | - | | | | | | {r.get('error') or r.get('note')} |")
+                continue
+            hp = ", ".join(f"{k}={v}" for k, v in (r.get("hparams") or {}).items())
+            sp = r["images_per_s"] / r["bar"] if r.get("bar") else None
+            mark = "" if sp is None else (" ok" if sp >= target else " BELOW")
+            bound = f"{_fmt(r.get('bound_evals'), 0)} x {r['bound_kind']}" if r.get("bound_kind") else "-"
+            out.append(f"| {r['name']} | {hp} | {_fmt(r.get('images_per_s'))} | {_fmt(r.get('bar'))} | "
+                       f"{_fmt(sp, 2)}{mark} | {_fmt(r.get('compile_s'), 2)} | {_fmt(r.get('peak_mb'))} | {bound} | "
+                       f"{_fmt(r.get('bound_ratio'), 2)} |")
+        out.append("")
+
+    table("method", "Methods")
+    table("protocol", "Protocols")
+    steps = [r for r in records if r["kind"] == "step"]
+    if steps:
+        out += ["## The performance work, step by step (measured in this run)", "",
+                "| computation | variant | images/s | compile s |", "|---|---|---:|---:|"]
+        out += [f"| {r['name']} | {r['hparams'].get('variant')} | {_fmt(r.get('images_per_s'))} | "
+                f"{_fmt(r.get('compile_s'), 2)} |" for r in steps]
+        out.append("")
+    trains = [r for r in records if r["kind"] == "train"]
+    if trains:
+        out += ["## Training strategies (both kept; `auto` chooses by backend)", "",
+                "| what | settings | images/s (all models) | seconds | compile s |", "|---|---|---:|---:|---:|"]
+        out += [f"| {r['name']} | {', '.join(f'{k}={v}' for k, v in r['hparams'].items())} | "
+                f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('seconds'), 2)} | {_fmt(r.get('compile_s'), 2)} |"
+                for r in trains]
+        out.append("")
+    for r in (r for r in records if r["kind"] == "budget"):
+        hp = r["hparams"]
+        out += ["## Memory-bounded chunking", "",
+                f"{hp['images']:,} images x integrated gradients {hp['steps']} steps with a {hp['memory_mb']:.0f} MB "
+                f"budget: `evals_per_chunk_for_memory` chose {hp['evals_per_chunk']:,} evaluations per chunk "
+                f"({hp['chunk']} images); the compiled chunk needs {r['peak_mb']:.1f} MB "
+                f"({'within' if r['within_budget'] else 'OVER'} budget). Ran {r['images_run']} images at "
+                f"{r['images_per_s']:.2f} images/s (RSS grew {r['rss_growth_mb']:.0f} MB); all {hp['images']:,} "
+                f"would take ~{r['projected_s'] / 60:.0f} min.", ""]
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+
+
+def _names(arg: str | None, all_names: list[str]) -> list[str]:
+    if arg is None or arg == "all":
+        return all_names
+    if arg in ("", "none"):
+        return []
+    names = [a.strip() for a in arg.split(",") if a.strip()]
+    return names
+
+
+def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protocols: list[str],
+        steps: bool = True, training: bool = True, budget: bool = True, flags: list[str] | None = None,
+        progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+    """Run the benchmark and write rows.parquet, run.json and performance.md into `out_dir`."""
+    import attrax
+    from attrax.results import write_run
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
+    cfg = dict(cfg)
+    t_start = time.perf_counter()
+    env = {"cpus": os.cpu_count(), "backend": jax.default_backend(), "load_before": os.getloadavg()[0],
+           "xla_flags": os.environ.get("XLA_FLAGS", "")}
+    model, params, x, target, info = setup(cfg)
+    ref = reference_times(model, params, x, target, repeats=cfg["repeats"], max_seconds=cfg["max_seconds"])
+    env["ref"] = ref
+    log(f"reference: forward {x.shape[0] / ref['forward']:.0f} img/s, gradient {x.shape[0] / ref['gradient']:.0f} img/s")
+    records: list[dict] = []
+
+    def guarded(fn, kind, name):
+        try:
+            rec = fn()
+        except Exception as e:  # noqa: BLE001 - one failing entry must not stop the benchmark
+            rec = {"kind": kind, "name": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        log(f"{kind:9s} {name:32s} " + (f"{rec['images_per_s']:10.1f} img/s" if rec.get("images_per_s")
+                                        else str(rec.get("error") or rec.get("note") or "")))
+        records.append(rec)
+        return rec
+
+    for name in methods:
+        guarded(lambda name=name: bench_method(name, model, params, x, target, ref, cfg), "method", name)
+    if protocols:
+        relevance = attrax.explain(cfg["relevance_method"], model, params, x, target, key=0)
+        h, w = x.shape[1:3]
+        masks = jnp.zeros((x.shape[0], h, w), bool).at[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4].set(True)
+        for name in protocols:
+            guarded(lambda name=name: bench_protocol(name, model, params, x, target, relevance, ref, cfg, masks),
+                    "protocol", name)
+    if steps:
+        for r in bench_steps(model, params, x, target, cfg):
+            records.append(r)
+            log(f"step      {r['name']:32s} {r['images_per_s']:10.1f} img/s  {r['hparams']['variant']}")
+    if flags:
+        records += bench_flags(flags)
+    if training:
+        for r in bench_training(cfg):
+            records.append(r)
+            log(f"train     {r['name']:32s} {r['images_per_s']:10.1f} img/s  {r['hparams']}")
+    if budget:
+        guarded(lambda: budget_check(model, params, x, cfg), "budget", "integrated_gradients")
+    env["load_after"] = os.getloadavg()[0]
+    run_id = time.strftime("bench-%Y%m%d-%H%M%S")
+    rows = to_rows(records, run_id=run_id, cfg=cfg)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "performance.md").write_text(markdown(records, cfg, env))
+    write_run(out_dir, rows, config=cfg, timings={"total_s": time.perf_counter() - t_start},
+              extra={"bench": {"records": records, "environment": env, "setup": info,
+                               "rss_peak_mb": rss_peak_mb()}})
+    return rows, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="attrax-bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="default", help="conf/bench/<name>.yaml or a YAML path (default: default)")
+    ap.add_argument("--methods", default=None, help="comma-separated names, 'all' (default) or 'none'")
+    ap.add_argument("--protocols", default=None, help="comma-separated names, 'all' (default) or 'none'")
+    ap.add_argument("--dataset", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--train-epochs", type=int, default=None, help="0 = random init")
+    ap.add_argument("--out", default=None, help="output folder (default: results/bench/<time>)")
+    ap.add_argument("--no-steps", action="store_true", help="skip the optimization-step figures")
+    ap.add_argument("--no-training", action="store_true", help="skip the training-strategy figures")
+    ap.add_argument("--no-budget", action="store_true", help="skip the memory-bounded chunking check")
+    ap.add_argument("--flags", action="append", default=None,
+                    help="XLA_FLAGS value to probe in a subprocess (repeatable; '' = none)")
+    ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    if a.probe:
+        print(json.dumps(probe()))
+        return 0
+    import attrax
+
+    try:
+        cfg = load_config(a.config, {"dataset": a.dataset, "model": a.model, "batch": a.batch, "repeats": a.repeats,
+                                     "train_epochs": a.train_epochs})
+        methods = _names(a.methods, attrax.methods.names())
+        protocols = _names(a.protocols, attrax.protocols.names())
+        for n in methods:
+            attrax.methods.get(n)  # "did you mean" before anything runs
+        for n in protocols:
+            attrax.protocols.get(n)
+        out = a.out or os.path.join("results", "bench", time.strftime("%Y%m%d-%H%M%S"))
+        run(cfg, out, methods=methods, protocols=protocols, steps=not a.no_steps, training=not a.no_training,
+            budget=not a.no_budget, flags=a.flags, progress=not a.quiet)
+    except AttraxError as e:
+        print(f"attrax-bench: error: {e}", file=sys.stderr)
+        return 2
+    print(Path(out) / "performance.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
