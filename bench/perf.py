@@ -50,11 +50,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-
 from attrax.errors import AttraxError
 
 GRADIENT_FAMILIES = ("gradient", "backprop", "relevance", "cam")
-METRICS_HIGHER = {"images_per_s": True, "compile_s": False, "peak_mb": False, "bound_ratio": False}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +109,28 @@ def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
     med = statistics.median(times)
     return {"first_s": first, "median_s": med, "compile_s": max(0.0, first - med), "repeats": n,
             "min_s": min(times)}
+
+
+class count_compilations:  # noqa: N801 - used as a context manager, like a function
+    """Counts XLA backend compilations inside a `with` block (`.count`), e.g. to check that a
+    second batch of the same shape compiles nothing."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.count = 0
+
+    def _listener(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+        return False
 
 
 def rss_peak_mb() -> float:
@@ -286,7 +306,6 @@ def _select_and_scatter_pooling():
     """An interceptor that runs every MaxPool module through `flax.linen.max_pool` (XLA's
     reduce-window forward, select-and-scatter backward): the state before `attrax.models.max_pool`."""
     import flax.linen as nn
-
     from attrax.models import MaxPool
 
     def interceptor(next_fun, args, kwargs, ctx):
@@ -566,7 +585,8 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
     model, params, x, target, info = setup(cfg)
     ref = reference_times(model, params, x, target, repeats=cfg["repeats"], max_seconds=cfg["max_seconds"])
     env["ref"] = ref
-    log(f"reference: forward {x.shape[0] / ref['forward']:.0f} img/s, gradient {x.shape[0] / ref['gradient']:.0f} img/s")
+    n = x.shape[0]
+    log(f"reference: forward {n / ref['forward']:.0f} img/s, gradient {n / ref['gradient']:.0f} img/s")
     records: list[dict] = []
 
     def guarded(fn, kind, name):

@@ -60,9 +60,7 @@ def test_am_linear_logit_converges_to_prior_plus_w_over_lambda(linear, prior):
 def test_am_units_of_a_layer_and_errors(linear):
     model = attrax.models.create("camnet", num_classes=3, channels=(4,))
     params = attrax.models.init(model, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
-    before = am.unit_scores(
-        model, params, jnp.zeros((2, 6, 6, 1)), jnp.array([1, 3]), layer="features"
-    )
+    before = am.unit_scores(model, params, jnp.zeros((2, 6, 6, 1)), jnp.array([1, 3]), layer="features")
     out = am.activation_maximization(
         model,
         params,
@@ -82,9 +80,7 @@ def test_am_units_of_a_layer_and_errors(linear):
     with pytest.raises(attrax.AttraxError, match="needs the class means"):
         am.activation_maximization(model, params, [0], prior="mean", steps=1)
     with pytest.raises(attrax.AttraxError, match="needs a `key`"):
-        am.activation_maximization(
-            model, params, [0], prior="zero", shape=(6, 6, 1), steps=1, init_std=1.0
-        )
+        am.activation_maximization(model, params, [0], prior="zero", shape=(6, 6, 1), steps=1, init_std=1.0)
 
 
 def test_am_code_linear_decoder_closed_form(linear):
@@ -124,17 +120,15 @@ def test_decoder_training_and_code_space_am(tmp_path):
     x = jax.random.uniform(jax.random.key(0), (64, 6, 6, 1))
     y = jnp.arange(64) % 3
     params = model.module.init(jax.random.key(1), x[:1])
-    codes = am.penultimate_code(model, params, x)
+    codes = jax.jit(lambda xx: am.penultimate_code(model, params, xx))(x)
     assert codes.shape == (64, 8)
     decoder = am.train_decoder(model, params, x, hidden=(16,), steps=60, batch_size=32, lr=1e-2)
     assert decoder.code_dim == 8 and decoder.losses[-1] < decoder.losses[0]
     zm = am.class_code_means(model, params, x, y, 3)
-    images, z = am.activation_maximization_code(
-        model, params, [0, 1, 2], decoder=decoder, code_means=zm, steps=30
-    )
+    images, z = am.activation_maximization_code(model, params, [0, 1, 2], decoder=decoder, code_means=zm, steps=30)
     assert images.shape == (3, 6, 6, 1) and z.shape == (3, 8)
-    start = am.unit_scores(model, params, decoder(zm), jnp.arange(3))
-    end = am.unit_scores(model, params, images, jnp.arange(3))
+    scores = jax.jit(lambda xx: am.unit_scores(model, params, xx, jnp.arange(3)))
+    start, end = scores(decoder(zm)), scores(images)
     assert bool(jnp.all(end > start))
     # tidy rows and the image grid
     means = am.class_means(x, y, 3)

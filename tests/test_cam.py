@@ -41,7 +41,7 @@ def gap_full():
 
 def test_cam_mean_equals_logit_minus_bias_at_feature_resolution():
     model, params, x, target = _gap_net((4, 8))
-    m = cam_mod.cam_map(model, params, x, target)
+    m = jax.jit(lambda p, xx, t: cam_mod.cam_map(model, p, xx, t))(params, x, target)
     assert m.shape == (3, 6, 6)
     logits = model(params, x)[jnp.arange(3), target]
     b = params["params"]["out"]["bias"][target]
@@ -105,8 +105,8 @@ def test_named_layer_matches_features_stage():
     # identity activation: the output of conv2 is exactly the `features` stage
     model = attrax.models.create("camnet", num_classes=4, channels=(4, 8), act=lambda z: z)
     _, params, x, target = _gap_net((4, 8))
-    a = cam_mod.grad_cam_map(model, params, x, target)
-    b = cam_mod.grad_cam_map(model, params, x, target, layer="conv2")
+    a = jax.jit(lambda p, xx, t: cam_mod.grad_cam_map(model, p, xx, t))(params, x, target)
+    b = jax.jit(lambda p, xx, t: cam_mod.grad_cam_map(model, p, xx, t, layer="conv2"))(params, x, target)
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     r = attrax.explain("score_cam", model, params, x, target, layer="pool1")
     assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
@@ -205,6 +205,9 @@ def test_conformance_of_this_module(tiny_camnet, name):
     again = attrax.explain(name, model, params, x, target, key=7, chunk_size=2, **hp)
     np.testing.assert_allclose(r, again, rtol=1e-4, atol=1e-6)
     entry = attrax.methods.get(name)
+    if entry.meta["stochastic"]:  # seeded: another key gives other samples
+        other = attrax.explain(name, model, params, x, target, key=8, **hp)
+        assert not np.allclose(r, other)
     if entry.meta["family"] == "cam":  # eager runs of the sampling methods are slow to dispatch
         keys = per_example_keys(7, x.shape[0])
         eager = entry.fn(model, params, x, target, key=keys, **hp)

@@ -1,0 +1,124 @@
+"""Harness: multirun sweeps, resume, the report and its self-contained HTML, paper presets."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from attrax import findings, results
+
+TINY = ["model=cnn_a", "train=fast", "n_images=10", "progress=false", "figures=true"]
+
+
+def _cli(args, cwd):
+    return subprocess.run([sys.executable, "-m", "attrax.cli", *args], cwd=cwd, env=dict(os.environ),
+                          capture_output=True, text=True, timeout=900)
+
+
+def test_multirun_report_and_resume(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "method=gradient,integrated_gradients", f"hydra.sweep.dir={sweep}"]
+    p = _cli(args, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    jobs = sorted(d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit())
+    assert len(jobs) == 2 and all(results.is_complete(j) for j in jobs)
+    # the callback aggregated the sweep into one report
+    lb = pd.read_csv(sweep / "report" / "leaderboard.csv")
+    assert {"gradient", "integrated_gradients", "random"} <= set(lb["method"])
+    assert set(lb["protocol"]) == {"pixel_flipping"}
+    html = (sweep / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64") >= 3  # curves, ranks, heatmaps
+    assert "src=\"http" not in html and "href=\"http" not in html and "<script src" not in html
+    # resume: a relaunch into the same sweep folder skips both finished jobs
+    mtimes = [(j / "rows.parquet").stat().st_mtime_ns for j in jobs]
+    p2 = _cli(args, tmp_path)
+    assert p2.returncode == 0 and p2.stdout.count("already complete") == 2
+    assert [(j / "rows.parquet").stat().st_mtime_ns for j in jobs] == mtimes
+    # a job interrupted before run.json was written is recomputed, not read as complete
+    (jobs[1] / "run.json").unlink()
+    p3 = _cli(args, tmp_path)
+    assert p3.returncode == 0 and p3.stdout.count("already complete") == 1
+    assert results.is_complete(jobs[1])
+
+
+def test_report_refuses_partial_results(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "rows.parquet").write_bytes(b"PAR1 truncated")
+    p = _cli(["report", str(tmp_path)], tmp_path)
+    assert p.returncode == 2 and "unfinished" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_findings_verdicts():
+    def rows(exp, proto, metric, vals):
+        return pd.DataFrame([{"experiment": exp, "protocol": proto, "metric": metric, "method": m, "value": v,
+                              "x": float("nan"), "example": i} for m, vs in vals.items() for i, v in enumerate(vs)])
+
+    good = rows("samek2016_aopc", "region_perturbation", "aopc",
+                {"lrp_epsilon": [3, 3], "deconvnet": [2, 2], "gradient": [1, 1], "random": [0, 0]})
+    bad = rows("samek2016_aopc", "region_perturbation", "aopc",
+               {"lrp_epsilon": [0, 0], "deconvnet": [2, 2], "gradient": [1, 1], "random": [0.5, 0.5]})
+    assert findings.check(good)[0]["verdict"] == "agrees"
+    assert findings.check(bad)[0]["verdict"] == "differs"
+    inv = rows("kindermans2017_invariance", "input_invariance", "passed",
+               {"gradient": [1, 1], "input_x_gradient": [0, 0]})
+    assert findings.check(inv)[0]["verdict"] == "agrees"
+    missing = rows("petsiuk2018_deletion_insertion", "deletion", "auc", {"rise": [1.0]})
+    assert findings.check(missing)[0]["verdict"] == "n/a"
+
+
+@pytest.mark.parametrize("preset", ["kindermans2017_invariance", "petsiuk2018_deletion_insertion"])
+def test_preset_runs_small(tmp_path, preset):
+    over = {"kindermans2017_invariance": ["methods=gradient", "+methods.input_x_gradient={}"],
+            "petsiuk2018_deletion_insertion": ["methods.rise.n_masks=100"]}[preset]
+    p = _cli([f"experiment={preset}", *TINY, *over, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "expected finding" in p.stdout
+    df = results.load(tmp_path / "run")
+    assert set(df["experiment"]) == {preset}
+
+
+def test_paper_scale_is_one_override():
+    from hydra import compose, initialize_config_module
+
+    import attrax  # noqa: F401 - registers the by_scale resolver
+
+    with initialize_config_module(config_module="attrax.conf", version_base="1.3"):
+        small = compose(config_name="config", overrides=["experiment=samek2016_aopc"])
+        paper = compose(config_name="config", overrides=["experiment=samek2016_aopc", "scale=paper"])
+    assert small.n_images < paper.n_images == 1000
+
+
+def test_launcher_configs_compose():
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="attrax.conf", version_base="1.3"):
+        for launcher, target in (("local_parallel", "joblib"), ("slurm", "submitit")):
+            cfg = compose(config_name="config", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+            assert target in cfg.hydra.launcher._target_.lower()
+
+
+def test_method_sets_name_registered_methods():
+    import attrax
+    from attrax.cli import group_options
+
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="attrax.conf", version_base="1.3"):
+        for opt in group_options("methods"):
+            cfg = compose(config_name="config", overrides=[f"methods={opt}"])
+            for name in cfg.methods:
+                attrax.methods.get(name) if "(" not in name else None
+        allm = set(compose(config_name="config", overrides=["methods=all"]).methods)
+    assert set(attrax.methods.names()) <= allm, set(attrax.methods.names()) - allm
+
+
+def test_reference_report_is_committed():
+    root = Path(__file__).resolve().parents[1]
+    ref = root / "results" / "reference"
+    assert (ref / "leaderboard.md").exists() and (ref / "report.html").exists()
+    assert "results/reference" in (root / "README.md").read_text()
