@@ -59,6 +59,50 @@ def protocol_context(pname: str, given: dict, context: dict) -> dict:
     return out
 
 
+def retrain_protocols() -> dict:
+    """Protocols that retrain models (not per-batch metrics): name -> runner(method, model, train, test, ...)."""
+    from attrax.protocols import roar, sanity
+
+    return {"roar": roar.roar, "kar": roar.kar, "roar_kar": roar.run,
+            "sanity_data_randomization": sanity.sanity_data_randomization}
+
+
+def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg, train_set, test_set, dname,
+                mname, log=print) -> pd.DataFrame:
+    """ROAR / KAR / data randomization: each method's maps, retrained models, tidy rows."""
+    runners = retrain_protocols()
+    n_train = cfg.get("retrain_train_per_class")
+    small_train = train_set.take(per_class=n_train) if n_train else train_set
+    frames, timings = [], {}
+    for meth, hp in specs.items():
+        for pname, pcfg in pspecs.items():
+            t = time.perf_counter()
+            kw = dict(pcfg)
+            kw.setdefault("method_hparams", hp)
+            if not kw.get("method_hparams"):
+                kw["method_hparams"] = hp
+            if pname == "sanity_data_randomization":
+                kw.setdefault("train_config", dict(vars(tcfg)))
+                df = runners[pname](meth, model, small_train, test_set, **kw)
+            else:
+                kw.setdefault("train_config", dict(vars(tcfg)))
+                kw.setdefault("model_seed", cfg["model_seed"])
+                kw["progress"] = cfg["progress"]
+                df = runners[pname](meth, model, small_train, test_set, **kw)
+            timings[f"{pname}_{meth}_s"] = time.perf_counter() - t
+            log(f"[attrax] {meth}: {pname} in {timings[f'{pname}_{meth}_s']:.1f}s "
+                f"({df.attrs.get('timings', {})})")
+            df = df.copy()
+            df["run_id"], df["experiment"], df["dataset"], df["model"] = (
+                run_dir.name, cfg["experiment_name"], dname, mname)
+            df["method"], df["method_hparams"] = meth, results.hparams_json(hp)
+            if "model_seed" not in df or (df["model_seed"] < 0).all():
+                df["model_seed"] = cfg["model_seed"]
+            frames.append(results.conform(df))
+    rows = pd.concat(frames, ignore_index=True)
+    return rows, timings
+
+
 def select_images(ds, n: int):
     """A class-balanced subset of n images (the first n/classes of every class)."""
     per = max(1, int(np.ceil(n / ds.num_classes)))
@@ -95,8 +139,36 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     target = attrax.resolve_target(model, params, x, sub.y, cfg["target"])
     example_index = np.asarray(sub.meta.get("index", np.arange(len(sub))))
     pspecs = protocol_specs(cfg)
-    for pname in pspecs:
-        attrax.protocols.get(pname)  # unknown names fail before any work
+    retrain = retrain_protocols()
+    for pname in pspecs:  # unknown names fail before any work
+        if pname not in retrain and pname not in attrax.protocols.PROTOCOLS:
+            from attrax.errors import unknown_name
+
+            raise unknown_name("protocol", pname, [*attrax.protocols.names(), *retrain])
+    if any(p in retrain for p in pspecs):
+        if not all(p in retrain for p in pspecs):
+            raise AttraxError("retraining protocols (roar, kar, sanity_data_randomization) run on their own: "
+                              "do not mix them with per-batch protocols in one job")
+        specs = method_specs(cfg)
+        for c in cfg.get("controls") or []:
+            specs.setdefault(c, {})
+        rows, rt = run_retrain(cfg, run_dir, specs, pspecs, model, tcfg, train_set, test_set, dname, mname, log)
+        timings.update(rt, total_s=time.perf_counter() - t0)
+        if cfg["figures"]:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            report.curve_figure(rows, run_dir / "retrain_curves.png")
+        results.write_run(run_dir, rows, cfg, timings, extra={"test_accuracy": acc})
+        log("")
+        acc_rows = rows[rows["metric"] == "test_accuracy"]
+        if not acc_rows.empty:
+            log(acc_rows.pivot_table(index="method", columns=["protocol", "x"], values="value", aggfunc="mean")
+                .round(4).to_string())
+        from attrax import findings
+
+        for c in findings.check(rows):
+            log(f"[attrax] expected finding {c['verdict']}: {c['claim']}. {c['numbers']}")
+        log(f"[attrax] results: {run_dir / results.ROWS_FILE}")
+        return rows
     masks = sub.meta.get("masks")
     key = jax.random.key(cfg["seed"])
     frames, maps, choices, skipped = [], {}, {}, {}

@@ -324,11 +324,13 @@ def train_many(
     xd = jnp.stack([jnp.asarray(a) for a in xs])  # (variants, n, ...): each distinct array once
     yd = jnp.stack([jnp.asarray(a, jnp.int32) for a in ys])
 
-    def one_step(state, vx, vy, idx):
-        # vx, vy: data variant(s) of the model(s); idx: (batch,) or (models, batch) example indices
+    def one_step(state, data, vx, vy, idx):
+        # data: all variants (arguments, never closed-over constants: XLA would fold them);
+        # vx, vy: the model(s)' variant; idx: (batch,) or (models, batch) example indices
+        xa, ya = data
         sel = (vx[:, None], idx) if batched else (vx, idx)
         sel_y = (vy[:, None], idx) if batched else (vy, idx)
-        return many(state, xd[sel], yd[sel_y])
+        return many(state, xa[sel], ya[sel_y])
 
     loop = pick_loop(cfg.loop)
     if loop == "python":
@@ -336,8 +338,8 @@ def train_many(
     else:
 
         @jax.jit
-        def run_epoch(state, vx, vy, idx):  # idx: (batches, ...)
-            return jax.lax.scan(lambda st, i: one_step(st, vx, vy, i), state, idx)
+        def run_epoch(state, data, vx, vy, idx):  # idx: (batches, ...)
+            return jax.lax.scan(lambda st, i: one_step(st, data, vx, vy, i), state, idx)
 
     keys = [jax.random.split(jax.random.key(s)) for s in seeds]  # (init, data) as in `fit`
     sample = jnp.asarray(xs[0][:1])
@@ -358,11 +360,11 @@ def train_many(
             if loop == "python":
                 tot = 0.0
                 for b in idx:
-                    state, loss = run_step(state, vx, vy, jnp.asarray(b))
+                    state, loss = run_step(state, (xd, yd), vx, vy, jnp.asarray(b))
                     tot += loss
                 losses.append(np.asarray(tot) / len(idx))
             else:
-                state, ls = run_epoch(state, vx, vy, jnp.asarray(idx))
+                state, ls = run_epoch(state, (xd, yd), vx, vy, jnp.asarray(idx))
                 losses.append(np.asarray(ls).mean(axis=0))
         params, other, _ = state
         return {"params": params, **other}, np.asarray(losses, dtype=np.float64).reshape(cfg.epochs, -1)

@@ -12,6 +12,11 @@ import pytest
 from attrax.methods import activation_maximization as am
 
 
+def _init(model, key, x):
+    """Jitted init: an eager Flax init compiles every op on its own (slow on a busy CPU)."""
+    return jax.jit(model.module.init)(key, x)
+
+
 def test_class_means():
     x = jnp.arange(24.0).reshape(4, 2, 3, 1)
     y = jnp.array([1, 0, 1, 0])
@@ -59,7 +64,7 @@ def test_am_linear_logit_converges_to_prior_plus_w_over_lambda(linear, prior):
 
 def test_am_units_of_a_layer_and_errors(linear):
     model = attrax.models.create("camnet", num_classes=3, channels=(4,))
-    params = attrax.models.init(model, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
+    params = _init(model, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
     before = am.unit_scores(model, params, jnp.zeros((2, 6, 6, 1)), jnp.array([1, 3]), layer="features")
     out = am.activation_maximization(
         model,
@@ -86,7 +91,7 @@ def test_am_units_of_a_layer_and_errors(linear):
 def test_am_code_linear_decoder_closed_form(linear):
     model, params, x, _, w = linear
     dec_module = am.MLPDecoder(tuple(x.shape[1:]), hidden=(), output="linear")
-    dparams = dec_module.init(jax.random.key(1), jnp.zeros((1, 5)))
+    dparams = jax.jit(dec_module.init)(jax.random.key(1), jnp.zeros((1, 5)))
     decoder = am.Decoder(dec_module, dparams, code_dim=5)
     code_means = jax.random.normal(jax.random.key(2), (3, 5))
     lam = 4.0
@@ -119,7 +124,7 @@ def test_decoder_training_and_code_space_am(tmp_path):
     model = attrax.as_model(TinyClassifier())
     x = jax.random.uniform(jax.random.key(0), (64, 6, 6, 1))
     y = jnp.arange(64) % 3
-    params = model.module.init(jax.random.key(1), x[:1])
+    params = jax.jit(model.module.init)(jax.random.key(1), x[:1])
     codes = jax.jit(lambda xx: am.penultimate_code(model, params, xx))(x)
     assert codes.shape == (64, 8)
     decoder = am.train_decoder(model, params, x, hidden=(16,), steps=60, batch_size=32, lr=1e-2)

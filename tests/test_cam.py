@@ -14,11 +14,16 @@ import pytest
 from attrax.methods import cam as cam_mod
 
 
+def _init(model, key, x):
+    """Jitted init: an eager Flax init compiles every op on its own (slow on a busy CPU)."""
+    return jax.jit(model.module.init)(key, x)
+
+
 def _gap_net(channels, key=0, n=3, size=12):
     """A CAM net with random nonzero biases; `channels=(k,)` keeps features at input resolution."""
     model = attrax.models.create("camnet", num_classes=4, channels=channels)
     x = jax.random.uniform(jax.random.key(key), (n, size, size, 1))
-    params = attrax.models.init(model, jax.random.key(key + 1), x)
+    params = _init(model, jax.random.key(key + 1), x)
     params = jax.tree.map(lambda a: a, params)
     b = jax.random.normal(jax.random.key(key + 2), (4,))
     params["params"]["out"]["bias"] = b
@@ -27,7 +32,7 @@ def _gap_net(channels, key=0, n=3, size=12):
 
 
 def _closed_form(model, params, x, target):
-    a = model.features(params, x)
+    a = jax.jit(model.features)(params, x)
     w = params["params"]["out"]["kernel"][:, target].T  # (n, K)
     b = params["params"]["out"]["bias"][target]
     cam = jnp.einsum("nk,nhwk->nhw", w, a)
@@ -43,7 +48,7 @@ def test_cam_mean_equals_logit_minus_bias_at_feature_resolution():
     model, params, x, target = _gap_net((4, 8))
     m = jax.jit(lambda p, xx, t: cam_mod.cam_map(model, p, xx, t))(params, x, target)
     assert m.shape == (3, 6, 6)
-    logits = model(params, x)[jnp.arange(3), target]
+    logits = jax.jit(model.apply_fn)(params, x)[jnp.arange(3), target]
     b = params["params"]["out"]["bias"][target]
     np.testing.assert_allclose(m.mean(axis=(1, 2)), logits - b, rtol=1e-4, atol=1e-5)
     _, _, _, cf = _closed_form(model, params, x, target)
@@ -59,7 +64,7 @@ def test_cam_and_grad_cam_closed_forms(gap_full):
     hw = x.shape[1] * x.shape[2]
     r_cam = attrax.explain("cam", model, params, x, target)[..., 0]
     np.testing.assert_allclose(r_cam, cf, rtol=1e-4, atol=1e-5)
-    logits = model(params, x)[jnp.arange(3), target]
+    logits = jax.jit(model.apply_fn)(params, x)[jnp.arange(3), target]
     np.testing.assert_allclose(r_cam.mean(axis=(1, 2)), logits - b, rtol=1e-4, atol=1e-5)
     r_gc = attrax.explain("grad_cam", model, params, x, target)[..., 0]
     np.testing.assert_allclose(r_gc, jax.nn.relu(cf) / hw, rtol=1e-4, atol=1e-6)
@@ -140,7 +145,7 @@ class QuadrantNet(nn.Module):
 def test_score_cam_ranks_the_region_of_the_used_channel_first(score, subtract):
     model = attrax.as_model(QuadrantNet(j=2))
     x = 0.2 + 0.8 * jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
-    params = model.module.init(jax.random.key(0), x)
+    params = jax.jit(model.module.init)(jax.random.key(0), x)
     r = attrax.explain(
         "score_cam",
         model,
@@ -167,7 +172,7 @@ def test_errors_without_stages(linear):
     with pytest.raises(attrax.AttraxError):
         attrax.explain("grad_cam", plain, params, x, target)
     mlp = attrax.models.create("mlp", hidden=(8,))
-    mp = attrax.models.init(mlp, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
+    mp = _init(mlp, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
     with pytest.raises(attrax.AttraxError, match="spatial maps"):
         attrax.explain("grad_cam", mlp, mp, x, target)
 
@@ -188,7 +193,7 @@ SMALL = {
 def tiny_camnet():
     model = attrax.models.create("camnet", num_classes=3, channels=(4, 4))
     x = jax.random.uniform(jax.random.key(4), (3, 8, 8, 1))
-    params = attrax.models.init(model, jax.random.key(5), x)
+    params = _init(model, jax.random.key(5), x)
     return model, params, x, jnp.array([0, 1, 2], jnp.int32)
 
 

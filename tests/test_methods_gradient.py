@@ -33,11 +33,6 @@ def test_linear_gradient_is_w(linear):
     model, params, x, target, wt = _lin_expected(linear)
     g = explain("gradient", model, params, x, target)
     np.testing.assert_allclose(g, wt, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(
-        explain("gradient", model, params, x, target, postprocess="abs"),
-        jnp.abs(wt),
-        atol=1e-7,
-    )
     np.testing.assert_allclose(explain("gradient", model, params, x, target, postprocess="square"), wt**2, atol=1e-7)
 
 
@@ -234,9 +229,6 @@ def test_smoothgrad_sigma_zero_is_gradient(relu_net):
     g = explain("gradient", model, params, x, target)
     s = explain("smoothgrad", model, params, x, target, n_samples=3, sigma=0.0)
     np.testing.assert_allclose(s, g, rtol=1e-5, atol=1e-7)
-    s = explain("smooth(integrated_gradients)", model, params, x, target, n_samples=2, sigma=0.0, steps=3)
-    ig = explain("integrated_gradients", model, params, x, target, steps=3)
-    np.testing.assert_allclose(s, ig, rtol=1e-5, atol=1e-7)
 
 
 def test_smoothgrad_noise_has_requested_std():
@@ -342,9 +334,6 @@ def test_fullgrad_complete_sums_to_logit():
     np.testing.assert_allclose(r.reshape(3, -1).sum(1), f, rtol=1e-4, atol=1e-5)
     ixg = explain("input_x_gradient", model, params, x, target)
     assert float(jnp.abs(r - ixg).max()) > 1e-3  # the bias terms are really there
-    paper = explain("fullgrad", model, params, x, target, jit=True)
-    assert paper.shape == x.shape and float(paper.min()) >= 0
-    np.testing.assert_allclose(paper[..., 0], paper[..., 1])
 
 
 class _ConvBN(nn.Module):
