@@ -103,6 +103,20 @@ def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg
     return rows, timings
 
 
+def method_context(meth: str, hp: dict, train_set, seed: int, n_reference: int = 64) -> dict:
+    """Fill data-dependent hyperparameters left unset (None): baselines / references sampled from
+    the TRAINING data (seeded), as expected gradients, GradientSHAP and DeepLIFT-SHAP define them."""
+    accepted = attrax.methods.resolve(meth).hparams()
+    out = dict(hp)
+    need = [k for k in ("baselines", "references") if k in accepted and out.get(k) is None]
+    if need:
+        rng = np.random.default_rng(seed)
+        idx = rng.choice(len(train_set), size=min(n_reference, len(train_set)), replace=False)
+        for k in need:
+            out[k] = np.asarray(train_set.x[np.sort(idx)])
+    return out
+
+
 def select_images(ds, n: int):
     """A class-balanced subset of n images (the first n/classes of every class)."""
     per = max(1, int(np.ceil(n / ds.num_classes)))
@@ -182,7 +196,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         t = time.perf_counter()
         try:
             r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
-                               evals_per_chunk=cfg["chunk_evals"], **hp)
+                               evals_per_chunk=cfg["chunk_evals"], **method_context(meth, hp, train_set, cfg["seed"]))
         except AttraxError as e:
             if len(specs) == 1:
                 raise

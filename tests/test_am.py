@@ -12,9 +12,20 @@ import pytest
 from attrax.methods import activation_maximization as am
 
 
-def _init(model, key, x):
-    """Jitted init: an eager Flax init compiles every op on its own (slow on a busy CPU)."""
-    return jax.jit(model.module.init)(key, x)
+def _uniform(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _init(model, seed, x):
+    """Random parameters of the right shapes without compiling an init (keeps the tests fast)."""
+    module = getattr(model, "module", model)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype), shapes)
 
 
 def test_class_means():
@@ -29,7 +40,7 @@ def test_class_means():
 @pytest.mark.parametrize("prior", ["mean", "zero"])
 def test_am_linear_logit_converges_to_prior_plus_w_over_lambda(linear, prior):
     model, params, x, _, w = linear
-    means = jax.random.uniform(jax.random.key(3), (3,) + x.shape[1:])
+    means = _uniform(3, (3,) + x.shape[1:])
     lam = 2.0
     units = jnp.array([0, 1, 2])
     out = am.activation_maximization(
@@ -64,7 +75,7 @@ def test_am_linear_logit_converges_to_prior_plus_w_over_lambda(linear, prior):
 
 def test_am_units_of_a_layer_and_errors(linear):
     model = attrax.models.create("camnet", num_classes=3, channels=(4,))
-    params = _init(model, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
+    params = _init(model, 0, jnp.zeros((1, 6, 6, 1)))
     before = am.unit_scores(model, params, jnp.zeros((2, 6, 6, 1)), jnp.array([1, 3]), layer="features")
     out = am.activation_maximization(
         model,
@@ -91,9 +102,9 @@ def test_am_units_of_a_layer_and_errors(linear):
 def test_am_code_linear_decoder_closed_form(linear):
     model, params, x, _, w = linear
     dec_module = am.MLPDecoder(tuple(x.shape[1:]), hidden=(), output="linear")
-    dparams = jax.jit(dec_module.init)(jax.random.key(1), jnp.zeros((1, 5)))
+    dparams = _init(dec_module, 1, jnp.zeros((1, 5)))
     decoder = am.Decoder(dec_module, dparams, code_dim=5)
-    code_means = jax.random.normal(jax.random.key(2), (3, 5))
+    code_means = _normal(2, (3, 5))
     lam = 4.0
     images, z = am.activation_maximization_code(
         model,
@@ -122,9 +133,9 @@ class TinyClassifier(nn.Module):
 
 def test_decoder_training_and_code_space_am(tmp_path):
     model = attrax.as_model(TinyClassifier())
-    x = jax.random.uniform(jax.random.key(0), (64, 6, 6, 1))
+    x = _uniform(0, (64, 6, 6, 1))
     y = jnp.arange(64) % 3
-    params = jax.jit(model.module.init)(jax.random.key(1), x[:1])
+    params = _init(model, 1, x[:1])
     codes = jax.jit(lambda xx: am.penultimate_code(model, params, xx))(x)
     assert codes.shape == (64, 8)
     decoder = am.train_decoder(model, params, x, hidden=(16,), steps=60, batch_size=32, lr=1e-2)
@@ -173,7 +184,7 @@ class RegionNet(nn.Module):
 @pytest.mark.parametrize("game", ["preserve", "delete"])
 def test_meaningful_perturbation_finds_the_region(game):
     model = attrax.as_model(RegionNet())
-    x = 0.2 + 0.8 * jax.random.uniform(jax.random.key(0), (2, 16, 16, 1))
+    x = 0.2 + 0.8 * _uniform(0, (2, 16, 16, 1))
     region = np.zeros((16, 16), bool)
     region[4:12, 0:8] = True
     r = attrax.explain(
@@ -197,7 +208,7 @@ def test_meaningful_perturbation_finds_the_region(game):
 
 def test_meaningful_perturbation_blur_and_errors():
     model = attrax.as_model(RegionNet())
-    x = jax.random.uniform(jax.random.key(1), (1, 16, 16, 1))
+    x = _uniform(1, (1, 16, 16, 1))
     r = attrax.explain("meaningful_perturbation", model, {}, x, jnp.zeros(1, jnp.int32), steps=3)
     assert r.shape == x.shape and bool(jnp.all((r >= 0) & (r <= 1)))
     from attrax.methods.meaningful_perturbation import gaussian_blur

@@ -14,18 +14,29 @@ import pytest
 from attrax.methods import cam as cam_mod
 
 
-def _init(model, key, x):
-    """Jitted init: an eager Flax init compiles every op on its own (slow on a busy CPU)."""
-    return jax.jit(model.module.init)(key, x)
+def _uniform(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _init(model, seed, x):
+    """Random parameters of the right shapes without compiling an init (keeps the tests fast)."""
+    module = getattr(model, "module", model)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(rng.normal(0.0, 0.5, s.shape), s.dtype), shapes)
 
 
 def _gap_net(channels, key=0, n=3, size=12):
     """A CAM net with random nonzero biases; `channels=(k,)` keeps features at input resolution."""
     model = attrax.models.create("camnet", num_classes=4, channels=channels)
-    x = jax.random.uniform(jax.random.key(key), (n, size, size, 1))
-    params = _init(model, jax.random.key(key + 1), x)
+    x = _uniform(key, (n, size, size, 1))
+    params = _init(model, key + 1, x)
     params = jax.tree.map(lambda a: a, params)
-    b = jax.random.normal(jax.random.key(key + 2), (4,))
+    b = _normal(key + 2, (4,))
     params["params"]["out"]["bias"] = b
     target = jnp.arange(n, dtype=jnp.int32) % 4
     return model, params, x, target
@@ -44,8 +55,19 @@ def gap_full():
     return _gap_net((6,))
 
 
-def test_cam_mean_equals_logit_minus_bias_at_feature_resolution():
-    model, params, x, target = _gap_net((4, 8))
+@pytest.fixture(scope="module")
+def gap_pool():
+    return _gap_net((4, 8))
+
+
+@pytest.fixture(scope="module")
+def linear_act():
+    """The `gap_pool` architecture without activations (one shared Model object: one compile)."""
+    return attrax.models.create("camnet", num_classes=4, channels=(4, 8), act=lambda z: z)
+
+
+def test_cam_mean_equals_logit_minus_bias_at_feature_resolution(gap_pool):
+    model, params, x, target = gap_pool
     m = jax.jit(lambda p, xx, t: cam_mod.cam_map(model, p, xx, t))(params, x, target)
     assert m.shape == (3, 6, 6)
     logits = jax.jit(model.apply_fn)(params, x)[jnp.arange(3), target]
@@ -87,31 +109,30 @@ def test_grad_cam_pp_closed_forms(gap_full):
     np.testing.assert_allclose(r, expect_paper, rtol=1e-4, atol=1e-6)
 
 
-def test_grad_cam_pp_guards_zero_division():
+def test_grad_cam_pp_guards_zero_division(gap_full):
     # all-zero feature maps and gradients: 0/0 everywhere must give a finite (zero) map
-    model, params, x, target = _gap_net((4,))
+    model, params, x, target = gap_full
+    params = jax.tree.map(lambda a: a, params)
     params["params"]["out"]["kernel"] = jnp.zeros_like(params["params"]["out"]["kernel"])
     for variant in ("paper", "tutorial"):
         r = attrax.explain("grad_cam_pp", model, params, x, target, variant=variant)
         assert bool(jnp.all(jnp.isfinite(r))) and float(jnp.abs(r).max()) == 0.0
 
 
-def test_guided_grad_cam_is_guided_backprop_times_grad_cam():
+def test_guided_grad_cam_is_guided_backprop_times_grad_cam(gap_pool, linear_act):
     # without ReLUs guided backprop is the gradient, so guided Grad-CAM = gradient x Grad-CAM
-    model = attrax.models.create("camnet", num_classes=4, channels=(4, 8), act=lambda z: z)
-    model, params, x, target = (model,) + _gap_net((4, 8))[1:]
+    model, (_, params, x, target) = linear_act, gap_pool
     r = attrax.explain("guided_grad_cam", model, params, x, target)
     g = attrax.explain("gradient", model, params, x, target)
     gc = attrax.explain("grad_cam", model, params, x, target)
     np.testing.assert_allclose(r, g * gc, rtol=1e-4, atol=1e-8)
 
 
-def test_named_layer_matches_features_stage():
+def test_named_layer_matches_features_stage(gap_pool, linear_act):
     # identity activation: the output of conv2 is exactly the `features` stage
-    model = attrax.models.create("camnet", num_classes=4, channels=(4, 8), act=lambda z: z)
-    _, params, x, target = _gap_net((4, 8))
-    a = jax.jit(lambda p, xx, t: cam_mod.grad_cam_map(model, p, xx, t))(params, x, target)
-    b = jax.jit(lambda p, xx, t: cam_mod.grad_cam_map(model, p, xx, t, layer="conv2"))(params, x, target)
+    model, (_, params, x, target) = linear_act, gap_pool
+    a = attrax.explain("grad_cam", model, params, x, target)
+    b = attrax.explain("grad_cam", model, params, x, target, layer="conv2")
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
     r = attrax.explain("score_cam", model, params, x, target, layer="pool1")
     assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
@@ -144,8 +165,8 @@ class QuadrantNet(nn.Module):
 @pytest.mark.parametrize("score,subtract", [("logit", False), ("probability", True)])
 def test_score_cam_ranks_the_region_of_the_used_channel_first(score, subtract):
     model = attrax.as_model(QuadrantNet(j=2))
-    x = 0.2 + 0.8 * jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
-    params = jax.jit(model.module.init)(jax.random.key(0), x)
+    x = 0.2 + 0.8 * _uniform(0, (2, 8, 8, 1))
+    params = _init(model, 0, x)
     r = attrax.explain(
         "score_cam",
         model,
@@ -172,7 +193,7 @@ def test_errors_without_stages(linear):
     with pytest.raises(attrax.AttraxError):
         attrax.explain("grad_cam", plain, params, x, target)
     mlp = attrax.models.create("mlp", hidden=(8,))
-    mp = _init(mlp, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))
+    mp = _init(mlp, 0, jnp.zeros((1, 6, 6, 1)))
     with pytest.raises(attrax.AttraxError, match="spatial maps"):
         attrax.explain("grad_cam", mlp, mp, x, target)
 
@@ -189,21 +210,13 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_camnet():
-    model = attrax.models.create("camnet", num_classes=3, channels=(4, 4))
-    x = jax.random.uniform(jax.random.key(4), (3, 8, 8, 1))
-    params = _init(model, jax.random.key(5), x)
-    return model, params, x, jnp.array([0, 1, 2], jnp.int32)
-
-
 @pytest.mark.parametrize("name", sorted(SMALL))
-def test_conformance_of_this_module(tiny_camnet, name):
+def test_conformance_of_this_module(gap_pool, name):
     """Shape, finiteness, jit == eager, determinism and batch independence; config keys."""
     import yaml
     from attrax.methods import per_example_keys
 
-    model, params, x, target = tiny_camnet
+    model, params, x, target = gap_pool
     hp = SMALL[name]
     r = attrax.explain(name, model, params, x, target, key=7, **hp)
     assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))

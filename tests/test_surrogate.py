@@ -15,6 +15,14 @@ import pytest
 from attrax.methods.surrogate import feature_groups
 
 
+def _uniform(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
+def _normal(seed, shape):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 def _patch_coefficients(w, x, target, patch):
     """Coefficient of patch feature f for a linear model: sum over its pixels of W[i, t] x_i."""
     seg, f = feature_groups(x.shape[1:], patch=patch)
@@ -81,7 +89,7 @@ def _brute_force_shapley(model, x, target):
 
 def test_kernel_shap_all_coalitions_gives_exact_shapley_values():
     model = attrax.as_model(Interactions())
-    x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1))
+    x = _uniform(0, (3, 4, 4, 1))
     target = jnp.array([0, 1, 0], jnp.int32)
     phi, seg = _brute_force_shapley(model, x, target)
     r = attrax.explain("kernel_shap", model, {}, x, target, patch=2, coalitions="all")
@@ -94,7 +102,7 @@ def test_kernel_shap_all_coalitions_gives_exact_shapley_values():
 
 def test_sampled_kernel_shap_is_efficient_and_close_to_exact():
     model = attrax.as_model(Interactions())
-    x = jax.random.uniform(jax.random.key(1), (2, 4, 4, 1))
+    x = _uniform(1, (2, 4, 4, 1))
     target = jnp.zeros(2, jnp.int32)
     phi, seg = _brute_force_shapley(model, x, target)
     r = attrax.explain("kernel_shap", model, {}, x, target, key=0, patch=2, n_samples=400)
