@@ -60,9 +60,7 @@ def _swap_relu(model, act):
     return model.with_activation(act)  # raises a clear AttraxError when there is no `act` field
 
 
-@METHODS.register(
-    "guided_backprop", family="backprop", needs="activation", stochastic=False, cost=lambda hp: 1
-)
+@METHODS.register("guided_backprop", family="backprop", needs="activation", stochastic=False, cost=lambda hp: 1)
 def guided_backprop(model, params, x, target, *, key=None, score: str = "logit") -> Array:
     """Guided backpropagation (Springenberg et al. 2015): at each ReLU the backward signal is
     g_in = g_out * [g_out > 0] * [z > 0]. Default target: the class logit."""
@@ -71,9 +69,7 @@ def guided_backprop(model, params, x, target, *, key=None, score: str = "logit")
     return g
 
 
-@METHODS.register(
-    "deconvnet", family="backprop", needs="activation", stochastic=False, cost=lambda hp: 1
-)
+@METHODS.register("deconvnet", family="backprop", needs="activation", stochastic=False, cost=lambda hp: 1)
 def deconvnet(model, params, x, target, *, key=None, score: str = "logit") -> Array:
     """Deconvnet (Zeiler & Fergus 2014): at each ReLU the backward signal is g_in = max(g_out, 0),
     ignoring the forward mask; max-pool switches are kept. Default target: the class logit."""

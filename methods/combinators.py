@@ -46,9 +46,7 @@ def _as_entry(method: Any) -> Entry:
     if callable(method):
         meta = {"family": "custom", "needs": "apply", "stochastic": False, "cost": lambda hp: 1}
         return Entry(getattr(method, "__name__", "custom"), method, meta)
-    raise AttraxError(
-        f"cannot wrap {type(method).__name__}: give a method name or a method function"
-    )
+    raise AttraxError(f"cannot wrap {type(method).__name__}: give a method name or a method function")
 
 
 def _signature(own: dict[str, Any], inner: dict[str, Any]) -> inspect.Signature:
@@ -75,8 +73,7 @@ def _wrap(
     clash = set(own) & set(inner_hp)
     if clash:
         raise AttraxError(
-            f"cannot compose {comb}({inner.name}): both take hyperparameter(s) "
-            f"{', '.join(sorted(clash))}"
+            f"cannot compose {comb}({inner.name}): both take hyperparameter(s) {', '.join(sorted(clash))}"
         )
     inner_fn = inner.fn
 
@@ -84,14 +81,10 @@ def _wrap(
         mine = {k: hp.pop(k, v) for k, v in own.items()}
         unknown = set(hp) - set(inner_hp)
         if unknown:
-            raise AttraxError(
-                f"{comb}({inner.name}) has no hyperparameter {', '.join(sorted(unknown))}"
-            )
+            raise AttraxError(f"{comb}({inner.name}) has no hyperparameter {', '.join(sorted(unknown))}")
         if key is None:
             key = per_example_keys(0, x.shape[0])
-        return body(
-            lambda xx, tt, kk: inner_fn(model, params, xx, tt, key=kk, **hp), x, target, key, **mine
-        )
+        return body(lambda xx, tt, kk: inner_fn(model, params, xx, tt, key=kk, **hp), x, target, key, **mine)
 
     name = f"{comb}({inner.name})"
     fn.__signature__ = _signature(own, inner_hp)
@@ -120,15 +113,11 @@ def noisy_copies(x: Array, key: Array, n_samples: int, sigma: float) -> tuple[Ar
     flat = x.reshape(n, -1)
     scale = (sigma * (flat.max(axis=1) - flat.min(axis=1))).reshape((n, 1) + (1,) * (x.ndim - 1))
     xs = jnp.swapaxes(x[:, None] + scale * eps, 0, 1)  # (S, n, ...)
-    sub = jax.vmap(lambda k: jax.vmap(lambda s: jax.random.fold_in(k, s))(jnp.arange(n_samples)))(
-        pairs[:, 1]
-    )
+    sub = jax.vmap(lambda k: jax.vmap(lambda s: jax.random.fold_in(k, s))(jnp.arange(n_samples)))(pairs[:, 1])
     return xs, jnp.swapaxes(sub, 0, 1)
 
 
-def _sampled(
-    inner: Callable, x: Array, target: Array, key: Array, n_samples: int, sigma: float
-) -> Array:
+def _sampled(inner: Callable, x: Array, target: Array, key: Array, n_samples: int, sigma: float) -> Array:
     """The wrapped method on all noisy copies in one batched call: (S, n, ...)."""
     if n_samples < 1:
         raise AttraxError(f"n_samples must be >= 1, got {n_samples}")

@@ -30,12 +30,8 @@ def _baseline_set(x: Array, baselines: Any) -> Array | None:
     b = jnp.asarray(baselines, x.dtype)
     if b.ndim == x.ndim - 1:
         b = b[None]
-    if b.ndim != x.ndim or any(
-        d not in (1, e) for d, e in zip(b.shape[1:], x.shape[1:], strict=True)
-    ):
-        raise AttraxError(
-            f"baselines must have shape (B, {', '.join(map(str, x.shape[1:]))}), got {b.shape}"
-        )
+    if b.ndim != x.ndim or any(d not in (1, e) for d, e in zip(b.shape[1:], x.shape[1:], strict=True)):
+        raise AttraxError(f"baselines must have shape (B, {', '.join(map(str, x.shape[1:]))}), got {b.shape}")
     return jnp.broadcast_to(b, (b.shape[0],) + x.shape[1:])
 
 
@@ -53,15 +49,11 @@ def sample_expected_gradients(
         axes = tuple(range(1, x.ndim - 1)) if x.ndim > 2 else (1,)
         base = jnp.broadcast_to(jnp.mean(x, axis=axes, keepdims=True), x.shape)[None]  # (1, n, ...)
     else:
-        idx = jax.vmap(lambda k: jax.random.randint(k, (n_samples,), 0, b.shape[0]))(
-            ks[:, 0]
-        ).T  # (S, n)
+        idx = jax.vmap(lambda k: jax.random.randint(k, (n_samples,), 0, b.shape[0]))(ks[:, 0]).T  # (S, n)
         base = b[idx]  # (S, n, ...)
     xs = jnp.broadcast_to(x[None], (n_samples,) + x.shape)
     if stdev > 0:
-        eps = jax.vmap(lambda k: jax.random.normal(k, (n_samples,) + x.shape[1:], x.dtype))(
-            ks[:, 2]
-        )
+        eps = jax.vmap(lambda k: jax.random.normal(k, (n_samples,) + x.shape[1:], x.dtype))(ks[:, 2])
         xs = xs + stdev * jnp.swapaxes(eps, 0, 1)
     delta = xs - base
     a = alpha.reshape(alpha.shape + (1,) * (x.ndim - 1))

@@ -44,9 +44,7 @@ def full_gradients(model, params, x, target, score: str = "logit"):
     grad_bias has the layer output's shape (n, ..., channels); bias has shape (channels,).
     """
     if model.module is None:
-        raise AttraxError(
-            "fullgrad needs the model's layers: pass the Flax module, not a plain apply_fn"
-        )
+        raise AttraxError("fullgrad needs the model's layers: pass the Flax module, not a plain apply_fn")
     module = model.module
 
     def run(xx, offsets):
@@ -103,18 +101,12 @@ def _psi(t: Array, height: int, width: int) -> Array:
     flat = a.reshape(a.shape[0], -1)
     lo, hi = flat.min(1), flat.max(1)
     span = hi - lo
-    norm = jnp.where(
-        span[:, None] > 0, (flat - lo[:, None]) / jnp.where(span > 0, span, 1.0)[:, None], 0.0
-    )
+    norm = jnp.where(span[:, None] > 0, (flat - lo[:, None]) / jnp.where(span > 0, span, 1.0)[:, None], 0.0)
     return norm.reshape(a.shape).sum(-1)
 
 
-@METHODS.register(
-    "fullgrad", family="gradient", needs="layers", stochastic=False, cost=lambda hp: 1
-)
-def fullgrad(
-    model, params, x, target, *, key=None, variant: str = "paper", score: str = "logit"
-) -> Array:
+@METHODS.register("fullgrad", family="gradient", needs="layers", stochastic=False, cost=lambda hp: 1)
+def fullgrad(model, params, x, target, *, key=None, variant: str = "paper", score: str = "logit") -> Array:
     """FullGrad (Srinivas & Fleuret 2019). Default target: the class logit.
 
     variant "paper" (default): psi(x * grad_x) + sum over layers with spatial maps of

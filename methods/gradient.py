@@ -22,9 +22,7 @@ BASELINES = ("zero", "black", "mean", "blur", "uniform")
 
 
 @METHODS.register("gradient", family="gradient", needs="apply", stochastic=False, cost=lambda hp: 1)
-def gradient(
-    model, params, x, target, *, key=None, score: str = "logit", postprocess: str = "raw"
-) -> Array:
+def gradient(model, params, x, target, *, key=None, score: str = "logit", postprocess: str = "raw") -> Array:
     """Gradient of the target score w.r.t. the input (Simonyan et al. 2014).
 
     `score`: "logit" (default), "probability" or "log_probability" of the target class.
@@ -34,9 +32,7 @@ def gradient(
     return apply_postprocess(g, postprocess)
 
 
-@METHODS.register(
-    "input_x_gradient", family="gradient", needs="apply", stochastic=False, cost=lambda hp: 1
-)
+@METHODS.register("input_x_gradient", family="gradient", needs="apply", stochastic=False, cost=lambda hp: 1)
 def input_x_gradient(model, params, x, target, *, key=None, score: str = "logit") -> Array:
     """Input x gradient, a.k.a. simple Taylor decomposition (Shrikumar et al. 2016; Montavon 2018).
 
@@ -84,12 +80,8 @@ def gaussian_blur(x: Array, sigma: float) -> Array:
     xp = jnp.pad(x, ((0, 0), (radius, radius), (radius, radius), (0, 0)), mode="edge")
     kh = jnp.tile(k.reshape(-1, 1, 1, 1), (1, 1, 1, c))
     kw = jnp.tile(k.reshape(1, -1, 1, 1), (1, 1, 1, c))
-    y = jax.lax.conv_general_dilated(
-        xp, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
-    )
-    return jax.lax.conv_general_dilated(
-        y, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c
-    )
+    y = jax.lax.conv_general_dilated(xp, kh, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
+    return jax.lax.conv_general_dilated(y, kw, (1, 1), "VALID", dimension_numbers=dn, feature_group_count=c)
 
 
 def make_baseline(
@@ -134,9 +126,7 @@ def make_baseline(
             raise AttraxError("baseline 'uniform' needs a key")
         lo, hi = noise_range
         return jax.vmap(lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, lo, hi))(key)
-    raise AttraxError(
-        f"unknown baseline {baseline!r}: use one of {', '.join(BASELINES)} or a number"
-    )
+    raise AttraxError(f"unknown baseline {baseline!r}: use one of {', '.join(BASELINES)} or a number")
 
 
 def path_gradients(model, params, x, base, target, alphas, score: str) -> Array:

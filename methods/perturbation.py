@@ -46,10 +46,13 @@ def occlusion_windows(height: int, width: int, window: Any = 4, stride: Any = 4)
 
 
 def _blocks(masks: Array, n: int) -> tuple[Array, int]:
-    """Masks padded with all-zero masks and reshaped to (n_blocks, block, H, W)."""
+    """Masks padded with all-zero masks and reshaped to (n_blocks, block, H, W).
+
+    Blocks are balanced (49 windows at most 40 per block -> 2 x 25, not 40 + 9 padded to 40)."""
     p = masks.shape[0]
-    block = int(max(1, min(p, EVALS_PER_BLOCK // max(1, n))))
-    n_blocks = -(-p // block)
+    most = int(max(1, min(p, EVALS_PER_BLOCK // max(1, n))))
+    n_blocks = -(-p // most)
+    block = -(-p // n_blocks)
     pad = n_blocks * block - p
     if pad:
         masks = jnp.concatenate([masks, jnp.zeros((pad,) + masks.shape[1:], masks.dtype)])
@@ -63,9 +66,7 @@ def _scores_of_blocks(model, params, x, target, blocks: Array, perturb, score: s
     def one(_, mb):  # mb: (block, H, W)
         xs = jax.vmap(lambda m: perturb(x, m))(mb)  # (block, n, H, W, C)
         b = mb.shape[0]
-        s = class_score(
-            model(params, xs.reshape((b * n,) + x.shape[1:])), jnp.tile(target, b), score
-        )
+        s = class_score(model(params, xs.reshape((b * n,) + x.shape[1:])), jnp.tile(target, b), score)
         return None, s.reshape(b, n)
 
     _, s = jax.lax.scan(one, None, blocks)
@@ -80,9 +81,15 @@ def _fill_value(x: Array, fill: Any) -> Array:
     raise AttraxError(f"unknown fill {fill!r}: use a number or 'mean'")
 
 
-@METHODS.register(
-    "occlusion", family="perturbation", needs="apply", stochastic=False, cost=lambda hp: 64
-)
+def occlusion_cost(hp: dict, size: int = 28) -> int:
+    """Model evaluations per image: windows + 1. The registry's cost sees no shapes, so it assumes
+    28x28 images (MNIST); it sizes chunks and the benchmark's lower bound."""
+    wh, ww = _pair(hp.get("window", 4), "window")
+    sh, sw = _pair(hp.get("stride", 4), "stride")
+    return max(0, (size - wh) // sh + 1) * max(0, (size - ww) // sw + 1) + 1
+
+
+@METHODS.register("occlusion", family="perturbation", needs="apply", stochastic=False, cost=occlusion_cost)
 def occlusion(
     model,
     params,
@@ -123,9 +130,7 @@ def occlusion(
     return jnp.broadcast_to(r[..., None], x.shape)
 
 
-def rise_masks(
-    n_masks: int, cells: int, p_keep: float, height: int, width: int, seed: int = 0
-) -> Array:
+def rise_masks(n_masks: int, cells: int, p_keep: float, height: int, width: int, seed: int = 0) -> Array:
     """RISE masks (Petsiuk et al. 2018): a cells x cells Bernoulli(p_keep) grid, bilinearly
     upsampled to (cells + 1) * cell size and cropped to H x W at a random shift within one cell.
     Returns (n_masks, H, W) float32 in [0, 1], reproducible from `seed`."""
@@ -136,9 +141,7 @@ def rise_masks(
     grid = jax.random.bernoulli(k_grid, p_keep, (n_masks, cells, cells)).astype(jnp.float32)
     up = jax.image.resize(grid, (n_masks, (cells + 1) * ch, (cells + 1) * cw), "linear")
     shifts = jax.random.randint(k_shift, (n_masks, 2), 0, jnp.array([ch, cw]))
-    return jax.vmap(lambda u, s: jax.lax.dynamic_slice(u, (s[0], s[1]), (height, width)))(
-        up, shifts
-    )
+    return jax.vmap(lambda u, s: jax.lax.dynamic_slice(u, (s[0], s[1]), (height, width)))(up, shifts)
 
 
 @METHODS.register(
@@ -146,7 +149,7 @@ def rise_masks(
     family="perturbation",
     needs="apply",
     stochastic=False,
-    cost=lambda hp: min(hp.get("n_masks", 1000), 256),
+    cost=lambda hp: hp.get("n_masks", 1000),
 )
 def rise(
     model,
@@ -173,9 +176,7 @@ def rise(
     n, h, w, _ = x.shape
     masks = rise_masks(n_masks, cells, p_keep, h, w, mask_seed).astype(x.dtype)
     blocks, _ = _blocks(masks, n)
-    s = _scores_of_blocks(
-        model, params, x, target, blocks, lambda xx, m: xx * m[None, :, :, None], score
-    )
+    s = _scores_of_blocks(model, params, x, target, blocks, lambda xx, m: xx * m[None, :, :, None], score)
     s = s[:n_masks]
     r = jnp.einsum("pn,phw->nhw", s, masks) / (n_masks * p_keep)
     return jnp.broadcast_to(r[..., None], x.shape)

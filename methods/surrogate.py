@@ -9,7 +9,7 @@ image, and fit a weighted linear model of the score on the on/off pattern:
   per-channel mean) or a number.
 - Sampling is seeded from the per-example keys, so a map does not depend on the batch.
 - All samples of all images of a chunk go through the model in ONE batched forward; the weighted
-  least-squares problems are solved together in JAX (`jnp.linalg.solve` on the normal equations).
+  least-squares problems are solved together in JAX (pseudo-inverse of the normal equations).
 - Relevance: the coefficient of a feature, written to every pixel and channel of its patch (so
   summing relevance over pixels multiplies it by the patch area x channels).
 """
@@ -93,11 +93,11 @@ def weighted_least_squares(
     pen = jnp.full((d,), ridge, z.dtype)
     if intercept:
         pen = pen.at[0].set(0.0)
-    # a tiny relative jitter keeps the solve finite when a feature never varies
-    jitter = 1e-7 * jnp.trace(a, axis1=-2, axis2=-1)[:, None] / d
-    a = a + jnp.eye(d) * (pen[None] + jitter)[:, :, None]
+    a = a + jnp.eye(d) * pen[None, :, None]
     b = jnp.einsum("nsf,ns,ns->nf", z, weights, y)
-    coef = jnp.linalg.solve(a, b[..., None])[..., 0]
+    # pseudo-inverse of the symmetric normal matrix: the exact solution when it is well posed,
+    # the minimum-norm one when fewer samples than features (or a constant feature) make it singular
+    coef = jnp.einsum("nfg,ng->nf", jnp.linalg.pinv(a, hermitian=True), b)
     return coef[:, 1:] if intercept else coef
 
 

@@ -76,6 +76,7 @@ def test_am_linear_logit_converges_to_prior_plus_w_over_lambda(linear, prior):
 def test_am_units_of_a_layer_and_errors(linear):
     model = attrax.models.create("camnet", num_classes=3, channels=(4,))
     params = _init(model, 0, jnp.zeros((1, 6, 6, 1)))
+    params["params"]["conv1"]["bias"] = jnp.full((4,), 0.5)  # no dead channel
     before = am.unit_scores(model, params, jnp.zeros((2, 6, 6, 1)), jnp.array([1, 3]), layer="features")
     out = am.activation_maximization(
         model,

@@ -59,7 +59,8 @@ def test_bound_counts_follow_the_method_cost():
     assert perf.method_bound("integrated_gradients", {"steps": 50}, {}) == ("gradient", 50.0)
     assert perf.method_bound("gradient", {}, {}) == ("gradient", 1.0)
     assert perf.method_bound("occlusion", {}, {})[0] == "forward"
-    assert perf.protocol_bound("pixel_flipping", {"steps": 28}, {}, 1.0) == ("forward", 29.0)
+    assert perf.protocol_bound("pixel_flipping", {"steps": 28, "random_runs": 0}, {}, 1.0) == ("forward", 29.0)
+    assert perf.protocol_bound("pixel_flipping", {"steps": 28}, {}, 1.0) == ("forward", 58.0)  # + random curve
     assert perf.method_bound("gradient", {}, {"bound": {"kind": "forward", "evals": 3}}) == ("forward", 3.0)
 
 

@@ -39,9 +39,7 @@ def test_matches_reference(reference, method):
     model, params, maps, meta = reference
     assert method in meta["methods"]
     ref = maps[method]
-    r = np.asarray(
-        attrax.explain(method, model, params, maps["x"], maps["target"], **SETTINGS[method])
-    )
+    r = np.asarray(attrax.explain(method, model, params, maps["x"], maps["target"], **SETTINGS[method]))
     assert r.shape == ref.shape
     err = np.abs(r - ref).max()
     assert err <= RTOL * np.abs(ref).max() + ATOL, f"{method}: max abs error {err:.3g}"

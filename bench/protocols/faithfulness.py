@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from attrax.errors import AttraxError
 from attrax.methods import class_score
 from attrax.models import as_model
@@ -229,7 +230,7 @@ def monotonicity(
     )
     gains = jnp.diff(curve, axis=1)  # (n, steps): effect of the k-th inserted group
     n, hw = idx.shape
-    ks = jnp.asarray(jnp.linspace(0, hw, steps + 1).round().astype(jnp.int32))
+    ks = jnp.asarray(np.linspace(0, hw, steps + 1).round().astype(np.int32))  # as the curve
     pos = jnp.argsort(idx, axis=-1)  # insertion position of every pixel
     group = jnp.searchsorted(ks[1:], pos, side="right")  # (n, HW) group of every pixel
     r = aggregate_channels(relevance, aggregate).reshape(n, hw)
