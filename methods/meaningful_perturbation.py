@@ -62,7 +62,7 @@ def _mask(theta: Array, shape: tuple[int, int]) -> Array:
     family="perturbation",
     needs="apply",
     stochastic=False,
-    cost=lambda hp: 2 * hp.get("steps", 100),
+    cost=lambda hp: hp.get("steps", 100),
 )
 def meaningful_perturbation(
     model,

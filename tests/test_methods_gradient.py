@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrax
 import flax.linen as nn
 import jax
@@ -17,7 +19,7 @@ from attrax.methods.perturbation import occlusion_windows, rise_masks
 def explain(*args, **kwargs):
     """attrax.explain without jit: on these tiny models eager runs are cheaper than compiles
     (the conformance test checks jit == eager for every method)."""
-    return attrax.explain(*args, jit=kwargs.pop("jit", False), **kwargs)
+    return attrax.explain(*args, jit=kwargs.pop("jit", True), **kwargs)
 
 
 def _lin_expected(linear):
@@ -375,3 +377,14 @@ def test_random_is_seeded_uniform(linear):
     np.testing.assert_array_equal(a, b)
     assert float(jnp.abs(a - c).max()) > 0.1
     assert float(a.min()) >= 0 and float(a.max()) < 1
+
+
+def test_composites_config_resolves():
+    """Every key of conf/methods/composites.yaml is a method name whose hparams it accepts."""
+    import yaml
+
+    path = Path(attrax.__file__).resolve().parent.parent / "conf" / "methods" / "composites.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    assert any("(" in k for k in cfg)
+    for name, hp in cfg.items():
+        assert set(hp or {}) <= set(attrax.methods.get(name).hparams()), name

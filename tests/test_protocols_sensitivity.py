@@ -116,3 +116,15 @@ def test_bad_choices_raise(linear):
         attrax.evaluate("pixel_flipping", model, params, x, target, x, order="best")
     with pytest.raises(attrax.AttraxError, match="replacement"):
         attrax.evaluate("deletion", model, params, x, target, x, replacement="grey")
+
+
+def test_blur_matches_a_2d_gaussian_convolution():
+    from attrax.protocols._common import gaussian_blur
+
+    x = jax.random.uniform(jax.random.key(0), (2, 13, 12, 2))
+    k = np.exp(-0.5 * (np.arange(-5, 6) / 5.0) ** 2)
+    k = k / k.sum()
+    kern = jnp.asarray(np.einsum("i,j,cd->ijcd", k, k, np.eye(2)), jnp.float32)
+    dn = ("NHWC", "HWIO", "NHWC")
+    ref = jax.lax.conv_general_dilated(x, kern, (1, 1), "SAME", dimension_numbers=dn)
+    np.testing.assert_allclose(np.asarray(gaussian_blur(x)), np.asarray(ref), atol=1e-5)

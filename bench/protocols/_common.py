@@ -53,20 +53,18 @@ def rank_desc(values: Array, key: Array, order: str = "morf") -> Array:
 
 
 def gaussian_blur(x: Array, size: int = 11, sigma: float = 5.0) -> Array:
-    """Depthwise Gaussian blur of NHWC images (RISE insertion: 11x11, sigma 5), zero padded."""
+    """Gaussian blur of NHWC images (RISE insertion: 11x11, sigma 5), zero padded.
+
+    Separable: two 1-D passes of shifted slices (much faster on CPU than a depthwise conv).
+    """
     r = size // 2
-    k = jnp.exp(-0.5 * (jnp.arange(-r, r + 1) / sigma) ** 2)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
     k = k / k.sum()
-    c = x.shape[-1]
-    kern = jnp.broadcast_to((k[:, None] * k[None, :])[:, :, None, None], (size, size, 1, c))
-    return jax.lax.conv_general_dilated(
-        x,
-        kern.astype(x.dtype),
-        (1, 1),
-        "SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        feature_group_count=c,
-    )
+    h, w = x.shape[1:3]
+    p = jnp.pad(x, ((0, 0), (r, r), (0, 0), (0, 0)))
+    y = sum(float(k[i]) * p[:, i : i + h] for i in range(size))
+    p = jnp.pad(y, ((0, 0), (0, 0), (r, r), (0, 0)))
+    return sum(float(k[j]) * p[:, :, j : j + w] for j in range(size))
 
 
 def replacement(x: Array, how: str, key: Array, channel_mean: Any = None) -> Array:
@@ -133,8 +131,18 @@ def method_label(method: Any) -> Any:
     return getattr(method, "__name__", repr(method))
 
 
-def chunked(fn: Callable, n: int, per_image: int, *arrays: Array, budget: int = 2048) -> Array:
-    """Run a compiled per-batch `fn` over image chunks of about `budget` model evaluations."""
+#: Model evaluations per compiled protocol call. On CPU small chunks keep activations in cache:
+#: a 28-step curve of 100 digits through cnn_a cost 1.05-1.14x its 29 forward passes with
+#: 100-300 evaluations per call, 1.4-1.9x with 600-2900 (2 shared cores).
+CHUNK_EVALS = {"cpu": 256}
+DEFAULT_CHUNK_EVALS = 4096
+
+
+def chunked(fn: Callable, n: int, per_image: int, *arrays: Array, budget: int | None = None) -> Array:
+    """Run a compiled per-batch `fn` over image chunks of about `budget` model evaluations
+    (default: per backend, `CHUNK_EVALS`)."""
+    if budget is None:
+        budget = CHUNK_EVALS.get(jax.default_backend(), DEFAULT_CHUNK_EVALS)
     n_chunks = -(-n * max(1, per_image) // budget)
     chunk = -(-n // n_chunks)  # equal chunks: little padding in the last one
     return map_chunks(fn, n, chunk, *arrays)

