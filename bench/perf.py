@@ -420,9 +420,11 @@ def bench_flags(flag_sets: list[str]) -> list[dict]:
 
 def bench_training(cfg: dict[str, Any]) -> list[dict]:
     """lax.scan vs Python-loop epochs, and vmapped vs sequential training of several seeds."""
-    import attrax
-    from attrax import train as tr
+    import importlib
 
+    import attrax
+
+    tr = importlib.import_module("attrax.train")  # the module (`attrax.train` is the train function)
     tcfg = cfg.get("training") or {}
     ds = attrax.datasets.load(cfg["dataset"], split="train").take(int(tcfg.get("images", 2000)))
     model = attrax.models.create(cfg["model"])
@@ -645,16 +647,22 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
         for name in protocols:
             guarded(lambda name=name: bench_protocol(name, model, params, x, target, relevance, ref, cfg, masks),
                     "protocol", name)
+    def section(kind, fn):
+        try:
+            for r in fn():
+                records.append(r)
+                log(f"{kind:9s} {r['name']:32s} {r.get('images_per_s') or 0:10.1f} img/s  {r['hparams']}")
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others
+            records.append({"kind": kind, "name": kind, "hparams": {},
+                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+            log(f"{kind}: {records[-1]['error']}")
+
     if steps:
-        for r in bench_steps(model, params, x, target, cfg):
-            records.append(r)
-            log(f"step      {r['name']:32s} {r['images_per_s']:10.1f} img/s  {r['hparams']['variant']}")
+        section("step", lambda: bench_steps(model, params, x, target, cfg))
     if flags:
-        records += bench_flags(flags)
+        section("step", lambda: bench_flags(flags))
     if training:
-        for r in bench_training(cfg):
-            records.append(r)
-            log(f"train     {r['name']:32s} {r['images_per_s']:10.1f} img/s  {r['hparams']}")
+        section("train", lambda: bench_training(cfg))
     if budget:
         guarded(lambda: budget_check(model, params, x, cfg), "budget", "integrated_gradients")
     env["load_after"] = os.getloadavg()[0]

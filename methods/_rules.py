@@ -230,6 +230,23 @@ class Linear:
         (t,) = jax.linear_transpose(lambda a: self.op(a, k), self.a_spec)(s)
         return t
 
+    def op_stacked(self, aa: Array, *kernels: Array) -> Array:
+        """sum_i op(a_i, k_i) for inputs stacked along the feature axis (one call)."""
+        if self.groups != 1:
+            parts = jnp.split(aa, len(kernels), -1)
+            return sum(self.op(p, k) for p, k in zip(parts, kernels, strict=True))
+        return self.op(aa, jnp.concatenate(kernels, -2))
+
+    def transpose_stacked(self, s: Array, *kernels: Array) -> list[Array]:
+        """[(d op(., k_i) / d a)^T s for each k_i], from one call when possible."""
+        if self.groups != 1:
+            return [self.transpose(s, k) for k in kernels]
+        n = len(kernels)
+        spec = jax.ShapeDtypeStruct(self.a_spec.shape[:-1] + (self.a_spec.shape[-1] * n,), self.a_spec.dtype)
+        kk = jnp.concatenate(kernels, -2)
+        (t,) = jax.linear_transpose(lambda u: self.op(u, kk), spec)(s)
+        return jnp.split(t, n, -1)
+
     def kernel_transpose(self, a: Array, s: Array) -> Array:
         """sum over examples and positions of patch(a) * s: the kernel-shaped statistic."""
         spec = jax.ShapeDtypeStruct(self.kernel.shape, self.kernel.dtype)
@@ -326,21 +343,20 @@ class AlphaBeta:
             return layer.transpose(jnp.concatenate([s, s_neg], -1), jnp.concatenate([wp, wn], -1))
 
         def mixed(_):
-            ap, an = jnp.maximum(a, 0), jnp.minimum(a, 0)
+            # a of both signs: positive contributions a+ w+ and a- w-, as one call on the
+            # inputs (a+, a-) stacked along the feature axis with kernels (w+, w-) stacked alike
+            aa = jnp.concatenate([jnp.maximum(a, 0), jnp.minimum(a, 0)], -1)
             g_in = 0.0
             for coef, k1, k2, b in ((self.alpha, wp, wn, bp), (-self.beta, wn, wp, bn)):
                 if coef == 0:
                     continue
-                s = coef * r / stabilize(layer.op(ap, k1) + layer.op(an, k2) + b, TINY)
-                g_in = g_in + (a > 0) * layer.transpose(s, k1) + (a < 0) * layer.transpose(s, k2)
+                s = coef * r / stabilize(layer.op_stacked(aa, k1, k2) + b, TINY)
+                gp, gn = layer.transpose_stacked(s, k1, k2)
+                g_in = g_in + (a > 0) * gp + (a < 0) * gn
             return g_in
 
-        # inputs known to be >= 0 (after a ReLU) take the cheaper path (half the convolutions);
-        # otherwise a runtime branch (lax.cond costs ~2x on CPU, so it is the fallback only)
-        if layer.nonnegative_input:
-            g_in = nonnegative(None)
-        else:
-            g_in = jax.lax.cond(jnp.all(a >= 0), nonnegative, mixed, None)
+        # inputs known to be >= 0 (after a ReLU) take the cheaper path (half the convolutions)
+        g_in = nonnegative(None) if layer.nonnegative_input else mixed(None)
         return _finish(a, g_in, first)
 
 
@@ -365,10 +381,11 @@ class ZBox:
             raise AttraxError("the z^B (box) rule applies only to the first layer")
         lo = jnp.broadcast_to(jnp.asarray(self.low, a.dtype), a.shape)
         hi = jnp.broadcast_to(jnp.asarray(self.high, a.dtype), a.shape)
-        wp, wn = jnp.maximum(layer.kernel, 0), jnp.minimum(layer.kernel, 0)
-        zz = layer.op(a, layer.kernel) - layer.op(lo, wp) - layer.op(hi, wn)
+        k, wp, wn = layer.kernel, jnp.maximum(layer.kernel, 0), jnp.minimum(layer.kernel, 0)
+        zz = layer.op_stacked(jnp.concatenate([a, -lo, -hi], -1), k, wp, wn)
         s = z * g / stabilize(zz, TINY)
-        return a * layer.transpose(s) - lo * layer.transpose(s, wp) - hi * layer.transpose(s, wn)
+        t_w, t_p, t_n = layer.transpose_stacked(s, k, wp, wn)
+        return a * t_w - lo * t_p - hi * t_n
 
 
 def _input_independent(layer, a, z, g, first, k):

@@ -81,19 +81,18 @@ def _rescale_max_pool(mod, tol: float, rule: str):
         a, ar = res
         va, back = windows(a, k, mod.padding)
         win_a = jax.nn.one_hot(jnp.argmax(va, -1), k * k, dtype=a.dtype)
-        y = jnp.max(va, -1)
+        grad = win_a * g[..., None]
         if rule == "gradient":
-            return back(win_a * g[..., None]), jnp.zeros_like(ar)
-        vr, _ = windows(jnp.broadcast_to(ar, a.shape), k, mod.padding)
+            return back(grad), jnp.zeros_like(ar)
+        vr, _ = windows(ar, k, mod.padding)  # the reference's own batch (often 1)
         win_r = jax.nn.one_hot(jnp.argmax(vr, -1), k * k, dtype=a.dtype)
-        yr = jnp.max(vr, -1)
+        y, yr = jnp.max(va, -1), jnp.max(vr, -1)
         ymax = jnp.maximum(y, yr)
-        routed = back(win_a * (g * (ymax - yr))[..., None] + win_r * (g * (y - ymax))[..., None])
-        grad = back(win_a * g[..., None])
-        da = a - ar
+        routed = win_a * (g * (ymax - yr))[..., None] + win_r * (g * (y - ymax))[..., None]
+        da = va - vr  # window space; padding (-inf - -inf = nan) falls to the gradient branch
         big = jnp.abs(da) > tol
         m = jnp.where(big, routed / jnp.where(big, da, 1.0), grad)
-        return m, jnp.zeros_like(ar)
+        return back(m), jnp.zeros_like(ar)
 
     f.defvjp(fwd, bwd)
     return f

@@ -95,7 +95,7 @@ def test_sensitivities_on_linear_model(linear):
     np.testing.assert_allclose(np.asarray(s.values["max_sensitivity"]), 0.0, atol=1e-6)
 
     def input_x_grad(model, params, x, target, *, key):
-        return x * attrax.explain("gradient", model, params, x, target)
+        return x * attrax.methods.get("gradient").fn(model, params, x, target, key=key)
 
     ixg = x * g
     mx = attrax.evaluate("max_sensitivity", model, params, x, target, ixg, key=0, method=input_x_grad, radius=0.05)

@@ -61,3 +61,11 @@ def test_monotonicity(linear):
     s = attrax.evaluate("monotonicity", pos, w, x, target, -r, **kw)
     assert s.values["monotonic"].tolist() == [1.0] * 4
     assert bad.values["monotonic"].tolist() == [0.0] * 4  # mixed signs: the logit goes down too
+
+
+def test_random_subsets_have_the_exact_size_and_are_uniform():
+    from attrax.protocols.faithfulness import random_subsets
+
+    m = np.asarray(random_subsets(jax.random.key(0), 2000, 20, 5))
+    assert np.all(m.sum(1) == 5)
+    np.testing.assert_allclose(m.mean(0), 0.25, atol=0.04)  # every feature equally likely

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from attrax.errors import AttraxError
-from attrax.harness import explain, forward, map_chunks
+from attrax.harness import _freeze, explain, forward, map_chunks
 from attrax.methods import class_score, per_example_keys
 from attrax.models import as_model
 
@@ -111,7 +111,10 @@ def reexplainer(
             "(and method_hparams) of the method being evaluated"
         )
     if callable(method):
-        fn = jax.jit(lambda p, xx, tt, kk: method(model, p, xx, tt, key=kk, **hp))
+        fn = model.cached(
+            ("reexplain", method, _freeze(hp)),
+            lambda: jax.jit(lambda p, xx, tt, kk: method(model, p, xx, tt, key=kk, **hp)),
+        )
 
         def run(x, target, key):
             return fn(params, x, target, per_example_keys(key, x.shape[0]))
