@@ -106,7 +106,7 @@ def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg
 def method_context(meth: str, hp: dict, train_set, seed: int, n_reference: int = 64) -> dict:
     """Fill data-dependent hyperparameters left unset (None): baselines / references sampled from
     the TRAINING data (seeded), as expected gradients, GradientSHAP and DeepLIFT-SHAP define them."""
-    accepted = attrax.methods.resolve(meth).hparams()
+    accepted = attrax.methods.get(meth).hparams()
     out = dict(hp)
     need = [k for k in ("baselines", "references") if k in accepted and out.get(k) is None]
     if need:

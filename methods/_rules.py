@@ -160,8 +160,10 @@ def _nonnegative_inputs(model, params_spec, x_spec) -> dict[tuple[str, ...], boo
             model(p, xx)
         return out
 
-    with jax.ensure_compile_time_eval():  # concrete even when called inside a jit trace
-        found = jax.jit(mins)(probe_params, probe_x)
+    # one ahead-of-time compiled call: concrete even when called inside a jit trace
+    compiled = jax.jit(mins).lower(probe_params, probe_x).compile()
+    with jax.ensure_compile_time_eval():
+        found = compiled(probe_params, probe_x)
         return {k: bool(np.asarray(v) >= 0) for k, v in found.items()}
 
 

@@ -118,7 +118,7 @@ def noisy_copies(x: Array, key: Array, n_samples: int, sigma: float) -> tuple[Ar
 
 
 def _sampled(inner: Callable, x: Array, target: Array, key: Array, n_samples: int, sigma: float) -> Array:
-    """The wrapped method on all noisy copies in one batched call: (S, n, ...)."""
+    """The wrapped method on all noisy copies in ONE batched call: (S, n, ...)."""
     if n_samples < 1:
         raise AttraxError(f"n_samples must be >= 1, got {n_samples}")
     xs, keys = noisy_copies(x, key, n_samples, sigma)

@@ -55,7 +55,7 @@ def sample_expected_gradients(
     if stdev > 0:
         eps = jax.vmap(lambda k: jax.random.normal(k, (n_samples,) + x.shape[1:], x.dtype))(ks[:, 2])
         xs = xs + stdev * jnp.swapaxes(eps, 0, 1)
-    delta = xs - base
+    delta = xs - base  # (S, n, ...)
     a = alpha.reshape(alpha.shape + (1,) * (x.ndim - 1))
     points = (base + a * delta).reshape((n_samples * n,) + x.shape[1:])
     _, g = input_gradient(lambda xx: model(params, xx), points, jnp.tile(target, n_samples), score)

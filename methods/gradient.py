@@ -130,7 +130,12 @@ def make_baseline(
 
 
 def path_gradients(model, params, x, base, target, alphas, score: str) -> Array:
-    """Gradients at x' + a_k (x - x') for every alpha and example: (m, n, ...) from one pass."""
+    """Gradients at x' + a_k (x - x') for every alpha and example: (m, n, ...) from ONE backward
+    pass of the summed scores of all m x n path points.
+
+    Deliberately not split into a `lax.map` over blocks of steps: on CPU that was 1.7x slower
+    (14 vs 24 img/s, IG 50 steps, cnn_a, batch 100); memory is bounded by the harness's chunks.
+    """
     a = alphas.reshape((-1,) + (1,) * x.ndim)
     path = base[None] + a * (x - base)[None]  # (m, n, ...)
     m, n = path.shape[:2]

@@ -15,6 +15,7 @@ Kohlbrenner et al. 2020 "Towards best practice in explaining neural network deci
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,8 +68,6 @@ def _register(name: str, doc: str, rules: dict[str, Any], extra: tuple[str, ...]
     method.__name__ = name
     method.__doc__ = doc
     # expose exactly the rule hparams this method uses, keyword-only with defaults
-    import inspect
-
     sig = inspect.signature(method)
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=defaults[k]) for k in extra]

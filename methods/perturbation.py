@@ -1,9 +1,9 @@
 """Perturbation maps: occlusion and RISE.
 
 Both score many perturbed copies of each image. The copies are evaluated in blocks of
-`block` perturbations x the whole batch per forward call, inside one compiled `lax.scan`, so the
-number of compiled calls does not grow with the number of windows or masks and memory stays
-bounded by the block size.
+perturbations x the whole batch per forward call (about `images_per_call()` images), inside one
+compiled `lax.scan`, so the number of compiled calls does not grow with the number of windows or
+masks and memory stays bounded by the block size.
 """
 
 from __future__ import annotations
@@ -18,8 +18,17 @@ from attrax.methods._core import METHODS, class_score
 
 Array = jax.Array
 
-#: Perturbed images per forward call inside the scan (block of perturbations x batch).
-EVALS_PER_BLOCK = 2048
+#: Perturbed images per forward call inside the scan on CPU: small blocks keep activations in
+#: cache (occlusion 4x4 on cnn_a, batch 100, this 2-core CPU: 166 img/s at 128 vs 80 at 2048).
+CPU_IMAGES_PER_CALL = 128
+#: On GPU/TPU bigger calls keep the device busy.
+ACCELERATOR_IMAGES_PER_CALL = 4096
+
+
+def images_per_call() -> int:
+    """Images per forward call inside the perturbation scan on the default backend."""
+    return CPU_IMAGES_PER_CALL if jax.default_backend() == "cpu" else ACCELERATOR_IMAGES_PER_CALL
+
 
 
 def _pair(v: Any, what: str) -> tuple[int, int]:
@@ -50,7 +59,7 @@ def _blocks(masks: Array, n: int) -> tuple[Array, int]:
 
     Blocks are balanced (49 windows at most 40 per block -> 2 x 25, not 40 + 9 padded to 40)."""
     p = masks.shape[0]
-    most = int(max(1, min(p, EVALS_PER_BLOCK // max(1, n))))
+    most = int(max(1, min(p, images_per_call() // max(1, n))))
     n_blocks = -(-p // most)
     block = -(-p // n_blocks)
     pad = n_blocks * block - p

@@ -36,10 +36,10 @@ def _score(model, params, x, t):
     return class_score(attrax.forward(model, params, x), t)
 
 
-@pytest.mark.parametrize("net", ["cnn_a", "resnet"])
+@pytest.mark.parametrize("net", ["cnn", "resnet"])
 def test_summation_to_delta_with_biases_and_nonzero_reference(net):
-    if net == "cnn_a":  # biases and max pooling
-        model, shape = attrax.models.create("cnn_a", channels=(4, 6), dense=(12,)), (4, 12, 12, 1)
+    if net == "cnn":  # biases and three max pools (14 -> 7 -> 4 -> 2: SAME padding on odd sizes)
+        model, shape = attrax.models.create("cnn", channels=(4, 6, 8), dense=(10,)), (4, 14, 14, 1)
     else:  # BatchNorm and residual additions
         model, shape = attrax.models.create("resnet", stages=(4, 6)), (4, 8, 8, 3)
     x, ref = _x(shape, 1), _x(shape, 2)
@@ -111,5 +111,6 @@ def test_deeplift_shap():
     np.testing.assert_array_equal(a, a2)
     keys = attrax.methods.per_example_keys(1, 3)
     idx = np.asarray(jax.vmap(lambda k: jax.random.randint(k, (32,), 0, 6))(keys))
-    f_ref = np.stack([np.asarray(_score(model, params, bank[idx[i]], jnp.full((32,), t[i]))).mean() for i in range(3)])
+    bank_logits = np.asarray(attrax.forward(model, params, bank))
+    f_ref = np.stack([bank_logits[idx[i], int(t[i])].mean() for i in range(3)])
     np.testing.assert_allclose(a.sum((1, 2, 3)), np.asarray(_score(model, params, x, t)) - f_ref, atol=1e-5)
