@@ -103,11 +103,17 @@ def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg
     return rows, timings
 
 
-def method_context(meth: str, hp: dict, train_set, seed: int, n_reference: int = 64) -> dict:
-    """Fill data-dependent hyperparameters left unset (None): baselines / references sampled from
-    the TRAINING data (seeded), as expected gradients, GradientSHAP and DeepLIFT-SHAP define them."""
+def method_context(meth: str, hp: dict, train_set, seed: int, model=None, params=None,
+                   n_reference: int = 64) -> dict:
+    """Fill data-dependent hyperparameters left unset (None) from the TRAINING data: baselines /
+    references sampled (seeded) as expected gradients, GradientSHAP and DeepLIFT-SHAP define them,
+    and PatternNet/PatternAttribution signal estimators fitted on the training images (cached)."""
     accepted = attrax.methods.get(meth).hparams()
     out = dict(hp)
+    if "patterns" in accepted and out.get("patterns") is None and model is not None:
+        from attrax.methods.pattern import fit_patterns
+
+        out["patterns"] = fit_patterns(model, params, train_set.x, canonize=out.get("canonize", True))
     need = [k for k in ("baselines", "references") if k in accepted and out.get(k) is None]
     if need:
         rng = np.random.default_rng(seed)
@@ -196,7 +202,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         t = time.perf_counter()
         try:
             r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
-                               evals_per_chunk=cfg["chunk_evals"], **method_context(meth, hp, train_set, cfg["seed"]))
+                               evals_per_chunk=cfg["chunk_evals"], **method_context(meth, hp, train_set, cfg["seed"], model, params))
         except AttraxError as e:
             if len(specs) == 1:
                 raise

@@ -277,6 +277,8 @@ def protocol_bound(name: str, choices: dict[str, Any], entry_cfg: dict[str, Any]
         return None
     if entry.meta.get("needs_method"):
         k = hp.get("n_samples") or hp.get("steps") or 1
+        if isinstance(hp.get("max_shift"), int):  # one re-explanation per shift -max..+max
+            k = 2 * hp["max_shift"] + 1
         return "gradient", float(k) * method_evals
     curves = 1 + int(hp.get("random_runs") or 0)  # random-order reference curves are computed too
     for key in ("steps", "n_runs", "n_samples"):

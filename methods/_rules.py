@@ -333,32 +333,25 @@ class AlphaBeta:
         bp, bn = jnp.maximum(layer.bias, 0), jnp.minimum(layer.bias, 0)
         r = z * g
 
-        def nonnegative(_):
-            # a >= 0: positive contributions are a w+, and z- = (z - b) - (z+ - b+) + b- costs nothing
+        # z+ (positive contributions, no bias) costs one call; z- = (z - b) - z+ costs none.
+        if layer.nonnegative_input:  # after a ReLU: positive contributions are a w+
             zp = layer.op(a, wp)
-            s = self.alpha * r / stabilize(zp + bp, TINY)
-            if self.beta == 0:
-                return layer.transpose(s, wp)
-            s_neg = -self.beta * r / stabilize(z - layer.bias - zp + bn, TINY)
-            if getattr(layer, "groups", 1) != 1:
-                return layer.transpose(s, wp) + layer.transpose(s_neg, wn)
-            return layer.transpose(jnp.concatenate([s, s_neg], -1), jnp.concatenate([wp, wn], -1))
-
-        def mixed(_):
-            # a of both signs: positive contributions a+ w+ and a- w-, as one call on the
-            # inputs (a+, a-) stacked along the feature axis with kernels (w+, w-) stacked alike
-            aa = jnp.concatenate([jnp.maximum(a, 0), jnp.minimum(a, 0)], -1)
-            g_in = 0.0
-            for coef, k1, k2, b in ((self.alpha, wp, wn, bp), (-self.beta, wn, wp, bn)):
-                if coef == 0:
-                    continue
-                s = coef * r / stabilize(layer.op_stacked(aa, k1, k2) + b, TINY)
-                gp, gn = layer.transpose_stacked(s, k1, k2)
-                g_in = g_in + (a > 0) * gp + (a < 0) * gn
-            return g_in
-
-        # inputs known to be >= 0 (after a ReLU) take the cheaper path (half the convolutions)
-        g_in = nonnegative(None) if layer.nonnegative_input else mixed(None)
+        else:  # a+ w+ and a- w-, as one call on (a+, a-) stacked along the feature axis
+            zp = layer.op_stacked(jnp.concatenate([jnp.maximum(a, 0), jnp.minimum(a, 0)], -1), wp, wn)
+        s = self.alpha * r / stabilize(zp + bp, TINY)
+        s_neg = -self.beta * r / stabilize(z - layer.bias - zp + bn, TINY) if self.beta else None
+        # inputs a > 0: T(s, w+) + T(s_neg, w-);  a < 0: T(s, w-) + T(s_neg, w+). (Rewriting w- as
+        # w - w+ would save nothing and cancel catastrophically where z- ~ 0 makes s_neg huge.)
+        if layer.nonnegative_input:
+            g_in = layer.transpose(s, wp)
+            if s_neg is not None:
+                g_in = g_in + layer.transpose(s_neg, wn)
+        else:
+            tp, tn = layer.transpose_stacked(s, wp, wn)
+            if s_neg is not None:
+                np_, nn_ = layer.transpose_stacked(s_neg, wn, wp)
+                tp, tn = tp + np_, tn + nn_
+            g_in = (a > 0) * tp + (a < 0) * tn
         return _finish(a, g_in, first)
 
 
@@ -381,13 +374,16 @@ class ZBox:
     def backward(self, layer, a, z, g, first):
         if not first:
             raise AttraxError("the z^B (box) rule applies only to the first layer")
-        lo = jnp.broadcast_to(jnp.asarray(self.low, a.dtype), a.shape)
-        hi = jnp.broadcast_to(jnp.asarray(self.high, a.dtype), a.shape)
-        k, wp, wn = layer.kernel, jnp.maximum(layer.kernel, 0), jnp.minimum(layer.kernel, 0)
-        zz = layer.op_stacked(jnp.concatenate([a, -lo, -hi], -1), k, wp, wn)
+        one = (1,) + a.shape[1:]  # the bounds are the same for every example
+        lo = jnp.broadcast_to(jnp.asarray(self.low, a.dtype), one)
+        hi = jnp.broadcast_to(jnp.asarray(self.high, a.dtype), one)
+        k, wp = layer.kernel, jnp.maximum(layer.kernel, 0)
+        wn = k - wp
+        zz = (z - layer.bias) - layer.op_stacked(jnp.concatenate([lo, hi], -1), wp, wn)
         s = z * g / stabilize(zz, TINY)
-        t_w, t_p, t_n = layer.transpose_stacked(s, k, wp, wn)
-        return a * t_w - lo * t_p - hi * t_n
+        # a T(s, w) - l T(s, w+) - h T(s, w-) with T(s, w-) = T(s, w) - T(s, w+)
+        t_w, t_p = layer.transpose_stacked(s, k, wp)
+        return (a - hi) * t_w - (lo - hi) * t_p
 
 
 def _input_independent(layer, a, z, g, first, k):

@@ -62,6 +62,7 @@ def test_bound_counts_follow_the_method_cost():
     assert perf.protocol_bound("pixel_flipping", {"steps": 28, "random_runs": 0}, {}, 1.0) == ("forward", 29.0)
     assert perf.protocol_bound("pixel_flipping", {"steps": 28}, {}, 1.0) == ("forward", 58.0)  # + random curve
     assert perf.method_bound("gradient", {}, {"bound": {"kind": "forward", "evals": 3}}) == ("forward", 3.0)
+    assert perf.protocol_bound("continuity", {"max_shift": 2}, {}, 1.0) == ("gradient", 5.0)
 
 
 def test_second_batch_of_the_same_shape_compiles_nothing(cnn):
