@@ -24,6 +24,7 @@ from attrax.train import TrainConfig, train, train_module_accuracy  # noqa: E402
 models.train = train  # `attrax.models.train(...)` as the architecture's API shows
 
 __all__ = [
-    "AttraxError", "Model", "conf_resolvers", "TrainConfig", "as_model", "datasets", "harness", "evaluate", "explain", "forward",
-    "methods", "models", "protocols", "resolve_target", "results", "train",
+    "AttraxError", "Model", "TrainConfig", "as_model", "conf_resolvers", "datasets", "evaluate", "explain",
+    "forward", "harness", "methods", "models", "protocols", "resolve_target", "results", "train",
+    "train_module_accuracy",
 ]

@@ -69,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
             from attrax import report
 
-            ap = argparse.ArgumentParser(prog="attrax report", description="leaderboard and figures from results folders")
+            ap = argparse.ArgumentParser(
+                prog="attrax report", description="leaderboard and figures from results folders"
+            )
             ap.add_argument("paths", nargs="+")
             ap.add_argument("--out", default=None, help="output folder (default: <first path>/report)")
             a = ap.parse_args(argv[1:])

@@ -60,7 +60,8 @@ def montavon_selectivity(df):
 
 def montavon_continuity(df):
     m = _means(df, "continuity", "max_ratio")
-    v, nums = _chain(m, [("deep Taylor", ("deep_taylor",)), ("gradient / simple Taylor", ("gradient", "input_x_gradient"))],
+    v, nums = _chain(m, [("deep Taylor", ("deep_taylor",)),
+                         ("gradient / simple Taylor", ("gradient", "input_x_gradient"))],
                      higher=False)
     return "continuity: deep Taylor's max neighbour ratio below gradient/simple Taylor (Montavon 2018)", v, nums
 
@@ -74,8 +75,10 @@ def kindermans2017(df):
         return "input invariance (Kindermans 2017)", "n/a", "methods missing"
     wrong = [k for k in seen if (k in should_pass) != (seen[k] >= 0.5)]
     nums = "pass rate: " + _fmt(seen)
+    if wrong:
+        nums += f"; unexpected: {', '.join(wrong)}"
     return ("input invariance: gradient/SmoothGrad/deconvnet/guided BP/Pattern* pass, IxG/LRP/IG/deep Taylor fail "
-            "(Kindermans 2017)"), ("agrees" if not wrong else "differs"), nums + (f"; unexpected: {', '.join(wrong)}" if wrong else "")
+            "(Kindermans 2017)"), ("agrees" if not wrong else "differs"), nums
 
 
 def adebayo2018(df):

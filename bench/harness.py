@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from types import MappingProxyType
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import jax

@@ -202,7 +202,8 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         t = time.perf_counter()
         try:
             r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
-                               evals_per_chunk=cfg["chunk_evals"], **method_context(meth, hp, train_set, cfg["seed"], model, params))
+                               evals_per_chunk=cfg["chunk_evals"],
+                               **method_context(meth, hp, train_set, cfg["seed"], model, params))
         except AttraxError as e:
             if len(specs) == 1:
                 raise
@@ -239,7 +240,8 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         figs.append(report.curve_figure(rows, run_dir / "deletion_curves.png"))
         figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx]))
         np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], **maps)
-    results.write_run(run_dir, rows, cfg, timings, extra={"model_info": {k: v for k, v in info.items() if k != "losses"},
+    model_info = {k: v for k, v in info.items() if k != "losses"}
+    results.write_run(run_dir, rows, cfg, timings, extra={"model_info": model_info,
                                                           "test_accuracy": acc, "protocol_choices": choices,
                                                           "skipped_methods": skipped})
     log("")

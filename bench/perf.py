@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+
 from attrax.errors import AttraxError
 
 GRADIENT_FAMILIES = ("gradient", "backprop", "relevance", "cam")
@@ -330,6 +331,7 @@ def _select_and_scatter_pooling():
     """An interceptor that runs every MaxPool module through `flax.linen.max_pool` (XLA's
     reduce-window forward, select-and-scatter backward): the state before `attrax.models.max_pool`."""
     import flax.linen as nn
+
     from attrax.models import MaxPool
 
     def interceptor(next_fun, args, kwargs, ctx):

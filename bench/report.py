@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +204,8 @@ def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, la
 
 def _embed(path: Path) -> str:
     data = base64.b64encode(Path(path).read_bytes()).decode()
-    return f'<figure><img alt="{Path(path).stem}" src="data:image/png;base64,{data}"/><figcaption>{Path(path).stem}</figcaption></figure>'
+    stem = Path(path).stem
+    return f'<figure><img alt="{stem}" src="data:image/png;base64,{data}"/><figcaption>{stem}</figcaption></figure>'
 
 
 def build(paths: list[str], out: str | Path | None = None) -> Path:

@@ -76,7 +76,7 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
     for c, t in SCHEMA.items():
         if c not in df:
-            df[c] = -1 if t == "int64" and c in ("example", "seed", "model_seed") else (np.nan if t == "float64" else "")
+            df[c] = -1 if t == "int64" else (np.nan if t == "float64" else "")
     return df[COLUMNS].astype(SCHEMA)
 
 

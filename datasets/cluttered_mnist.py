@@ -13,6 +13,7 @@ never dimmed. Ground truth in `meta`: `boxes` (n, 4) int = the tight box of the 
 from __future__ import annotations
 
 import numpy as np
+
 from attrax.datasets import DATASETS, Dataset
 from attrax.datasets.mnist_sample import CLASS_NAMES, mnist_sample
 from attrax.errors import AttraxError

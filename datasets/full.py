@@ -21,6 +21,7 @@ import posixpath
 import tarfile
 
 import numpy as np
+
 from attrax.datasets import DATASETS, Dataset
 from attrax.datasets.download import fetch
 from attrax.errors import AttraxError

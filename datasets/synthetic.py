@@ -21,6 +21,7 @@ train a CNN on it in seconds (a 16/32-channel `cnn` reached 98% test accuracy af
 from __future__ import annotations
 
 import numpy as np
+
 from attrax.datasets import DATASETS, Dataset
 from attrax.errors import AttraxError
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
 from attrax.errors import AttraxError
 from attrax.methods._core import class_score
 
@@ -354,6 +355,7 @@ def summarize(
     `method` and `protocol` default to "activation_maximization". With `path` the image grid is
     saved there as well (`save_grid`)."""
     import pandas as pd
+
     from attrax.models import as_model
     from attrax.results import conform, hparams_json
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from attrax.methods._core import METHODS, input_gradient
 
 Array = jax.Array

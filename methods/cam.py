@@ -22,6 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, class_score, input_gradient
 

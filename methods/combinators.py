@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from attrax.errors import AttraxError, unknown_name
 from attrax.methods import gradient as _gradient  # noqa: F401  (registers `gradient` before we wrap it)
 from attrax.methods._core import METHODS, per_example_keys

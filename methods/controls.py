@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS
 

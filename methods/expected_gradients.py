@@ -18,6 +18,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, input_gradient
 

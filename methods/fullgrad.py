@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, class_score
 

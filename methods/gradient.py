@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, input_gradient
 from attrax.methods._core import postprocess as apply_postprocess

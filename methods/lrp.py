@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+
 from attrax.errors import AttraxError
 from attrax.methods import _rules
 from attrax.methods._core import METHODS

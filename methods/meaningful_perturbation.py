@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, class_score
 

@@ -22,6 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, class_score
 

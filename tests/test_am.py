@@ -3,12 +3,13 @@ optima, shapes, determinism, result rows and the image grid."""
 
 from __future__ import annotations
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.methods import activation_maximization as am
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.methods import cam as cam_mod
 
 
@@ -214,6 +215,7 @@ SMALL = {
 def test_conformance_of_this_module(gap_pool, name):
     """Shape, finiteness, jit == eager, determinism and batch independence; config keys."""
     import yaml
+
     from attrax.methods import per_example_keys
 
     model, params, x, target = gap_pool

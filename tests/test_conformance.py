@@ -17,12 +17,13 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+
+import attrax
 
 CONF = Path(attrax.__file__).resolve().parent.parent / "conf" / "method"
 NAMES = attrax.methods.names()

@@ -21,9 +21,10 @@ import tarfile
 import threading
 import types
 
-import attrax
 import numpy as np
 import pytest
+
+import attrax
 from attrax.datasets import download
 from attrax.datasets import full as full_sets
 from attrax.datasets.synthetic import shapes

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.methods import class_score, input_gradient
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.methods import combinators, per_example_keys
 from attrax.methods.gradient import make_baseline, riemann
 from attrax.methods.perturbation import occlusion_windows, rise_masks

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import attrax
 from attrax.methods import pattern as pattern_mod
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.protocols.continuity import path_continuity, translate
 
 HIDDEN = jnp.array([[1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]])  # columns: (1,-1), (-1,1), (1,1)

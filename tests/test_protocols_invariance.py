@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.protocols.invariance import shifted_twin
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.protocols.localization import dilate
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import attrax
 
 
 def test_sparseness_and_complexity_extremes(linear):

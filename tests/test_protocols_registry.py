@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attrax import results
 from omegaconf import OmegaConf
+
+import attrax
+from attrax import results
 
 CONF = Path(attrax.__file__).resolve().parent.parent / "conf" / "protocol"
 MINE = [

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import attrax
 from attrax.protocols.road import NEIGHBOUR_WEIGHTS, impute
 
 

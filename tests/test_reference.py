@@ -10,9 +10,10 @@ relative for the gradient maps and ~7e-7 for occlusion, whose logit differences 
 
 from __future__ import annotations
 
-import attrax
 import numpy as np
 import pytest
+
+import attrax
 
 RTOL = 1e-5
 ATOL = 1e-6

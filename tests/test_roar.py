@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+
+import attrax
 from attrax.errors import AttraxError
 from attrax.protocols import roar
 

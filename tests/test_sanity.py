@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+
+import attrax
 from attrax.errors import AttraxError
 from attrax.protocols import sanity
 

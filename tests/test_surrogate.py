@@ -6,12 +6,13 @@ from __future__ import annotations
 import itertools
 import math
 
-import attrax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+import attrax
 from attrax.methods.surrogate import feature_groups
 
 

@@ -103,10 +103,10 @@ def test_launcher_configs_compose():
 
 
 def test_method_sets_name_registered_methods():
+    from hydra import compose, initialize_config_module
+
     import attrax
     from attrax.cli import group_options
-
-    from hydra import compose, initialize_config_module
 
     with initialize_config_module(config_module="attrax.conf", version_base="1.3"):
         for opt in group_options("methods"):

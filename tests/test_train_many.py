@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import attrax
 import jax
 import numpy as np
 import pytest
+
+import attrax
 from attrax.errors import AttraxError
 from attrax.train import TrainConfig, fit, pick_many_mode, train_many
 

@@ -15,6 +15,7 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
 from attrax._plugins import import_submodules
 from attrax.registry import Registry
 

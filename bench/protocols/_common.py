@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from attrax.errors import AttraxError
 from attrax.harness import _freeze, explain, forward, map_chunks
 from attrax.methods import class_score, per_example_keys

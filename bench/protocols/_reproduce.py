@@ -14,11 +14,12 @@ import argparse
 import time
 from pathlib import Path
 
-import attrax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+
+import attrax
 from attrax import results
 
 METHODS = {

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
 from attrax.harness import evaluate, forward
 from attrax.models import as_model
 from attrax.protocols import PROTOCOLS

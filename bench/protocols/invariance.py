@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from attrax.errors import AttraxError
 from attrax.harness import forward
 from attrax.models import Model, as_model

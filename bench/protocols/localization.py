@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from attrax.errors import AttraxError
 from attrax.protocols import PROTOCOLS, Scores
 from attrax.protocols._common import aggregate_channels, rank_desc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
 from attrax.harness import forward
 from attrax.protocols import PROTOCOLS, Scores
 from attrax.protocols._common import aggregate_channels, method_label, pearson, reexplainer

@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+
 from attrax.errors import AttraxError
 from attrax.harness import explain, forward
 from attrax.methods import per_example_keys
