@@ -189,7 +189,7 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
         stop = min(n, start + chunk)
         parts = []
         for a in arrays:
-            part = a[start:stop]
+            part = a if (start == 0 and stop == a.shape[0]) else a[start:stop]
             if stop - start < chunk:
                 extra = chunk - (stop - start)
                 if jnp.issubdtype(part.dtype, jax.dtypes.prng_key):
@@ -233,7 +233,6 @@ def explain(
     batch runs in chunks of `chunk_size` images (default: from `evals_per_chunk` and the method's
     cost), and per-example keys make the result independent of the chunking.
     """
-    from attrax.methods import per_example_keys
     from attrax.methods.combinators import resolve
 
     entry = resolve(method)  # registered names and compositions such as "smooth(gradient)"
@@ -253,16 +252,27 @@ def explain(
             "Pass the Flax module instead."
         )
     n = x.shape[0]
-    keys = per_example_keys(key if key is not None else 0, n)
+    base = key if key is not None else 0
+    if isinstance(base, int):
+        base = jax.random.key(base)
+    elif not jnp.issubdtype(base.dtype, jax.dtypes.prng_key):
+        base = jax.random.wrap_key_data(base)
+    given = base.ndim == 1  # the caller passed per-example keys
+    if given and base.shape[0] != n:
+        raise AttraxError(f"got {base.shape[0]} per-example keys for a batch of {n}")
+    # per-example keys fold_in(key, i) are derived inside the compiled call from example indices
+    chunked_keys = base if given else jnp.arange(n, dtype=jnp.int32)
     cost = entry.meta.get("cost", lambda hp: 1)({**allowed, **hparams})
     chunk = chunk_size or chunk_size_for(cost, n, evals_per_chunk)
 
-    def run(p, xx, tt, kk):
-        return entry.fn(model, p, xx, tt, key=kk, **hparams)
+    def run(p, xx, tt, kk, kb):
+        keys = kk if given else jax.vmap(lambda i: jax.random.fold_in(kb, i))(kk)
+        return entry.fn(model, p, xx, tt, key=keys, **hparams)
 
     if jit:
-        run = model.cached(("explain", method, _freeze(hparams), x.shape[1:], chunk), lambda: jax.jit(run))
-    return map_chunks(lambda xx, tt, kk: run(params, xx, tt, kk), n, chunk, x, target, keys)
+        cache_key = ("explain", method, _freeze(hparams), x.shape[1:], chunk, given)
+        run = model.cached(cache_key, lambda: jax.jit(run))
+    return map_chunks(lambda xx, tt, kk: run(params, xx, tt, kk, base), n, chunk, x, target, chunked_keys)
 
 
 def evaluate(

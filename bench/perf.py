@@ -213,11 +213,12 @@ def _explain_memory_mb(model, name: str, params, x, target) -> float | None:
     from attrax.methods import per_example_keys
 
     for key, fn in list(model._cache.items()):
-        if isinstance(key, tuple) and len(key) == 5 and key[0] == "explain" and key[1] == name:
-            chunk = key[4]
+        if isinstance(key, tuple) and len(key) == 6 and key[0] == "explain" and key[1] == name:
+            chunk, given = key[4], key[5]
             xx = jnp.zeros((chunk, *x.shape[1:]), x.dtype)
+            kk = per_example_keys(0, chunk) if given else jnp.zeros((chunk,), jnp.int32)
             try:
-                compiled = fn.lower(params, xx, jnp.zeros((chunk,), jnp.int32), per_example_keys(0, chunk)).compile()
+                compiled = fn.lower(params, xx, jnp.zeros((chunk,), jnp.int32), kk, jax.random.key(0)).compile()
             except Exception:  # noqa: BLE001 - a figure we cannot get is reported as missing
                 return None
             b = compiled_memory_bytes(compiled)
