@@ -212,6 +212,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
             continue
         r = jax.block_until_ready(r)
         timings[f"explain_{meth}_s"] = time.perf_counter() - t
+        log(f"[attrax] {meth}: explained {len(x)} images in {timings[f'explain_{meth}_s']:.2f}s")
         context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
                    "masks": None if masks is None else jnp.asarray(masks), "method": meth, "method_hparams": hp}
         for pi, (pname, pcfg) in enumerate(pspecs.items()):
