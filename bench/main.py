@@ -123,6 +123,34 @@ def method_context(meth: str, hp: dict, train_set, seed: int, model=None, params
     return out
 
 
+def run_activation_maximization(cfg: dict, run_dir: Path, model, params, train_set, ids: dict, log=print):
+    """Interpret the model (not an example): class images by activation maximization in image space
+    and in the code space of a decoder trained on the classifier's penultimate code; image grids
+    `am_image.png` / `am_code.png` and tidy rows (final logit, probability, distance to the class mean)."""
+    from attrax.methods import activation_maximization as am
+
+    acfg = dict(cfg.get("activation_maximization") or {})
+    units = np.arange(train_set.num_classes)
+    means = am.class_means(train_set.x, train_set.y, train_set.num_classes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    hp = {k: acfg[k] for k in ("lam", "steps", "lr") if k in acfg}
+    imgs = am.activation_maximization(model, params, units, prior="mean", means=means, bounds=(0.0, 1.0), **hp)
+    frames = [am.summarize(model, params, imgs, units, means=means, path=run_dir / "am_image.png",
+                           ids={**ids, "method": "activation_maximization", "method_hparams": hp})]
+    if acfg.get("code_space", True):
+        dec = am.train_decoder(model, params, train_set.x, steps=acfg.get("decoder_steps", 500))
+        cmeans = am.class_code_means(model, params, train_set.x, train_set.y, train_set.num_classes)
+        chp = {"lam": acfg.get("lam", 1.0), "steps": acfg.get("code_steps", 300)}
+        cimgs, _ = am.activation_maximization_code(model, params, units, decoder=dec, prior="mean",
+                                                   code_means=cmeans, **chp)
+        frames.append(am.summarize(model, params, cimgs, units, means=means, path=run_dir / "am_code.png",
+                                   ids={**ids, "method": "activation_maximization_code", "method_hparams": chp}))
+    log(f"[attrax] activation maximization of {len(units)} classes in {time.perf_counter() - t:.1f}s: "
+        f"{run_dir / 'am_image.png'}")
+    return pd.concat(frames, ignore_index=True)
+
+
 def select_images(ds, n: int):
     """A class-balanced subset of n images (the first n/classes of every class)."""
     per = max(1, int(np.ceil(n / ds.num_classes)))
@@ -228,6 +256,11 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
                 protocol=pname, seed=cfg["seed"]))
             choices[pname] = {**rec, **{k: v for k, v in scores.choices.items() if not hasattr(v, "shape")}}
         maps[meth] = np.asarray(r)[hidx]
+    if (cfg.get("activation_maximization") or {}).get("enabled"):
+        frames.append(run_activation_maximization(
+            cfg, run_dir, model, params, train_set,
+            {"run_id": run_dir.name, "experiment": cfg["experiment_name"], "dataset": dname, "model": mname,
+             "model_seed": cfg["model_seed"], "seed": cfg["seed"]}, log))
     rows = pd.concat(frames, ignore_index=True)
     acc_row = results.conform(pd.DataFrame([{
         "run_id": run_dir.name, "experiment": cfg["experiment_name"], "dataset": dname, "model": mname,
