@@ -43,8 +43,10 @@ def leaderboard(df: pd.DataFrame, *, n_boot: int = 1000) -> pd.DataFrame:
     metric's registered direction (no rank where the direction is unknown).
     """
     scal = df[df["x"].isna() & (df["example"] >= 0)]
+    if scal.empty:  # aggregate-only results (e.g. the benchmark table): rank the aggregates
+        scal = df[df["x"].isna()]
     if scal.empty:
-        raise AttraxError("no scalar per-example metrics in these results")
+        raise AttraxError("no scalar metrics in these results")
     out = []
     for (proto, metric, method), g in scal.groupby(["protocol", "metric", "method"], sort=True):
         lo, hi = bootstrap_ci(g["value"].to_numpy(), n_boot=n_boot)
@@ -125,6 +127,39 @@ def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None) -> Pat
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+BENCH_METRICS = ("images_per_s", "bound_ratio", "speedup_vs_bar")
+
+
+def bench_figure(df: pd.DataFrame, path: Path) -> Path | None:
+    """The benchmark table (`attrax-bench` results): images/s (log scale), bound ratio and the
+    speed-up over the PyTorch bar, one bar per method / protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    b = df[(df["protocol"] == "bench") & df["metric"].isin(BENCH_METRICS) & df["x"].isna()]
+    if b.empty:
+        return None
+    metrics = [m for m in BENCH_METRICS if m in set(b["metric"])]
+    order = (b[b["metric"] == metrics[0]].groupby("method")["value"].mean().sort_values(ascending=False).index)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.25 * len(order) + 1.5), squeeze=False)
+    for ax, m in zip(axes[0], metrics, strict=True):
+        sub = b[b["metric"] == m].groupby("method", as_index=False)["value"].mean()
+        sns.barplot(data=sub, y="method", x="value", order=[o for o in order if o in set(sub["method"])], ax=ax,
+                    color="tab:blue")
+        if m == "images_per_s":
+            ax.set_xscale("log")
+        if m in ("bound_ratio", "speedup_vs_bar"):
+            ax.axvline(1.5, color="tab:red", ls="--", lw=1)
+        ax.set(title=m, xlabel=m, ylabel="")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -226,7 +261,7 @@ def build(paths: list[str], out: str | Path | None = None) -> Path:
         f"mean [95% bootstrap CI] (rank), arrows give each metric's better direction.\n\n{table}\n"
         + (f"\n## Expected findings\n\n{check_md}\n" if checks else ""))
     figs = [p for p in (curve_figure(df, out / "curves.png"), rank_heatmap(lb, out / "ranks.png"),
-                        merged_heatmaps(runs, out / "heatmaps.png")) if p]
+                        merged_heatmaps(runs, out / "heatmaps.png"), bench_figure(df, out / "bench.png")) if p]
     seen = {p.name for p in figs}
     for run in runs:
         for png in sorted(Path(run).glob("*.png")):

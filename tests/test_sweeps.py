@@ -136,3 +136,18 @@ def test_main_job_activation_maximization(tmp_path):
     am = df[df["method"].isin(["activation_maximization", "activation_maximization_code"])]
     assert {"logit", "probability", "distance_to_mean"} <= set(am["metric"])
     assert set(am["example"]) == set(range(10))
+
+
+def test_report_plots_benchmark_table(tmp_path):
+    from attrax import report
+
+    rows = pd.DataFrame([{"run_id": "b", "experiment": "bench/method", "method": m, "protocol": "bench",
+                          "metric": met, "x": float("nan"), "value": v, "example": -1}
+                         for m, base in (("gradient", 4000.0), ("integrated_gradients", 90.0))
+                         for met, v in (("images_per_s", base), ("bound_ratio", 0.8), ("speedup_vs_bar", 2.0))])
+    results.write_run(tmp_path / "bench", rows, {}, {})
+    out = report.build([str(tmp_path / "bench")], tmp_path / "rep")
+    assert (out / "bench.png").exists()
+    assert "bench.png" not in (out / "report.html").read_text() or "data:image/png;base64" in (out / "report.html").read_text()
+    lb = pd.read_csv(out / "leaderboard.csv")
+    assert set(lb["metric"]) == {"images_per_s", "bound_ratio", "speedup_vs_bar"}
