@@ -233,7 +233,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
                                evals_per_chunk=cfg["chunk_evals"],
                                **method_context(meth, hp, train_set, cfg["seed"], model, params))
         except AttraxError as e:
-            if len(specs) == 1:
+            if cfg.get("method") or len(specs) == 1:  # a single chosen method must not be skipped
                 raise
             skipped[meth] = str(e)
             log(f"[attrax] {meth}: skipped: {e}")
