@@ -121,8 +121,11 @@ def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None) -> Pat
     fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
     for ax, (proto, met) in zip(axes.flat, panels, strict=False):
         sub = cur[(cur["protocol"] == proto) & (cur["metric"] == met)]
-        sns.lineplot(data=sub, x="x", y="value", hue="method", errorbar=("ci", 95), ax=ax, n_boot=200, seed=0)
+        sns.lineplot(data=sub, x="x", y="value", hue="method", errorbar=("ci", 95), ax=ax, n_boot=200, seed=0,
+                     legend=ax is axes.flat[0])
         ax.set(title=f"{proto}: {met}", xlabel=X_LABELS.get(proto, "x"), ylabel=met)
+    if axes.flat[0].get_legend() is not None:
+        axes.flat[0].legend(fontsize=7, ncol=2 if cur["method"].nunique() > 8 else 1)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
