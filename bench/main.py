@@ -13,7 +13,7 @@ import pandas as pd
 
 import attrax
 from attrax import report, results
-from attrax.errors import AttraxError
+from attrax.errors import AttraxError, unknown_name
 
 
 def _plain(cfg: Any) -> Any:
@@ -32,6 +32,14 @@ def method_specs(cfg: dict) -> dict[str, dict]:
     specs = {k: dict(v or {}) for k, v in (cfg.get("methods") or {}).items()}
     if not specs:
         raise AttraxError("no methods selected: set methods=<set> or method=<name>")
+    return specs
+
+
+def method_specs_with_controls(cfg: dict) -> dict[str, dict]:
+    """The selected methods plus the configured controls: every comparison carries them."""
+    specs = method_specs(cfg)
+    for c in cfg.get("controls") or []:
+        specs.setdefault(c, {})
     return specs
 
 
@@ -68,7 +76,7 @@ def retrain_protocols() -> dict:
 
 
 def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg, train_set, test_set, dname,
-                mname, log=print) -> pd.DataFrame:
+                mname, log=print) -> tuple[pd.DataFrame, dict[str, float]]:
     """ROAR / KAR / data randomization: each method's maps, retrained models, tidy rows."""
     runners = retrain_protocols()
     n_train = cfg.get("retrain_train_per_class")
@@ -78,17 +86,13 @@ def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg
         for pname, pcfg in pspecs.items():
             t = time.perf_counter()
             kw = dict(pcfg)
-            kw.setdefault("method_hparams", hp)
             if not kw.get("method_hparams"):
                 kw["method_hparams"] = hp
-            if pname == "sanity_data_randomization":
-                kw.setdefault("train_config", dict(vars(tcfg)))
-                df = runners[pname](meth, model, small_train, test_set, **kw)
-            else:
-                kw.setdefault("train_config", dict(vars(tcfg)))
+            kw.setdefault("train_config", dict(vars(tcfg)))
+            if pname != "sanity_data_randomization":
                 kw.setdefault("model_seed", cfg["model_seed"])
                 kw["progress"] = cfg["progress"]
-                df = runners[pname](meth, model, small_train, test_set, **kw)
+            df = runners[pname](meth, model, small_train, test_set, **kw)
             timings[f"{pname}_{meth}_s"] = time.perf_counter() - t
             log(f"[attrax] {meth}: {pname} in {timings[f'{pname}_{meth}_s']:.1f}s "
                 f"({df.attrs.get('timings', {})})")
@@ -182,24 +186,16 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     how = "loaded from cache" if info.get("cached") else f"trained in {timings['train_s']:.1f}s"
     log(f"[attrax] model {mname} on {dname}: {how}; test accuracy {acc:.4f}")
 
-    sub = select_images(test_set, cfg["n_images"])
-    x = jnp.asarray(sub.x)
-    target = attrax.resolve_target(model, params, x, sub.y, cfg["target"])
-    example_index = np.asarray(sub.meta.get("index", np.arange(len(sub))))
     pspecs = protocol_specs(cfg)
     retrain = retrain_protocols()
     for pname in pspecs:  # unknown names fail before any work
         if pname not in retrain and pname not in attrax.protocols.PROTOCOLS:
-            from attrax.errors import unknown_name
-
             raise unknown_name("protocol", pname, [*attrax.protocols.names(), *retrain])
     if any(p in retrain for p in pspecs):
         if not all(p in retrain for p in pspecs):
             raise AttraxError("retraining protocols (roar, kar, sanity_data_randomization) run on their own: "
                               "do not mix them with per-batch protocols in one job")
-        specs = method_specs(cfg)
-        for c in cfg.get("controls") or []:
-            specs.setdefault(c, {})
+        specs = method_specs_with_controls(cfg)
         rows, rt = run_retrain(cfg, run_dir, specs, pspecs, model, tcfg, train_set, test_set, dname, mname, log)
         timings.update(rt, total_s=time.perf_counter() - t0)
         if cfg["figures"]:
@@ -217,15 +213,20 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
             log(f"[attrax] expected finding {c['verdict']}: {c['claim']}. {c['numbers']}")
         log(f"[attrax] results: {run_dir / results.ROWS_FILE}")
         return rows
+    sub = select_images(test_set, cfg["n_images"])
+    x = jnp.asarray(sub.x)
+    target = attrax.resolve_target(model, params, x, sub.y, cfg["target"])
+    example_index = np.asarray(sub.meta.get("index", np.arange(len(sub))))
     masks = sub.meta.get("masks")
+    # protocol parameters taken from the run (the method's name and hparams are added per method)
+    run_context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
+                   "masks": None if masks is None else jnp.asarray(masks)}
     key = jax.random.key(cfg["seed"])
     frames, maps, choices, skipped = [], {}, {}, {}
     # heatmap rows: one image per class first, then the rest, up to `heatmap_images`
     firsts = [int(np.flatnonzero(sub.y == c)[0]) for c in np.unique(sub.y)]
     hidx = np.asarray((firsts + [i for i in range(len(sub)) if i not in firsts])[: cfg["heatmap_images"]])
-    specs = method_specs(cfg)
-    for c in cfg.get("controls") or []:  # every comparison carries its controls
-        specs.setdefault(c, {})
+    specs = method_specs_with_controls(cfg)
     for mi, (meth, hp) in enumerate(specs.items()):
         t = time.perf_counter()
         try:
@@ -241,20 +242,18 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         r = jax.block_until_ready(r)
         timings[f"explain_{meth}_s"] = time.perf_counter() - t
         log(f"[attrax] {meth}: explained {len(x)} images in {timings[f'explain_{meth}_s']:.2f}s")
-        context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
-                   "masks": None if masks is None else jnp.asarray(masks), "method": meth, "method_hparams": hp}
+        context = {**run_context, "method": meth, "method_hparams": hp}
         for pi, (pname, pcfg) in enumerate(pspecs.items()):
             t = time.perf_counter()
             scores = attrax.evaluate(pname, model, params, x, target, r, key=jax.random.fold_in(key, 10_000 + pi),
                                      **protocol_context(pname, pcfg, context))
             timings[f"protocol_{pname}_{meth}_s"] = dt = time.perf_counter() - t
             log(f"[attrax] {meth}: {pname} scored in {dt:.2f}s")
-            rec = {k: v for k, v in pcfg.items()}
             frames.append(results.scores_to_rows(
                 scores, example_index=example_index, run_id=run_dir.name, experiment=cfg["experiment_name"],
                 dataset=dname, model=mname, model_seed=cfg["model_seed"], method=meth, method_hparams=hp,
                 protocol=pname, seed=cfg["seed"]))
-            choices[pname] = {**rec, **{k: v for k, v in scores.choices.items() if not hasattr(v, "shape")}}
+            choices[pname] = {**pcfg, **{k: v for k, v in scores.choices.items() if not hasattr(v, "shape")}}
         maps[meth] = np.asarray(r)[hidx]
     if (cfg.get("activation_maximization") or {}).get("enabled"):
         frames.append(run_activation_maximization(

@@ -134,6 +134,16 @@ class MLP(nn.Module):
         return self.head(self.features(x))
 
 
+def _conv_pool_features(module: nn.Module, x: Array) -> Array:
+    """conv{i}-act blocks with pool{i} between them (none after the last): cnn, cnn_a, camnet."""
+    n = len(module.channels)
+    for i in range(n):
+        x = module.act(getattr(module, f"conv{i + 1}")(x))
+        if i < n - 1:
+            x = getattr(module, f"pool{i + 1}")(x)
+    return x
+
+
 @ZOO.register("cnn", family="conv")
 class CNN(nn.Module):
     """The tutorial's network: three conv3x3-act-maxpool blocks (32/64/128), dense 625, dense 10.
@@ -156,12 +166,7 @@ class CNN(nn.Module):
             setattr(self, f"dense{i + 1}", nn.Dense(d, use_bias=self.use_bias))
 
     def features(self, x):
-        n = len(self.channels)
-        for i in range(n):
-            x = self.act(getattr(self, f"conv{i + 1}")(x))
-            if i < n - 1:
-                x = getattr(self, f"pool{i + 1}")(x)
-        return x
+        return _conv_pool_features(self, x)
 
     def head(self, a):
         x = getattr(self, f"pool{len(self.channels)}")(a)
@@ -233,12 +238,7 @@ class CAMNet(nn.Module):
         self.out = nn.Dense(self.num_classes, use_bias=self.use_bias)
 
     def features(self, x):
-        n = len(self.channels)
-        for i in range(n):
-            x = self.act(getattr(self, f"conv{i + 1}")(x))
-            if i < n - 1:
-                x = getattr(self, f"pool{i + 1}")(x)
-        return x
+        return _conv_pool_features(self, x)
 
     def head(self, a):
         return self.out(self.gap(a))

@@ -80,16 +80,7 @@ def format_table(lb: pd.DataFrame) -> str:
         order = ranked[ranked["col"] == first].sort_values("rank")["method"].tolist()
         wide = wide.reindex(order + [m for m in wide.index if m not in order])
     wide.index = [f"{m} (control)" if m in CONTROLS else m for m in wide.index]
-    return wide.to_markdown() if _has_tabulate() else wide.to_string()
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
+    return wide.to_markdown()
 
 
 X_LABELS = {"pixel_flipping": "fraction of pixels removed", "deletion": "fraction removed",

@@ -27,6 +27,7 @@ import optax
 from attrax.errors import AttraxError
 from attrax.models import Model, as_model, init
 
+Array = jax.Array
 CACHE_VERSION = 1
 
 
@@ -84,9 +85,6 @@ def _epoch_batches(n: int, batch: int, key: Array) -> np.ndarray:
     perm = np.asarray(jax.random.permutation(key, n))
     nb = n // batch
     return perm[: nb * batch].reshape(nb, batch)
-
-
-Array = jax.Array
 
 
 def pick_loop(loop: str) -> str:
