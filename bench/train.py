@@ -1,10 +1,14 @@
 """Training with optax: jitted steps, deterministic per seed, cached by content hash.
 
 Two epoch strategies (`loop`): "python" (a Python loop of jitted steps) and "scan" (one
-`lax.scan` per epoch); two multi-seed strategies (`train_many(mode=...)`): "sequential" and
-"vmap" (all seeds' parameters stacked and trained by one vmapped step). On this CPU the Python
-loop was ~5x faster than scan and sequential 1.7x faster than vmap; "auto" picks per backend
-(python/sequential on CPU, scan/vmap on GPU/TPU). The benchmark command re-measures both.
+`lax.scan` per epoch); three multi-model strategies (`train_many(mode=...)`): "sequential",
+"vmap" (all models' parameters stacked and trained by one vmapped step) and "parallel" (one
+worker thread per CPU core, each training whole models through the one compiled step). On this
+CPU the Python loop was ~5x faster than scan; vmap was ~3x slower than sequential (XLA:CPU
+lowers a vmapped convolution to a grouped convolution) and parallel ~0.55x of sequential (XLA:
+CPU runs a convolution's backward pass on one thread, so one model leaves the other cores idle).
+"auto" picks per backend (python/parallel on CPU, scan/vmap on GPU/TPU). The benchmark command
+re-measures all of them (`attrax-bench`, training and ROAR grid sections).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from attrax.errors import AttraxError
+from attrax.errors import AttraxError, unknown_name
 from attrax.models import Model, as_model, init
 
 Array = jax.Array
@@ -254,16 +259,27 @@ def train_module_accuracy(model: Model, variables, dataset) -> float:
 # ---------------------------------------------------------------------------------------------
 # Several models at once (ROAR/KAR retrains, sanity checks)
 
-MANY_MODES = ("auto", "vmap", "sequential")
+MANY_MODES = ("auto", "vmap", "parallel", "sequential")
+
+
+def cpu_workers() -> int:
+    """CPU cores this process may use (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def pick_many_mode(mode: str) -> str:
-    """"auto": sequential on CPU (vmap of 4 models measured 1.7x slower there), vmap elsewhere."""
+    """"auto": vmap on GPU/TPU; on CPU parallel with 2+ cores, else sequential (measured, see the
+    module docstring and `attrax-bench`)."""
     if mode not in MANY_MODES:
-        raise AttraxError(f"unknown train_many mode {mode!r}: use one of {', '.join(MANY_MODES)}")
+        raise unknown_name("train_many mode", mode, MANY_MODES)
     if mode != "auto":
         return mode
-    return "sequential" if jax.default_backend() == "cpu" else "vmap"
+    if jax.default_backend() != "cpu":
+        return "vmap"
+    return "parallel" if cpu_workers() > 1 else "sequential"
 
 
 def _per_model_data(x, m: int) -> tuple[list[Any], np.ndarray]:
@@ -289,6 +305,7 @@ def _per_model_data(x, m: int) -> tuple[list[Any], np.ndarray]:
 
 def train_many(
     model: Any, x, y, seeds, *, cfg: TrainConfig, mode: str = "auto", progress: bool = False,
+    workers: int | None = None,
 ) -> tuple[list[Any], np.ndarray]:
     """Train one model per seed from fresh seeded inits; returns (variables list, losses).
 
@@ -297,9 +314,10 @@ def train_many(
     stored once). Model i is exactly what `fit(model, x_i, y_i, seed=seeds[i], cfg=cfg)` trains:
     the same init, the same batch order (to float tolerance). `mode`: "sequential" (one model
     after another through one compiled step shared by all), "vmap" (parameters and optimizer
-    states stacked, every step of all models one vmapped compiled call) or "auto" (sequential on
-    CPU, vmap on GPU/TPU; see `pick_many_mode`); `cfg.loop` still picks a Python loop of steps or
-    one `lax.scan` per epoch. `losses` is (models, epochs) mean training losses.
+    states stacked, every step of all models one vmapped compiled call), "parallel" (`workers`
+    threads, default one per CPU core, each training whole models through the same compiled
+    step; results equal sequential) or "auto" (see `pick_many_mode`); `cfg.loop` still picks a
+    Python loop of steps or one `lax.scan` per epoch. `losses` is (models, epochs) mean losses.
     """
     from tqdm.auto import tqdm
 
@@ -315,7 +333,8 @@ def train_many(
     n = int(np.shape(xs[0])[0])
     if int(np.shape(ys[0])[0]) != n:
         raise AttraxError(f"train_many: {n} images but {np.shape(ys[0])[0]} labels")
-    batched = pick_many_mode(mode) == "vmap"
+    chosen = pick_many_mode(mode)
+    batched = chosen == "vmap"
     tx = _optimizer(cfg)
     step = _make_step(model, tx)
     many = jax.vmap(step) if batched else step
@@ -342,8 +361,9 @@ def train_many(
     keys = [jax.random.split(jax.random.key(s)) for s in seeds]  # (init, data) as in `fit`
     sample = jnp.asarray(xs[0][:1])
     batch = min(cfg.batch_size, n)
+    n_batches = n // batch
 
-    def train_group(members: list[int]):
+    def initial_state(members: list[int]):
         inits = [init(model, keys[i][0], sample) for i in members]
         variables = jax.tree.map(lambda *a: jnp.stack(a), *inits) if batched else inits[0]
         params = variables["params"]
@@ -351,6 +371,20 @@ def train_many(
         state = (params, other, (jax.vmap(tx.init) if batched else tx.init)(params))
         vx = jnp.asarray(xi[members] if batched else xi[members[0]])
         vy = jnp.asarray(yi[members] if batched else yi[members[0]])
+        return state, vx, vy
+
+    def compiled(members: list[int]):
+        """The step (or epoch) compiled once, before any worker thread calls it."""
+        state, vx, vy = initial_state(members)
+        shape = (n_batches, batch) if loop == "scan" else (batch,)
+        idx = jnp.zeros(shape + ((len(members),) if batched else ()), jnp.int32)
+        if batched:
+            idx = jnp.moveaxis(idx, -1, -2)
+        fn = run_epoch if loop == "scan" else run_step
+        return fn.lower(state, (xd, yd), vx, vy, idx).compile()
+
+    def train_group(members: list[int], fn):
+        state, vx, vy = initial_state(members)
         losses = []
         for ep in range(cfg.epochs):
             idx = [_epoch_batches(n, batch, jax.random.fold_in(keys[i][1], ep)) for i in members]
@@ -358,22 +392,35 @@ def train_many(
             if loop == "python":
                 tot = 0.0
                 for b in idx:
-                    state, loss = run_step(state, (xd, yd), vx, vy, jnp.asarray(b))
+                    state, loss = fn(state, (xd, yd), vx, vy, jnp.asarray(b))
                     tot += loss
                 losses.append(np.asarray(tot) / len(idx))
             else:
-                state, ls = run_epoch(state, (xd, yd), vx, vy, jnp.asarray(idx))
+                state, ls = fn(state, (xd, yd), vx, vy, jnp.asarray(idx))
                 losses.append(np.asarray(ls).mean(axis=0))
         params, other, _ = state
+        jax.block_until_ready(params)
         return {"params": params, **other}, np.asarray(losses, dtype=np.float64).reshape(cfg.epochs, -1)
 
     if batched:
-        variables, losses = train_group(list(range(m)))
+        variables, losses = train_group(list(range(m)), compiled(list(range(m))))
         out = [jax.tree.map(lambda a, i=i: a[i], variables) for i in range(m)]
         return out, losses.T
-    out, losses = [], []
-    for i in tqdm(range(m), desc=f"train {m} x {model.name}", disable=not progress, leave=False):
-        v, ls = train_group([i])
-        out.append(v)
-        losses.append(ls[:, 0])
-    return out, np.asarray(losses)
+    fn = compiled([0])
+    bar = tqdm(total=m, desc=f"train {m} x {model.name} ({chosen})", disable=not progress, leave=False)
+    results: list[Any] = [None] * m
+
+    def job(i: int) -> None:
+        results[i] = train_group([i], fn)
+        bar.update(1)
+
+    n_workers = min(m, workers or cpu_workers()) if chosen == "parallel" else 1
+    if n_workers > 1:
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="attrax-train") as pool:
+            for f in [pool.submit(job, i) for i in range(m)]:
+                f.result()  # re-raises a worker's exception
+    else:
+        for i in range(m):
+            job(i)
+    bar.close()
+    return [r[0] for r in results], np.asarray([r[1][:, 0] for r in results])

@@ -8,7 +8,7 @@ import pytest
 
 import attrax
 from attrax.errors import AttraxError
-from attrax.train import TrainConfig, fit, pick_many_mode, train_many
+from attrax.train import TrainConfig, cpu_workers, fit, pick_many_mode, train_many
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,28 @@ def test_vmap_equals_sequential_per_seed(small, loop):
 
 def test_modes_and_errors(small):
     x, y = small
-    assert pick_many_mode("auto") == ("sequential" if jax.default_backend() == "cpu" else "vmap")
-    with pytest.raises(AttraxError, match="mode"):
-        train_many("mlp", x, y, [0], cfg=TrainConfig(epochs=1), mode="parallel")
+    cpu = "parallel" if cpu_workers() > 1 else "sequential"
+    assert pick_many_mode("auto") == (cpu if jax.default_backend() == "cpu" else "vmap")
+    with pytest.raises(AttraxError, match="Did you mean 'parallel'"):
+        train_many("mlp", x, y, [0], cfg=TrainConfig(epochs=1), mode="paralel")
     with pytest.raises(AttraxError, match="one per seed"):
         train_many("mlp", [x, x], y, [0, 1, 2], cfg=TrainConfig(epochs=1), mode="vmap")
     out, losses = train_many("mlp", x, y, [], cfg=TrainConfig(epochs=1))
     assert out == [] and losses.shape == (0, 1)
+
+
+@pytest.mark.parametrize("loop", ["python", "scan"])
+def test_parallel_equals_sequential(small, loop):
+    """Worker threads train each model through the same compiled step: identical results."""
+    x, y = small
+    model = attrax.models.create("cnn_a", channels=(4, 8), dense=(16,))
+    cfg = TrainConfig(epochs=2, batch_size=25, loop=loop)
+    xs = [x, 1.0 - x, x, 0.5 * x]
+    seeds = [0, 1, 2, 3]
+    seq, l_seq = train_many(model, xs, y, seeds, cfg=cfg, mode="sequential")
+    par, l_par = train_many(model, xs, y, seeds, cfg=cfg, mode="parallel", workers=3)
+    assert l_par.shape == (4, 2)
+    np.testing.assert_allclose(l_par, l_seq, rtol=1e-6)
+    for i in range(4):
+        assert _max_diff(seq[i], par[i]) < 1e-6
+    assert _max_diff(par[0], par[2]) > 1e-3
