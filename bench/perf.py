@@ -442,16 +442,135 @@ def bench_training(cfg: dict[str, Any]) -> list[dict]:
         recs.append({"kind": "train", "name": "fit", "hparams": {"loop": loop, "epochs": epochs},
                      "images_per_s": len(ds.x) * epochs / t["median_s"], "compile_s": t["compile_s"],
                      "seconds": t["median_s"]})
-    if hasattr(tr, "train_many"):
-        seeds = list(range(int(tcfg.get("seeds", 4))))
-        for mode in ("sequential", "vmap"):
-            c = attrax.TrainConfig(epochs=epochs, loop="python")
-            t = time_calls(lambda c=c, mode=mode: tr.train_many(model, ds.x, ds.y, seeds, cfg=c, mode=mode)[0],
-                           repeats=2, warmup=0, max_seconds=60)
+    configs = [(cfg["model"], {}, int(tcfg.get("seeds", 4)), epochs, 64)]
+    small = tcfg.get("dispatch_bound")  # a step so small that fixed per-call costs dominate (GPU-shaped)
+    if small:
+        configs.append((small.get("model", "mlp"), dict(small.get("model_kwargs") or {}), int(small.get("seeds", 12)),
+                        int(small.get("epochs", 4)), int(small.get("batch_size", 16))))
+    for mname, mkw, n_seeds, ep, bs in configs:
+        m = attrax.models.create(mname, **{k: tuple(v) if isinstance(v, list) else v for k, v in mkw.items()})
+        seeds = list(range(n_seeds))
+        for mode in ("sequential", "vmap", "parallel"):
+            c = attrax.TrainConfig(epochs=ep, batch_size=bs, loop="python")
+            def call(c=c, mode=mode, m=m, seeds=seeds):
+                return tr.train_many(m, ds.x, ds.y, seeds, cfg=c, mode=mode)[0]
+
+            t = time_calls(call, repeats=2, warmup=0, max_seconds=60)
+            label = mname + ("(" + ",".join(f"{k}={v}" for k, v in mkw.items()) + ")" if mkw else "")
             recs.append({"kind": "train", "name": "train_many",
-                         "hparams": {"mode": mode, "seeds": len(seeds), "epochs": epochs, "loop": "python"},
-                         "images_per_s": len(seeds) * len(ds.x) * epochs / t["median_s"],
+                         "hparams": {"model": label, "mode": mode, "seeds": n_seeds, "epochs": ep, "batch": bs,
+                                     "loop": "python"},
+                         "images_per_s": n_seeds * len(ds.x) * ep / t["median_s"],
                          "compile_s": t["compile_s"], "seconds": t["median_s"]})
+    return recs
+
+
+# ---------------------------------------------------------------------------------------------
+# The ROAR + KAR grid: batched vs one-by-one retraining, measured in the same run
+
+
+def _drop_cached_retrains() -> int:
+    """Remove the retrained models (not the base model, maps or rankings) from the cache."""
+    from attrax.train import cache_dir
+
+    n = 0
+    for meta in cache_dir().glob("*.json"):
+        try:
+            purpose = json.loads(meta.read_text()).get("purpose")
+        except (OSError, json.JSONDecodeError):
+            continue
+        if purpose == "roar/kar retrain":
+            meta.with_suffix(".msgpack").unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
+def bench_roar_grid(cfg: dict[str, Any], log=lambda *a: None) -> list[dict]:
+    """The full ROAR + KAR grid (methods x fractions x seeds retrains) on the benchmark's data set,
+    once with the batched retraining mode and once one model at a time, in a fresh cache.
+
+    Pass 1 (`batched` mode) starts from an empty cache: its wall time is the whole grid (base model,
+    maps and rankings of every train and test image, retrains, evaluation). Pass 2 re-runs the same
+    retrains with mode "sequential" (maps and rankings now cached, retrained models removed), so
+    the two training times compare the same models. `vmap_methods` are also retrained with "vmap".
+    """
+    import importlib
+    import tempfile
+
+    import attrax
+    from attrax.protocols import roar
+
+    g = cfg.get("roar_grid") or {}
+    methods = dict(g.get("methods") or {"gradient": {}, "random": {}})
+    fractions = [float(f) for f in g.get("fractions", roar.FRACTIONS)]
+    seeds = [int(s) for s in g.get("seeds", (0, 1, 2))]
+    model_name = g.get("model", cfg["model"])
+    tcfg = attrax.TrainConfig(epochs=int(g.get("epochs", 2)), batch_size=int(g.get("batch_size", 64)))
+    train_set = attrax.datasets.load(cfg["dataset"], split="train")
+    if g.get("train_per_class"):
+        train_set = train_set.take(per_class=int(g["train_per_class"]))
+    test_set = attrax.datasets.load(cfg["dataset"], split="test")
+    if g.get("test_images"):
+        test_set = test_set.take(int(g["test_images"]))
+    batched = importlib.import_module("attrax.train").pick_many_mode(str(g.get("batched", "auto")))
+    model = attrax.models.create(model_name, num_classes=train_set.num_classes)
+
+    def grid(mode: str, names) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        tot = {"maps_s": 0.0, "rank_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "n_trained": 0}
+        per_method, accs = {}, {}
+        for name in names:
+            df = roar.run(name, model, train_set, test_set, fractions=fractions, seeds=seeds,
+                          method_hparams=methods[name], train_config=tcfg, mode=mode)
+            tm = df.attrs["timings"]
+            for k in tot:
+                tot[k] += tm[k]
+            per_method[name] = tm["train_s"]
+            accs[name] = df.set_index(["protocol", "x", "seed"]).value
+            log(f"roar grid {mode:10s} {name:24s} retrained {tm['n_trained']:3d} models in {tm['train_s']:.1f}s")
+        return dict(tot, wall_s=time.perf_counter() - t0, per_method=per_method, accs=accs)
+
+    old = os.environ.get("ATTRAX_CACHE")
+    recs = []
+    with tempfile.TemporaryDirectory(prefix="attrax-roar-bench-") as tmp:
+        os.environ["ATTRAX_CACHE"] = tmp
+        try:
+            first = grid(batched, methods)
+            _drop_cached_retrains()
+            seq = grid("sequential", methods)
+            vm_names = [m for m in g.get("vmap_methods") or [] if m in methods]
+            vm = None
+            if vm_names and batched != "vmap":
+                _drop_cached_retrains()
+                vm = grid("vmap", vm_names)
+        finally:
+            if old is None:
+                os.environ.pop("ATTRAX_CACHE", None)
+            else:
+                os.environ["ATTRAX_CACHE"] = old
+    n = first["n_trained"]
+    same = max(float(np.abs(first["accs"][k] - seq["accs"][k]).max()) for k in methods)
+    hp = {"methods": len(methods), "fractions": len(fractions), "seeds": len(seeds),
+          "protocols": "roar+kar", "train_images": len(train_set), "test_images": len(test_set),
+          "epochs": tcfg.epochs, "model": model_name, "retrains": n}
+    imgs = n * len(train_set) * tcfg.epochs
+    recs.append({"kind": "roar", "name": "roar_kar_grid", "hparams": dict(hp, mode=batched),
+                 "seconds": first["wall_s"], "train_s": first["train_s"], "maps_s": first["maps_s"],
+                 "rank_s": first["rank_s"], "eval_s": first["eval_s"], "images_per_s": imgs / first["train_s"],
+                 "train_ratio": first["train_s"] / seq["train_s"], "max_accuracy_diff": same,
+                 "note_text": f"{batched} / sequential retraining time, same retrains, same run"})
+    recs.append({"kind": "roar", "name": "roar_kar_grid", "hparams": dict(hp, mode="sequential"),
+                 "seconds": seq["wall_s"], "train_s": seq["train_s"], "maps_s": seq["maps_s"],
+                 "rank_s": seq["rank_s"], "eval_s": seq["eval_s"], "images_per_s": imgs / seq["train_s"],
+                 "train_ratio": 1.0})
+    if vm is not None:
+        seq_s = sum(seq["per_method"][m] for m in vm_names)
+        recs.append({"kind": "roar", "name": "roar_kar_grid", "hparams": dict(
+            hp, mode="vmap", methods=len(vm_names), retrains=vm["n_trained"], subset=",".join(vm_names)),
+            "seconds": vm["wall_s"], "train_s": vm["train_s"], "eval_s": vm["eval_s"],
+            "images_per_s": vm["n_trained"] * len(train_set) * tcfg.epochs / vm["train_s"],
+            "train_ratio": vm["train_s"] / seq_s})
     return recs
 
 
@@ -512,7 +631,7 @@ def to_rows(records: list[dict], *, run_id: str, cfg: dict[str, Any]) -> pd.Data
     for r in records:
         hp = {**(r.get("hparams") or {}), **({"bound": r["bound_kind"]} if r.get("bound_kind") else {})}
         for metric in ("images_per_s", "compile_s", "peak_mb", "bound_ratio", "bar_images_per_s", "speedup_vs_bar",
-                       "cpu_images_per_s", "cpu_bound_ratio"):
+                       "cpu_images_per_s", "cpu_bound_ratio", "seconds", "train_s", "maps_s", "train_ratio"):
             v = r.get("bar") if metric == "bar_images_per_s" else r.get(metric)
             if metric == "speedup_vs_bar" and r.get("bar") and r.get("images_per_s"):
                 v = r["images_per_s"] / r["bar"]
@@ -589,6 +708,29 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> s
                 f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('seconds'), 2)} | {_fmt(r.get('compile_s'), 2)} |"
                 for r in trains]
         out.append("")
+    grids = [r for r in records if r["kind"] == "roar" and not r.get("error")]
+    if grids:
+        hp = grids[0]["hparams"]
+        out += ["## ROAR + KAR grid (batched vs one-by-one retraining, same run)", "",
+                f"{hp['methods']} methods x {hp['fractions']} fractions (ROAR and KAR) x {hp['seeds']} retrains of "
+                f"`{hp['model']}` on {hp['train_images']:,} training digits for {hp['epochs']} epochs "
+                f"({hp['retrains']} retrained models: the unmodified point and the random control's ROAR = KAR "
+                f"are trained once), test accuracy on {hp['test_images']:,} digits. The first row ran from an empty "
+                "cache (base model, maps and rankings included); the others retrain the same models again with "
+                "maps and rankings cached. ratio = training time / the sequential training time of the same models.",
+                "", "| retraining | models | grid wall s | maps s | training s | images/s (training) | ratio |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
+        for r in grids:
+            h = r["hparams"]
+            mode = h["mode"] + (f" ({h['subset']})" if h.get("subset") else "")
+            out.append(f"| {mode} | {h['retrains']} | {_fmt(r.get('seconds'))} | {_fmt(r.get('maps_s'))} | "
+                       f"{_fmt(r.get('train_s'))} | {_fmt(r.get('images_per_s'))} | {_fmt(r.get('train_ratio'), 2)} |")
+        if grids[0].get("max_accuracy_diff") is not None:
+            out.append(f"\nLargest test-accuracy difference between the {grids[0]['hparams']['mode']} and the "
+                       f"sequential retrains: {grids[0]['max_accuracy_diff']:.4f}.")
+        out.append("")
+    for r in (r for r in records if r["kind"] == "roar" and r.get("error")):
+        out += [f"ROAR grid failed: {r['error']}", ""]
     for r in (r for r in records if r["kind"] == "budget"):
         hp = r["hparams"]
         out += ["## Memory-bounded chunking", "",
@@ -616,7 +758,7 @@ def _names(arg: str | None, all_names: list[str]) -> list[str]:
 
 def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protocols: list[str],
         steps: bool = True, training: bool = True, budget: bool = True, flags: list[str] | None = None,
-        progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
+        roar_grid: bool = True, progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
     """Run the benchmark and write rows.parquet, run.json and performance.md into `out_dir`."""
     import attrax
     from attrax.results import write_run
@@ -670,6 +812,8 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
         section("train", lambda: bench_training(cfg))
     if budget:
         guarded(lambda: budget_check(model, params, x, cfg), "budget", "integrated_gradients")
+    if roar_grid and cfg.get("roar_grid"):
+        section("roar", lambda: bench_roar_grid(cfg, log))
     env["load_after"] = os.getloadavg()[0]
     run_id = time.strftime("bench-%Y%m%d-%H%M%S")
     rows = to_rows(records, run_id=run_id, cfg=cfg)
@@ -696,6 +840,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-steps", action="store_true", help="skip the optimization-step figures")
     ap.add_argument("--no-training", action="store_true", help="skip the training-strategy figures")
     ap.add_argument("--no-budget", action="store_true", help="skip the memory-bounded chunking check")
+    ap.add_argument("--no-roar", action="store_true", help="skip the ROAR + KAR retraining grid (minutes)")
+    ap.add_argument("--roar-only", action="store_true",
+                    help="only the ROAR + KAR grid (same as --methods none --protocols none --no-steps "
+                         "--no-training --no-budget)")
     ap.add_argument("--flags", action="append", default=None,
                     help="XLA_FLAGS value to probe in a subprocess (repeatable; '' = none)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -709,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(a.config, {"dataset": a.dataset, "model": a.model, "batch": a.batch, "repeats": a.repeats,
                                      "train_epochs": a.train_epochs})
+        if a.roar_only:
+            a.methods, a.protocols, a.no_steps, a.no_training, a.no_budget = "none", "none", True, True, True
         methods = _names(a.methods, attrax.methods.names())
         protocols = _names(a.protocols, attrax.protocols.names())
         for n in methods:
@@ -717,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
             attrax.protocols.get(n)
         out = a.out or os.path.join("results", "bench", time.strftime("%Y%m%d-%H%M%S"))
         run(cfg, out, methods=methods, protocols=protocols, steps=not a.no_steps, training=not a.no_training,
-            budget=not a.no_budget, flags=a.flags, progress=not a.quiet)
+            budget=not a.no_budget, flags=a.flags, roar_grid=not a.no_roar, progress=not a.quiet)
     except AttraxError as e:
         print(f"attrax-bench: error: {e}", file=sys.stderr)
         return 2

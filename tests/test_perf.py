@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -132,3 +134,35 @@ def test_max_pool_equals_flax_values_and_gradient_with_ties(shape, padding):
     # forward-mode too (the rule is a JVP; reverse mode is its transpose)
     v = jax.random.normal(jax.random.key(4), shape)
     np.testing.assert_allclose(jax.jvp(ours, (x,), (v,))[1], jax.jvp(ref, (x,), (v,))[1], rtol=1e-6)
+
+
+def test_bench_roar_grid_times_batched_and_sequential_retraining(tmp_path):
+    """The benchmark's ROAR + KAR grid: same retrains in both modes, same accuracies, a ratio."""
+    import yaml
+
+    import attrax
+    from attrax import perf
+
+    cfg = {
+        "dataset": "mnist_sample", "model": "cnn_a", "batch": 4, "train_epochs": 0, "repeats": 1,
+        "warmup": 0, "max_seconds": 2, "relevance_method": "gradient", "methods": {}, "protocols": {},
+        "roar_grid": {"train_per_class": 4, "test_images": 40, "epochs": 1, "batch_size": 8,
+                      "fractions": [0.0, 0.5], "seeds": [0, 1], "batched": "parallel",
+                      "vmap_methods": ["gradient"], "methods": {"gradient": {}, "random": {}}},
+    }
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "bench"
+    assert perf.main(["--config", str(tmp_path / "b.yaml"), "--roar-only", "--out", str(out), "--quiet"]) == 0
+    run = attrax.results.load(out)
+    meta = json.loads((out / "run.json").read_text())
+    recs = [r for r in meta["bench"]["records"] if r["kind"] == "roar"]
+    df = run[run.experiment == "bench/roar"]
+    modes = [json.loads(h)["mode"] for h in df[df.metric == "train_ratio"].method_hparams]
+    assert modes == ["parallel", "sequential", "vmap"]
+    ratios = df[df.metric == "train_ratio"].value.to_numpy()
+    assert ratios[1] == 1.0 and np.all(ratios > 0)
+    # gradient: none + roar/kar at 0.5 = 3 variants x 2 seeds; random: its 0.5 variant (none is shared)
+    assert {json.loads(h)["retrains"] for h in df.method_hparams} >= {8, 6}
+    md = (out / "performance.md").read_text()
+    assert "## ROAR + KAR grid" in md and "| parallel | 8 |" in md and "difference" in md
+    assert recs[0]["max_accuracy_diff"] == 0.0  # parallel retrains equal the sequential ones
