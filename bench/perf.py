@@ -714,7 +714,8 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> s
         out += ["## ROAR + KAR grid (batched vs one-by-one retraining, same run)", "",
                 f"{hp['methods']} methods x {hp['fractions']} fractions (ROAR and KAR) x {hp['seeds']} retrains of "
                 f"`{hp['model']}` on {hp['train_images']:,} training digits for {hp['epochs']} epochs "
-                f"({hp['retrains']} retrained models: the unmodified point and the random control's ROAR = KAR "
+                f"({hp['retrains']} retrained models: the unmodified point, the random control's ROAR = KAR and "
+                "modified training sets that two methods share - e.g. the same pixels removed at a high fraction - "
                 f"are trained once), test accuracy on {hp['test_images']:,} digits. The first row ran from an empty "
                 "cache (base model, maps and rankings included); the others retrain the same models again with "
                 "maps and rankings cached. ratio = training time / the sequential training time of the same models.",

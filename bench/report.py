@@ -84,7 +84,7 @@ def format_table(lb: pd.DataFrame) -> str:
 
 
 X_LABELS = {"pixel_flipping": "fraction of pixels removed", "deletion": "fraction removed",
-            "insertion": "fraction inserted", "roar": "fraction removed", "kar": "fraction kept",
+            "insertion": "fraction inserted", "roar": "fraction replaced", "kar": "fraction replaced",
             "sanity_model_randomization": "randomized layer", "selectivity": "step",
             "continuity": "shift (px)"}
 
@@ -121,6 +121,93 @@ def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None) -> Pat
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+SANITY = "sanity_model_randomization"
+SANITY_MODES = ("cascading", "independent")
+SANITY_SIMS = ("spearman", "spearman_abs", "ssim", "hog")
+
+
+def _sanity_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean similarity per (method, mode, similarity, step) of the model randomization rows."""
+    s = df[(df["protocol"] == SANITY) & df["x"].notna()]
+    if s.empty:
+        return s
+    parts = s["metric"].str.split("_", n=1, expand=True)
+    s = s.assign(mode=parts[0], similarity=parts[1])
+    return s.groupby(["method", "mode", "similarity", "x"], as_index=False)["value"].mean()
+
+
+def sanity_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: mean similarity to the trained model's maps with the top (logits)
+    layer re-initialized, with all layers re-initialized (cascading), and with one layer at a
+    time (independent, mean over layers) - for each similarity. Lower = the maps depend on the
+    learned weights (Adebayo et al. 2018: such a method passes)."""
+    m = _sanity_means(df)
+    if m.empty:
+        return pd.DataFrame()
+    rows = []
+    for meth, g in m.groupby("method"):
+        row = {"method": meth}
+        for sim in SANITY_SIMS:
+            c = g[(g["mode"] == "cascading") & (g["similarity"] == sim)].sort_values("x")
+            i = g[(g["mode"] == "independent") & (g["similarity"] == sim)]
+            if len(c):
+                row[f"top_{sim}"], row[f"all_{sim}"] = c["value"].iloc[0], c["value"].iloc[-1]
+            if len(i):
+                row[f"independent_{sim}"] = i["value"].mean()
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("all_spearman_abs" if "all_spearman_abs" in rows[0] else "method")
+
+
+def format_sanity_table(t: pd.DataFrame) -> str:
+    """Markdown: per method and column, Spearman / Spearman-abs / SSIM / HOG."""
+    cols = [("top", "logits layer re-initialized"), ("all", "all layers (cascading)"),
+            ("independent", "one layer at a time (mean)")]
+    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for _, r in t.iterrows():
+        cells = [" / ".join(f"{r[f'{c}_{s}']:.2f}" if pd.notna(r.get(f"{c}_{s}")) else "-" for s in SANITY_SIMS)
+                 for c, _ in cols]
+        lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sanity_figure(df: pd.DataFrame, path: Path) -> Path | None:
+    """Small multiples, one panel per method: mean similarity vs number of layers randomized,
+    cascading (solid) and independent (dashed), one colour per similarity."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = _sanity_means(df)
+    if m.empty:
+        return None
+    methods = list(sanity_table(df)["method"])
+    cols = min(6, len(methods))
+    rows = int(np.ceil(len(methods) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.2 * rows + 0.6), squeeze=False, sharey=True)
+    colors = dict(zip(SANITY_SIMS, ("tab:blue", "tab:orange", "tab:green", "tab:red"), strict=True))
+    for ax, meth in zip(axes.flat, methods, strict=False):
+        g = m[m["method"] == meth]
+        for (mode, sim), c in g.groupby(["mode", "similarity"]):
+            c = c.sort_values("x")
+            ax.plot(c["x"], c["value"], color=colors.get(sim, "k"), ls="-" if mode == "cascading" else "--",
+                    marker=".", lw=1.2, label=f"{mode} {sim}")
+        ax.axhline(0, color="0.7", lw=0.6)
+        ax.set_title(meth, fontsize=8)
+        ax.set_ylim(-0.4, 1.05)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_visible(False)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+    fig.supxlabel("layers randomized from the logits (cascading) / layer index from the top (independent)",
+                  fontsize=8, y=0.06)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -250,11 +337,16 @@ def build(paths: list[str], out: str | Path | None = None) -> Path:
     table = format_table(lb)
     checks = findings.check(df)
     check_md = findings.format(checks)
+    st = sanity_table(df)
+    sanity_md = format_sanity_table(st) if len(st) else ""
     (out / "leaderboard.md").write_text(
         f"# attrax leaderboard\n\n{len(df)} rows from {df['run_id'].nunique()} runs; "
         f"mean [95% bootstrap CI] (rank), arrows give each metric's better direction.\n\n{table}\n"
+        + (f"\n## Model randomization (Spearman / Spearman-abs / SSIM / HOG vs the trained model's maps; "
+           f"lower = depends on the weights)\n\n{sanity_md}\n" if sanity_md else "")
         + (f"\n## Expected findings\n\n{check_md}\n" if checks else ""))
-    figs = [p for p in (curve_figure(df, out / "curves.png"), rank_heatmap(lb, out / "ranks.png"),
+    figs = [p for p in (curve_figure(df, out / "curves.png"), sanity_figure(df, out / "sanity.png"),
+                        rank_heatmap(lb, out / "ranks.png"),
                         merged_heatmaps(runs, out / "heatmaps.png"), bench_figure(df, out / "bench.png")) if p]
     seen = {p.name for p in figs}
     for run in runs:
@@ -268,6 +360,8 @@ def build(paths: list[str], out: str | Path | None = None) -> Path:
             f"<p>{len(df)} rows from {df['run_id'].nunique()} runs.</p>",
             lb.assign(direction=lb["higher_is_better"].map(arrow)).to_html(
                 index=False, float_format=lambda v: f"{v:.4g}"),
+            *(["<h2>Model randomization</h2>", st.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
+              if sanity_md else []),
             *(["<h2>Expected findings</h2><pre>", check_md, "</pre>"] if checks else []),
             *[_embed(p) for p in figs], "</body></html>"]
     (out / "report.html").write_text("\n".join(html))

@@ -168,3 +168,32 @@ def test_configs_match_signatures():
             d = sig[k].default
             d = list(d) if isinstance(d, tuple) else ({} if d is None and val == {} else d)
             assert d == val, (name, k)
+
+
+def test_sanity_table_and_figure_summarize_every_method(tmp_path):
+    """The report's model-randomization summary: top layer, all layers, independent mean."""
+    import pandas as pd
+
+    from attrax import report
+
+    rows = []
+    curves = {"a": [0.9, 0.5, 0.1], "b": [1.0, 1.0, 0.9]}  # cascading, steps 1..3
+    for meth, casc in curves.items():
+        for ex in range(2):
+            for step, v in enumerate(casc, start=1):
+                for sim in ("spearman_abs", "ssim"):
+                    rows.append({"method": meth, "protocol": "sanity_model_randomization",
+                                 "metric": f"cascading_{sim}", "x": float(step), "value": v + 0.01 * ex})
+                    rows.append({"method": meth, "protocol": "sanity_model_randomization",
+                                 "metric": f"independent_{sim}", "x": float(step), "value": 0.5})
+    rows.append({"method": "a", "protocol": "pixel_flipping", "metric": "auc", "x": float("nan"), "value": 1.0})
+    df = pd.DataFrame(rows)
+    t = report.sanity_table(df).set_index("method")
+    assert list(t.index) == ["a", "b"]  # sorted by similarity after all layers: a depends on weights
+    assert t.loc["a", "top_spearman_abs"] == pytest.approx(0.905)
+    assert t.loc["a", "all_ssim"] == pytest.approx(0.105)
+    assert t.loc["b", "independent_ssim"] == pytest.approx(0.5)
+    md = report.format_sanity_table(report.sanity_table(df))
+    assert "| a | - / 0.91 / 0.91 / - |" in md
+    assert report.sanity_figure(df, tmp_path / "s.png").exists()
+    assert report.sanity_figure(df[df.protocol != "sanity_model_randomization"], tmp_path / "t.png") is None
