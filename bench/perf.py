@@ -395,9 +395,79 @@ def probe(batch: int = 100) -> dict[str, float]:
     ref = reference_times(model, params, x, t, repeats=7, max_seconds=10)
     ig = time_calls(lambda: attrax.explain("integrated_gradients", model, params, x, t, steps=50),
                     repeats=3, warmup=1, max_seconds=10)
+    step = _train_step_fn(model)
+    xb, tb = x[:64], t[:64]
+    ts = time_calls(lambda: step(params, xb, tb), repeats=7, warmup=1, max_seconds=10)
     return {"forward": [batch / ref["forward"], batch / ref["forward_cpu"]],
             "gradient": [batch / ref["gradient"], batch / ref["gradient_cpu"]],
-            "integrated_gradients(steps=50)": [batch / ig["median_s"], batch / cpu_equivalent_s(ig["cpu_s"])]}
+            "integrated_gradients(steps=50)": [batch / ig["median_s"], batch / cpu_equivalent_s(ig["cpu_s"])],
+            "train_step(batch=64)": [64 / ts["median_s"], 64 / cpu_equivalent_s(ts["cpu_s"])]}
+
+
+def _train_step_fn(model):
+    """The jitted loss gradient w.r.t. the parameters (the cost of one training step)."""
+    import optax
+
+    def loss(p, xb, tb):
+        return optax.softmax_cross_entropy_with_integer_labels(model(p, xb), tb).mean()
+
+    return jax.jit(jax.grad(loss))
+
+
+def bench_cores() -> list[dict]:
+    """The probe confined to one core vs all cores, each in a fresh process: how much of a second
+    core one model's computation uses (why parallel retraining pays on CPU)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    recs = []
+    for label, mask in (("1 core", cores[:1]), (f"{len(cores)} cores", cores)):
+        if not mask or (label != "1 core" and len(cores) < 2):
+            continue
+        out = subprocess.run([sys.executable, "-m", "attrax.perf", "--probe"], capture_output=True, text=True,
+                             timeout=600, preexec_fn=lambda m=mask: os.sched_setaffinity(0, m))
+        try:
+            figs = json.loads(out.stdout.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            recs.append({"kind": "train", "name": "cores", "hparams": {"variant": label},
+                         "note": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+            continue
+        for what in ("gradient", "train_step(batch=64)"):
+            recs.append({"kind": "train", "name": what, "hparams": {"variant": f"process on {label}"},
+                         "images_per_s": figs[what][0], "seconds": 64 / figs[what][0] if "train" in what else None})
+    return recs
+
+
+def bench_vmapped_conv(models: int = 18) -> list[dict]:
+    """cnn_a's convolutions: forward, input gradient and kernel gradient per model, alone vs vmapped
+    over `models` stacked kernels (XLA lowers a batched kernel to a grouped convolution)."""
+    from jax import lax
+
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dn)
+
+    def parts(f):
+        return {"forward": jax.jit(f),
+                "input gradient": jax.jit(lambda x, k, g: jax.vjp(f, x, k)[1](g)[0]),
+                "kernel gradient": jax.jit(lambda x, k, g: jax.vjp(f, x, k)[1](g)[1])}
+
+    rng = np.random.default_rng(0)
+    recs = []
+    for h, ci, co in ((28, 1, 32), (14, 32, 64)):
+        x = jnp.asarray(rng.random((models, 64, h, h, ci), np.float32))
+        k = jnp.asarray(rng.random((models, 3, 3, ci, co), np.float32))
+        g = jnp.ones((models, 64, h, h, co), jnp.float32)
+        alone, stacked = parts(conv), {n: jax.vmap(f) for n, f in parts(conv).items()}
+        for what in alone:
+            a = (x[0], k[0]) if what == "forward" else (x[0], k[0], g[0])
+            b = (x, k) if what == "forward" else (x, k, g)
+            t1 = time_calls(lambda f=alone[what], a=a: f(*a), repeats=5, warmup=1, max_seconds=5)["median_s"]
+            tm = time_calls(lambda f=jax.jit(stacked[what]), b=b: f(*b), repeats=3, warmup=1,
+                            max_seconds=10)["median_s"] / models
+            for variant, t in (("alone", t1), (f"vmap of {models}, per model", tm)):
+                recs.append({"kind": "train", "name": f"conv {h}x{h}x{ci}->{co} {what}",
+                             "hparams": {"variant": variant}, "seconds": t, "images_per_s": 64 / t})
+    return recs
 
 
 def bench_flags(flag_sets: list[str]) -> list[dict]:
@@ -447,6 +517,8 @@ def bench_training(cfg: dict[str, Any]) -> list[dict]:
     if small:
         configs.append((small.get("model", "mlp"), dict(small.get("model_kwargs") or {}), int(small.get("seeds", 12)),
                         int(small.get("epochs", 4)), int(small.get("batch_size", 16))))
+    recs += bench_vmapped_conv()
+    recs += bench_cores()
     for mname, mkw, n_seeds, ep, bs in configs:
         m = attrax.models.create(mname, **{k: tuple(v) if isinstance(v, list) else v for k, v in mkw.items()})
         seeds = list(range(n_seeds))
@@ -703,10 +775,15 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> s
     trains = [r for r in records if r["kind"] == "train"]
     if trains:
         out += ["## Training strategies (both kept; `auto` chooses by backend)", "",
-                "| what | settings | images/s (all models) | seconds | compile s |", "|---|---|---:|---:|---:|"]
+                "| what | settings | images/s (all models) | time | compile s |", "|---|---|---:|---:|---:|"]
+        def dur(v):
+            if v is None:
+                return "-"
+            return f"{v * 1e3:.2f} ms" if v < 1 else f"{v:.2f} s"
+
         out += [f"| {r['name']} | {', '.join(f'{k}={v}' for k, v in r['hparams'].items())} | "
-                f"{_fmt(r.get('images_per_s'))} | {_fmt(r.get('seconds'), 2)} | {_fmt(r.get('compile_s'), 2)} |"
-                for r in trains]
+                f"{_fmt(r.get('images_per_s'))} | {dur(r.get('seconds'))} | {_fmt(r.get('compile_s'), 2)} |"
+                if not r.get("note") else f"| {r['name']} | {r['hparams']} | - | - | {r['note']} |" for r in trains]
         out.append("")
     grids = [r for r in records if r["kind"] == "roar" and not r.get("error")]
     if grids:

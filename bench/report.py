@@ -197,6 +197,7 @@ def sanity_figure(df: pd.DataFrame, path: Path) -> Path | None:
             ax.plot(c["x"], c["value"], color=colors.get(sim, "k"), ls="-" if mode == "cascading" else "--",
                     marker=".", lw=1.2, label=f"{mode} {sim}")
         ax.axhline(0, color="0.7", lw=0.6)
+        ax.set_xticks(sorted(g["x"].unique()))
         ax.set_title(meth, fontsize=8)
         ax.set_ylim(-0.4, 1.05)
         ax.tick_params(labelsize=7)
@@ -205,8 +206,8 @@ def sanity_figure(df: pd.DataFrame, path: Path) -> Path | None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.supxlabel("layers randomized from the logits (cascading) / layer index from the top (independent)",
-                  fontsize=8, y=0.06)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+                  fontsize=8, y=0.045)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -144,3 +144,20 @@ def test_configs_match_signature(name):
     for k, v in cfg.items():
         default = sig[k].default
         assert (list(default) if isinstance(default, tuple) else default) == v, k
+
+
+def test_run_on_colour_images_with_batchnorm_resnet():
+    """The CIFAR-10 configuration's path (32x32x3, per-channel train mean, BatchNorm ResNet):
+    exercised on the generated colour data set, since CIFAR-10 cannot be fetched here."""
+    kw = dict(n_train=40, n_test=20, size=32, channels=3, num_classes=4, seed=0)
+    tr = attrax.datasets.load("synthetic", "train", **kw)
+    te = attrax.datasets.load("synthetic", "test", **kw)
+    model = attrax.models.create("resnet", num_classes=4, stages=(4, 8))
+    df = roar.run("gradient", model, tr, te, fractions=(0.0, 0.5), seeds=(0,), mode="parallel",
+                  train_config={"epochs": 1, "batch_size": 20}, cache=False)
+    assert len(df) == 4 and df.value.between(0, 1).all()
+    fill = roar.channel_mean(tr)
+    assert fill.shape == (3,)
+    pos = roar.rank_positions(jnp.asarray(tr.x[:2]), key=0)
+    x = np.asarray(roar.apply_mask(tr.x[:2], roar.replace_mask(pos, 1.0), fill))
+    np.testing.assert_allclose(x[..., 2], fill[2])  # every value replaced by its channel's mean
