@@ -774,7 +774,7 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> s
         out.append("")
     trains = [r for r in records if r["kind"] == "train"]
     if trains:
-        out += ["## Training strategies (both kept; `auto` chooses by backend)", "",
+        out += ["## Training strategies (all kept; `auto` chooses by backend)", "",
                 "| what | settings | images/s (all models) | time | compile s |", "|---|---|---:|---:|---:|"]
         def dur(v):
             if v is None:

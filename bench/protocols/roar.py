@@ -22,8 +22,8 @@ Recipe (every choice is a parameter with the default in brackets):
    `method="random"` is the control of PROTOCOLS.md: every unit is replaced independently with
    probability t (no map, so its ROAR and KAR curves coincide and are trained once).
 4. Retrain from scratch (one model per fraction and seed in `seeds`; all missing ones go through
-   `attrax.train.train_many` together, vmap or sequential by backend) on the modified train
-   set; report accuracy on the modified test set.
+   `attrax.train.train_many` together; `mode="auto"`: worker threads on CPU, vmap on GPU/TPU)
+   on the modified train set; report accuracy on the modified test set.
 
 Caching (under $ATTRAX_CACHE, atomic writes): relevance maps keyed by (base model, data, method,
 hyperparameters, key); per-image rank positions keyed by (maps, rank, tie, key) - every modified
