@@ -28,7 +28,7 @@ def test_bench_command_writes_table_and_summary(tmp_path):
     out = tmp_path / "bench"
     code = perf.main([
         "--methods", "gradient,occlusion", "--protocols", "pixel_flipping,sparseness", "--batch", "4",
-        "--train-epochs", "0", "--repeats", "2", "--no-steps", "--no-training", "--no-budget",
+        "--train-epochs", "0", "--repeats", "2", "--no-steps", "--no-training", "--no-budget", "--no-roar",
         "--out", str(out), "--quiet",
     ])
     assert code == 0
