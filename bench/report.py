@@ -15,12 +15,44 @@ from attrax.errors import AttraxError
 CONTROLS = ("random", "sobel")
 
 
+# Retraining protocols are functions, not registered per-batch protocols: their directions.
+# ROAR: a lower accuracy after removing the most relevant inputs = a better ranking; KAR: higher.
+RETRAIN_DIRECTIONS = {("roar", "test_accuracy"): False, ("kar", "test_accuracy"): True}
+AREA = "_area"
+
+
 def _direction(protocol: str, metric: str) -> bool | None:
     from attrax.protocols import PROTOCOLS
 
+    base = metric[: -len(AREA)] if metric.endswith(AREA) else metric
+    if (protocol, base) in RETRAIN_DIRECTIONS:
+        return RETRAIN_DIRECTIONS[(protocol, base)]
+    if protocol.startswith("sanity_") and protocol != "sanity_data_randomization":
+        return False  # similarity to the trained model's maps: lower = depends on the weights
     if protocol in PROTOCOLS:
-        return PROTOCOLS.get(protocol).meta.get("higher_is_better", {}).get(metric)
+        return PROTOCOLS.get(protocol).meta.get("higher_is_better", {}).get(base)
     return None
+
+
+def curve_areas(df: pd.DataFrame) -> pd.DataFrame:
+    """Scalar rows from curves: the trapezoid area under each curve divided by its x range (the
+    curve's mean height), metric `<metric>_area`, one row per curve (run, method, seed, example)."""
+    cur = df[df["x"].notna()]
+    if cur.empty:
+        return cur
+    keys = [c for c in ("run_id", "protocol", "metric", "method", "method_hparams", "model_seed", "seed", "example")
+            if c in cur.columns]
+    rows = []
+    for k, g in cur.groupby(keys, sort=False, dropna=False):
+        g = g.groupby("x", as_index=False)["value"].mean().sort_values("x")
+        x, v = g["x"].to_numpy(float), g["value"].to_numpy(float)
+        span = x[-1] - x[0]
+        area = float(np.sum((v[1:] + v[:-1]) * np.diff(x)) / 2 / span) if span > 0 else float(v.mean())
+        rows.append(dict(zip(keys, k, strict=True), value=area))
+    out = pd.DataFrame(rows)
+    out["metric"] = out["metric"] + AREA
+    out["x"] = np.nan
+    return out
 
 
 def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
@@ -40,13 +72,16 @@ def leaderboard(df: pd.DataFrame, *, n_boot: int = 1000) -> pd.DataFrame:
     """One row per (protocol, metric, method): mean, bootstrap CI, n, direction and rank.
 
     Only scalar metrics (x is NaN) of individual examples are ranked; rank 1 is best in the
-    metric's registered direction (no rank where the direction is unknown).
+    metric's registered direction (no rank where the direction is unknown). Results with curves
+    only (ROAR/KAR accuracy vs fraction) are ranked by the area under each curve (`curve_areas`).
     """
     scal = df[df["x"].isna() & (df["example"] >= 0)]
     if scal.empty:  # aggregate-only results (e.g. the benchmark table): rank the aggregates
         scal = df[df["x"].isna()]
     if scal.empty:
-        raise AttraxError("no scalar metrics in these results")
+        scal = curve_areas(df)
+    if scal.empty:
+        raise AttraxError("no metrics in these results")
     out = []
     for (proto, metric, method), g in scal.groupby(["protocol", "metric", "method"], sort=True):
         lo, hi = bootstrap_ci(g["value"].to_numpy(), n_boot=n_boot)
@@ -259,7 +294,7 @@ def rank_heatmap(lb: pd.DataFrame, path: Path) -> Path | None:
         return None
     wide = r.assign(col=r["protocol"] + "/" + r["metric"]).pivot(index="method", columns="col", values="rank")
     wide = wide.loc[wide.mean(axis=1).sort_values().index]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * wide.shape[1], 1 + 0.4 * wide.shape[0]))
+    fig, ax = plt.subplots(figsize=(max(3.0, 1.2 + 0.9 * wide.shape[1]), max(2.5, 1 + 0.4 * wide.shape[0])))
     sns.heatmap(wide, annot=True, fmt=".0f", cmap="viridis_r", cbar_kws={"label": "rank"}, ax=ax)
     ax.set(xlabel="", ylabel="")
     fig.tight_layout()

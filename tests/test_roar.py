@@ -161,3 +161,30 @@ def test_run_on_colour_images_with_batchnorm_resnet():
     pos = roar.rank_positions(jnp.asarray(tr.x[:2]), key=0)
     x = np.asarray(roar.apply_mask(tr.x[:2], roar.replace_mask(pos, 1.0), fill))
     np.testing.assert_allclose(x[..., 2], fill[2])  # every value replaced by its channel's mean
+
+
+def test_report_ranks_curve_only_results_by_area(tmp_path):
+    """ROAR/KAR results hold curves only: the report ranks methods by the area under them."""
+    import pandas as pd
+
+    from attrax import report
+
+    rows = []
+    curves = {"good": [0.9, 0.5, 0.1], "random": [0.9, 0.8, 0.7]}  # accuracy at x = 0, .5, 1
+    for meth, acc in curves.items():
+        for seed in (0, 1):
+            for x, v in zip((0.0, 0.5, 1.0), acc, strict=True):
+                for proto in ("roar", "kar"):
+                    rows.append({"run_id": "r", "experiment": "e", "dataset": "d", "model": "m", "model_seed": 0,
+                                 "method": meth, "method_hparams": "{}", "protocol": proto,
+                                 "metric": "test_accuracy", "x": x, "value": v, "example": -1, "seed": seed})
+    df = pd.DataFrame(rows)
+    areas = report.curve_areas(df)
+    good = areas[(areas.method == "good") & (areas.protocol == "roar")].value
+    np.testing.assert_allclose(good, (0.9 + 2 * 0.5 + 0.1) / 4)  # trapezoid mean height
+    lb = report.leaderboard(df).set_index(["protocol", "method"])
+    assert lb.loc[("roar", "good"), "metric"] == "test_accuracy_area"
+    assert lb.loc[("roar", "good"), "rank"] == 1 and lb.loc[("kar", "good"), "rank"] == 2  # ROAR lower, KAR higher
+    attrax.results.write_run(tmp_path / "run", attrax.results.conform(df), {}, {})
+    out = report.build([str(tmp_path / "run")], tmp_path / "rep")
+    assert "roar/test_accuracy_area" in (out / "leaderboard.md").read_text()
