@@ -188,3 +188,13 @@ def test_report_ranks_curve_only_results_by_area(tmp_path):
     attrax.results.write_run(tmp_path / "run", attrax.results.conform(df), {}, {})
     out = report.build([str(tmp_path / "run")], tmp_path / "rep")
     assert "roar/test_accuracy_area" in (out / "leaderboard.md").read_text()
+
+
+def test_signal_removed_counts_foreground_replacements():
+    x = np.zeros((1, 2, 2, 1), np.float32)
+    x[0, 0, 0, 0] = x[0, 1, 1, 0] = 1.0  # two foreground values of four
+    rel = jnp.asarray([[[[4.0], [3.0]], [[1.0], [2.0]]]])  # order: (0,0), (0,1), (1,1), (1,0)
+    s = roar.signal_removed(x, rel, 0.5, tie="index")  # replaces (0,0) and (0,1)
+    assert s == {"signal_removed": 0.5, "removed_on_signal": 0.5}
+    s = roar.signal_removed(x, rel, 0.25, protocol="kar", tie="index")  # KAR keeps the top 3
+    assert s == {"signal_removed": 0.0, "removed_on_signal": 0.0}
