@@ -17,7 +17,10 @@ CONTROLS = ("random", "sobel")
 
 # Retraining protocols are functions, not registered per-batch protocols: their directions.
 # ROAR: a lower accuracy after removing the most relevant inputs = a better ranking; KAR: higher.
-RETRAIN_DIRECTIONS = {("roar", "test_accuracy"): False, ("kar", "test_accuracy"): True}
+# The mask-only leak control (roar_mask / kar_mask): accuracy from the replacement mask alone, lower =
+# less leak.
+RETRAIN_DIRECTIONS = {("roar", "test_accuracy"): False, ("kar", "test_accuracy"): True,
+                      ("roar_mask", "test_accuracy"): False, ("kar_mask", "test_accuracy"): False}
 AREA = "_area"
 
 
@@ -120,6 +123,7 @@ def format_table(lb: pd.DataFrame) -> str:
 
 X_LABELS = {"pixel_flipping": "fraction of pixels removed", "deletion": "fraction removed",
             "insertion": "fraction inserted", "roar": "fraction replaced", "kar": "fraction replaced",
+            "roar_mask": "fraction replaced", "kar_mask": "fraction replaced",
             "sanity_model_randomization": "randomized layer", "selectivity": "step",
             "continuity": "shift (px)"}
 

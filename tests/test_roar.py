@@ -198,3 +198,17 @@ def test_signal_removed_counts_foreground_replacements():
     assert s == {"signal_removed": 0.5, "removed_on_signal": 0.5}
     s = roar.signal_removed(x, rel, 0.25, protocol="kar", tie="index")  # KAR keeps the top 3
     assert s == {"signal_removed": 0.0, "removed_on_signal": 0.0}
+
+
+def test_mask_only_leak_control(tiny_sets):
+    """mask_only retrains on the 0/1 replacement mask: blank images (nothing replaced) and a
+    class-independent random mask carry no class information - chance accuracy."""
+    tr, te = tiny_sets  # the test split is class-balanced: 4 digits per class
+    model = attrax.models.create("mlp", hidden=(32,))
+    kw = dict(fractions=(0.0, 0.5), seeds=(0, 1), train_config={"epochs": 2, "batch_size": 16}, mask_only=True)
+    df = roar.run("random", model, tr, te, **kw)
+    assert set(df.protocol) == {"roar_mask", "kar_mask"} and df.attrs["choices"]["mask_only"]
+    np.testing.assert_allclose(df[df.x == 0].value, 0.1)  # one constant prediction on blank images
+    assert df[df.x == 0.5].value.max() <= 0.35
+    g = roar.run("gradient", model, tr, te, **kw)
+    assert set(g.protocol) == {"roar_mask", "kar_mask"} and g.value.between(0, 1).all()

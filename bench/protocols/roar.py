@@ -230,6 +230,7 @@ def run(
     mode: str = "auto",
     cache: bool = True,
     progress: bool = False,
+    mask_only: bool = False,
 ) -> pd.DataFrame:
     """ROAR and/or KAR test accuracy of retrained models vs the fraction replaced.
 
@@ -238,6 +239,11 @@ def run(
     and `seeds`. Returns tidy rows (protocol roar|kar, metric test_accuracy, x = fraction, seed =
     retrain seed); `df.attrs["timings"]` holds seconds for maps, training and evaluation and the
     numbers of models trained and loaded from the cache.
+
+    `mask_only=True` is the leak control: the retrained models see only WHERE values were
+    replaced (images of the 0/1 replacement mask, no pixel values), protocols `roar_mask` /
+    `kar_mask`. Accuracy well above chance means the replaced set itself reveals the class, so
+    ROAR/KAR accuracy measures the mask as much as the information removed.
     """
     protocols = tuple(protocols)
     fractions = tuple(float(f) for f in fractions)
@@ -290,6 +296,8 @@ def run(
             mask = random_mask(k, (len(ds), d), f)
         else:
             mask = replace_mask(jnp.asarray(positions[split]), f, protocol)
+        if mask_only:
+            return np.asarray(apply_mask(np.zeros_like(ds.x), mask, np.ones_like(fill), rank))
         return np.asarray(apply_mask(ds.x, mask, fill, rank))
 
     variants: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -301,7 +309,9 @@ def run(
             else:
                 vid = (RANDOM_CONTROL, f) if method == RANDOM_CONTROL else (p, f)
             if vid not in variants:
-                if vid == ("none",):
+                if vid == ("none",) and mask_only:  # nothing replaced: blank images
+                    variants[vid] = (np.zeros_like(train_set.x), np.zeros_like(test_set.x))
+                elif vid == ("none",):
                     variants[vid] = (train_set.x, test_set.x)
                 else:
                     variants[vid] = (modified("train", p, f), modified("test", p, f))
@@ -343,7 +353,8 @@ def run(
     timings["eval_s"] = time.perf_counter() - t0
 
     rows = [
-        {"protocol": p, "x": f, "seed": int(s), "value": acc[(point_variant[(p, f)], s)]}
+        {"protocol": p + ("_mask" if mask_only else ""), "x": f, "seed": int(s),
+         "value": acc[(point_variant[(p, f)], s)]}
         for p in protocols for f in fractions for s in seeds
     ]
     df = pd.DataFrame(rows)
@@ -356,7 +367,8 @@ def run(
     df["method_hparams"] = hparams_json(hp)
     df = conform(df)
     df.attrs["timings"] = dict(timings, n_trained=len(jobs), n_cached=n_cached)
-    df.attrs["choices"] = dict(rank=rank, tie=tie, key=key, replacement="train channel mean",
+    df.attrs["choices"] = dict(rank=rank, tie=tie, key=key, mask_only=mask_only,
+                               replacement="0/1 mask images" if mask_only else "train channel mean",
                                target="predicted", fractions=list(fractions), seeds=list(seeds),
                                retrain_config=dataclasses.asdict(re_cfg))
     return df
@@ -367,12 +379,12 @@ def roar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[fl
          method_hparams: dict[str, Any] | None = None, model_seed: int = 0,
          train_config: TrainConfig | dict | None = None,
          retrain_config: TrainConfig | dict | None = None, mode: str = "auto", cache: bool = True,
-         progress: bool = False) -> pd.DataFrame:
+         progress: bool = False, mask_only: bool = False) -> pd.DataFrame:
     """ROAR only (Hooker et al. 2019): replace the most relevant fraction, retrain; see `run`."""
     return run(method, model, train_set, test_set, protocols=("roar",), fractions=fractions,
                seeds=seeds, rank=rank, tie=tie, key=key, method_hparams=method_hparams,
                model_seed=model_seed, train_config=train_config, retrain_config=retrain_config,
-               mode=mode, cache=cache, progress=progress)
+               mode=mode, cache=cache, progress=progress, mask_only=mask_only)
 
 
 def kar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[float] = FRACTIONS,
@@ -380,9 +392,9 @@ def kar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[flo
         method_hparams: dict[str, Any] | None = None, model_seed: int = 0,
         train_config: TrainConfig | dict | None = None,
         retrain_config: TrainConfig | dict | None = None, mode: str = "auto", cache: bool = True,
-        progress: bool = False) -> pd.DataFrame:
+        progress: bool = False, mask_only: bool = False) -> pd.DataFrame:
     """KAR only (Hooker et al. 2019): keep the most relevant 1-t, replace the rest; see `run`."""
     return run(method, model, train_set, test_set, protocols=("kar",), fractions=fractions,
                seeds=seeds, rank=rank, tie=tie, key=key, method_hparams=method_hparams,
                model_seed=model_seed, train_config=train_config, retrain_config=retrain_config,
-               mode=mode, cache=cache, progress=progress)
+               mode=mode, cache=cache, progress=progress, mask_only=mask_only)
