@@ -404,6 +404,17 @@ def probe(batch: int = 100) -> dict[str, float]:
             "train_step(batch=64)": [64 / ts["median_s"], 64 / cpu_equivalent_s(ts["cpu_s"])]}
 
 
+def _probe_in_subprocess(**popen_kw: Any) -> tuple[dict | None, str]:
+    """`probe()` in a fresh process (start-up settings: XLA_FLAGS, CPU affinity): (figures, "") or
+    (None, the last line of its stderr)."""
+    out = subprocess.run([sys.executable, "-m", "attrax.perf", "--probe"], capture_output=True, text=True,
+                         timeout=600, **popen_kw)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1]), ""
+    except (IndexError, json.JSONDecodeError):
+        return None, (out.stderr.strip().splitlines() or ["failed"])[-1][:200]
+
+
 def _train_step_fn(model):
     """The jitted loss gradient w.r.t. the parameters (the cost of one training step)."""
     import optax
@@ -422,13 +433,9 @@ def bench_cores() -> list[dict]:
     for label, mask in (("1 core", cores[:1]), (f"{len(cores)} cores", cores)):
         if not mask or (label != "1 core" and len(cores) < 2):
             continue
-        out = subprocess.run([sys.executable, "-m", "attrax.perf", "--probe"], capture_output=True, text=True,
-                             timeout=600, preexec_fn=lambda m=mask: os.sched_setaffinity(0, m))
-        try:
-            figs = json.loads(out.stdout.strip().splitlines()[-1])
-        except (IndexError, json.JSONDecodeError):
-            recs.append({"kind": "train", "name": "cores", "hparams": {"variant": label},
-                         "note": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+        figs, err = _probe_in_subprocess(preexec_fn=lambda m=mask: os.sched_setaffinity(0, m))
+        if figs is None:
+            recs.append({"kind": "train", "name": "cores", "hparams": {"variant": label}, "note": err})
             continue
         for what in ("gradient", "train_step(batch=64)"):
             recs.append({"kind": "train", "name": what, "hparams": {"variant": f"process on {label}"},
@@ -474,14 +481,9 @@ def bench_flags(flag_sets: list[str]) -> list[dict]:
     """The probe under each XLA_FLAGS value, each in a fresh process (flags are read at start-up)."""
     recs = []
     for flags in flag_sets:
-        env = dict(os.environ, XLA_FLAGS=flags)
-        out = subprocess.run([sys.executable, "-m", "attrax.perf", "--probe"], env=env, capture_output=True,
-                             text=True, timeout=600)
-        try:
-            figs = json.loads(out.stdout.strip().splitlines()[-1])
-        except (IndexError, json.JSONDecodeError):
-            recs.append({"kind": "step", "name": "xla_flags", "hparams": {"variant": flags or "(none)"},
-                         "note": (out.stderr.strip().splitlines() or ["failed"])[-1][:200]})
+        figs, err = _probe_in_subprocess(env=dict(os.environ, XLA_FLAGS=flags))
+        if figs is None:
+            recs.append({"kind": "step", "name": "xla_flags", "hparams": {"variant": flags or "(none)"}, "note": err})
             continue
         for what, (wall, cpu) in figs.items():
             recs.append({"kind": "step", "name": what, "hparams": {"variant": f"XLA_FLAGS={flags or '(none)'}"},
@@ -627,15 +629,14 @@ def bench_roar_grid(cfg: dict[str, Any], log=lambda *a: None) -> list[dict]:
           "protocols": "roar+kar", "train_images": len(train_set), "test_images": len(test_set),
           "epochs": tcfg.epochs, "model": model_name, "retrains": n}
     imgs = n * len(train_set) * tcfg.epochs
-    recs.append({"kind": "roar", "name": "roar_kar_grid", "hparams": dict(hp, mode=batched),
-                 "seconds": first["wall_s"], "train_s": first["train_s"], "maps_s": first["maps_s"],
-                 "rank_s": first["rank_s"], "eval_s": first["eval_s"], "images_per_s": imgs / first["train_s"],
-                 "train_ratio": first["train_s"] / seq["train_s"], "max_accuracy_diff": same,
-                 "note_text": f"{batched} / sequential retraining time, same retrains, same run"})
-    recs.append({"kind": "roar", "name": "roar_kar_grid", "hparams": dict(hp, mode="sequential"),
-                 "seconds": seq["wall_s"], "train_s": seq["train_s"], "maps_s": seq["maps_s"],
-                 "rank_s": seq["rank_s"], "eval_s": seq["eval_s"], "images_per_s": imgs / seq["train_s"],
-                 "train_ratio": 1.0})
+
+    def record(mode: str, res: dict, ratio: float, **extra) -> dict:
+        return {"kind": "roar", "name": "roar_kar_grid", "hparams": dict(hp, mode=mode), "seconds": res["wall_s"],
+                "train_s": res["train_s"], "maps_s": res["maps_s"], "rank_s": res["rank_s"], "eval_s": res["eval_s"],
+                "images_per_s": imgs / res["train_s"], "train_ratio": ratio, **extra}
+
+    recs.append(record(batched, first, first["train_s"] / seq["train_s"], max_accuracy_diff=same))
+    recs.append(record("sequential", seq, 1.0))
     if vm is not None:
         seq_s = sum(seq["per_method"][m] for m in vm_names)
         recs.append({"kind": "roar", "name": "roar_kar_grid", "hparams": dict(

@@ -374,12 +374,11 @@ def train_many(
         return state, vx, vy
 
     def compiled(members: list[int]):
-        """The step (or epoch) compiled once, before any worker thread calls it."""
-        state, vx, vy = initial_state(members)
-        shape = (n_batches, batch) if loop == "scan" else (batch,)
-        idx = jnp.zeros(shape + ((len(members),) if batched else ()), jnp.int32)
-        if batched:
-            idx = jnp.moveaxis(idx, -1, -2)
+        """The step (or epoch) compiled once, before any worker thread calls it (from the shapes of
+        the members' initial state alone: no initialization is run)."""
+        state, vx, vy = jax.eval_shape(lambda: initial_state(members))
+        shape = (n_batches, len(members), batch) if loop == "scan" else (len(members), batch)
+        idx = jax.ShapeDtypeStruct(shape if batched else shape[:-2] + shape[-1:], jnp.int32)
         fn = run_epoch if loop == "scan" else run_step
         return fn.lower(state, (xd, yd), vx, vy, idx).compile()
 

@@ -309,9 +309,7 @@ def run(
             else:
                 vid = (RANDOM_CONTROL, f) if method == RANDOM_CONTROL else (p, f)
             if vid not in variants:
-                if vid == ("none",) and mask_only:  # nothing replaced: blank images
-                    variants[vid] = (np.zeros_like(train_set.x), np.zeros_like(test_set.x))
-                elif vid == ("none",):
+                if vid == ("none",) and not mask_only:
                     variants[vid] = (train_set.x, test_set.x)
                 else:
                     variants[vid] = (modified("train", p, f), modified("test", p, f))
