@@ -29,6 +29,7 @@ from attrax.methods._core import METHODS, class_score, input_gradient
 Array = jax.Array
 UPSAMPLE = ("bilinear", "nearest", "cubic")
 GRAD_CAM_PP_VARIANTS = ("paper", "tutorial")
+SCORE_CAM_WEIGHTINGS = ("scores", "softmax")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +111,114 @@ def upsample_map(m: Array, x: Array, method: str = "bilinear") -> Array:
     return jnp.broadcast_to(up[..., None], x.shape).astype(x.dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# CAM's head check: the network above the maps must be global average pooling -> linear
+
+_LINEAR = {"convert_element_type", "copy", "copy_p", "neg", "reshape", "squeeze", "expand_dims",
+           "broadcast_in_dim", "transpose", "reduce_sum", "dot_general", "add", "sub", "mul", "div",
+           "add_any"}
+_PER_POSITION = {"add", "sub", "add_any", "neg", "convert_element_type", "copy", "copy_p"}
+
+
+def _sub_jaxpr(eqn):
+    """The inner jaxpr of a call-like equation (pjit, closed_call, custom_jvp/vjp, remat)."""
+    for v in eqn.params.values():
+        inner = getattr(v, "jaxpr", v)
+        if hasattr(inner, "eqns") and len(inner.invars) == len(eqn.invars):
+            return inner
+    return None
+
+
+def _head_problem(jaxpr, states) -> tuple[list, str | None]:
+    """Follow the maps A through `jaxpr` with a state per value: None (does not depend on A), "S"
+    (affine in A, per position: before pooling) or "P" (affine in A, after the spatial pooling).
+
+    Returns (the outputs' states, the first operation that breaks GAP -> linear, or None).
+    """
+    env = dict(zip(jaxpr.invars, states, strict=True))
+
+    def get(v):
+        return None if isinstance(v, jax.extend.core.Literal) else env.get(v)
+
+    for eqn in jaxpr.eqns:
+        ins = [get(v) for v in eqn.invars]
+        if all(s is None for s in ins):
+            continue
+        inner = _sub_jaxpr(eqn)
+        if inner is not None:
+            outs, why = _head_problem(inner, ins)
+        else:
+            out, why = _head_step(eqn, ins)
+            outs = [out] * len(eqn.outvars)
+        if why:
+            return [], why
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [get(v) for v in jaxpr.outvars], None
+
+
+def _head_step(eqn, ins) -> tuple[str | None, str | None]:
+    """The state after one primitive some of whose inputs depend on A (see `_head_problem`)."""
+    name = eqn.primitive.name
+    if "P" in ins and "S" in ins:
+        return None, f"`{name}` to pooled and unpooled maps together"
+    stage = "P" if "P" in ins else "S"
+    if name not in _LINEAR and not (name == "conv_general_dilated" and stage == "S"):
+        return None, f"`{name}`"
+    if name in ("mul", "div", "dot_general", "conv_general_dilated") and ins.count(stage) > 1:
+        return None, f"`{name}` of the maps with themselves (not linear)"
+    if name == "div" and ins[1] is not None:
+        return None, "a division by the maps (not linear)"
+    if stage == "P":
+        return "P", None
+    # before the pooling: only per-position affine maps and the global spatial sum
+    i = ins.index("S")
+    if name == "reduce_sum":
+        axes = set(eqn.params["axes"])
+        if {1, 2} <= axes and 0 not in axes:
+            return "P", None
+        return None, f"a sum over axes {sorted(axes)} (not a global spatial pooling)"
+    if name in _PER_POSITION:
+        return "S", None
+    if name in ("mul", "div"):
+        other = eqn.invars[1 - i].aval.shape
+        if len(other) == 0 or (len(other) == 4 and other[1] == other[2] == 1):
+            return "S", None
+        return None, f"`{name}` by a spatially varying weight"
+    if name == "dot_general":
+        (lc, _), (lb, _) = eqn.params["dimension_numbers"]
+        if i == 0 and tuple(lc) == (eqn.invars[0].aval.ndim - 1,) and not lb:
+            return "S", None
+        return None, "a dense layer across positions (flatten -> dense)"
+    if name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval.shape
+        spec = eqn.params["dimension_numbers"].rhs_spec
+        if (i == 0 and all(rhs[d] == 1 for d in spec[2:]) and eqn.params["feature_group_count"] == 1
+                and all(s == 1 for s in eqn.params["window_strides"])):
+            return "S", None
+        return None, "a convolution wider than 1x1 or strided"
+    return None, f"`{name}` before the global pooling"
+
+
+def check_gap_linear_head(model, params, x, layer: str = "features") -> None:
+    """Raise a one-line AttraxError unless the network above `layer` is global average pooling ->
+    linear (per-position affine maps such as 1x1 convolutions before the pooling are allowed:
+    they commute with it). Read off the traced computation, so it works under jit."""
+    abstract = lambda t: jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype), t)  # noqa: E731
+    a_shape = jax.eval_shape(lambda p, xx: spatial_stages(model, p, xx, layer)[0], params, x)
+    closed = jax.make_jaxpr(lambda p, xx, aa: spatial_stages(model, p, xx, layer)[1](aa))(
+        abstract(params), abstract(x), a_shape
+    )
+    n_other = len(closed.jaxpr.invars) - 1
+    outs, why = _head_problem(closed.jaxpr, [None] * n_other + ["S"])
+    if why is None and "P" not in outs:
+        why = "no global spatial pooling"
+    if why:
+        raise AttraxError(
+            f"cam needs a global-average-pooling -> linear head above {layer!r}, but the head of "
+            f"{model.name!r} applies {why}; use grad_cam, which is defined on any head"
+        )
+
+
 def _grads(model, params, x, target, layer, score):
     a, rest = spatial_stages(model, params, x, layer)
     _, g = input_gradient(rest, a, target, score)
@@ -125,8 +234,10 @@ def cam_map(model, params, x, target, *, layer: str = "features") -> Array:
 
     The class weights are read off the network as w_kc = sum_ij d f_c / d A_ijk, which on a
     global-average-pooling -> linear head equals that layer's weights exactly (the gradient is
-    w_kc / (h w) everywhere). On other heads this is the first-order estimate of the same weights.
+    w_kc / (h w) everywhere). Other heads are refused with an AttraxError
+    (`check_gap_linear_head`): CAM is defined on GAP -> linear heads only (use Grad-CAM there).
     """
+    check_gap_linear_head(model, params, x, layer)
     a, g = _grads(model, params, x, target, layer, "logit")
     return jnp.einsum("nk,nhwk->nhw", g.sum(axis=(1, 2)), a)
 
@@ -158,8 +269,10 @@ def grad_cam_pp_map(
 
     With g = d f_c / d A and S_k = sum_ab A_abk, the pixel weights are
     alpha_ijk = g^2 / (2 g^2 + S_k g^3) (the higher derivatives of exp(f_c) of a piecewise-linear
-    net, as in the paper), set to 0 where the denominator vanishes (0/0 where g = 0), and the
-    channel weights w_k = sum_ij alpha_ijk ReLU(g_ijk).
+    net, as in the paper), evaluated as the equal 1 / (2 + S_k g) wherever g != 0 so that small
+    gradients do not underflow, and 0 only where g == 0 or the denominator is exactly 0 (as the
+    authors' code; no absolute cut-off on small gradients); the channel weights are
+    w_k = sum_ij alpha_ijk ReLU(g_ijk).
 
     - `variant="paper"`: the paper's reference implementation additionally normalizes alpha_k to
       sum to 1 over the positions with positive gradient.
@@ -175,11 +288,10 @@ def grad_cam_pp_map(
         )
     a, g = _grads(model, params, x, target, layer, score)
     s = a.sum(axis=(1, 2), keepdims=True)
-    if variant == "tutorial":
-        alpha = _safe_div(jnp.ones_like(g), 2.0 + g * s)
-    else:
-        g2 = g * g
-        alpha = _safe_div(g2, 2.0 * g2 + s * g2 * g)
+    den = 2.0 + g * s
+    ok = (den != 0) & ((g != 0) | (variant == "tutorial"))
+    alpha = jnp.where(ok, 1.0 / jnp.where(ok, den, 1.0), 0.0)
+    if variant == "paper":
         pos = g > 0
         total = jnp.where(pos, alpha, 0.0).sum(axis=(1, 2), keepdims=True)
         alpha = jnp.where(total != 0, alpha / jnp.where(total != 0, total, 1.0), alpha)
@@ -197,14 +309,24 @@ def score_cam_map(
     score: str = "probability",
     upsample: str = "bilinear",
     subtract_baseline: bool = False,
+    weighting: str = "scores",
 ) -> Array:
-    """Score-CAM at feature resolution (Wang et al. 2020): ReLU(sum_k s_k A_k).
+    """Score-CAM at feature resolution (Wang et al. 2020): ReLU(sum_k w_k A_k).
 
     s_k = f_c(x * H_k) with H_k the k-th map upsampled to the input size and min-max normalized to
     [0, 1] per image (a constant map gives H_k = 0); all n K masked images go through the model
     in one batched call. `subtract_baseline=True` uses the paper's increase of confidence
-    s_k - f_c(0) instead.
+    s_k - f_c(0) instead. The channel weights w_k:
+
+    - `weighting="scores"`: w_k = s_k, the form of the authors' repository (haofanwang/Score-CAM,
+      with the softmax probability as the score).
+    - `weighting="softmax"`: w = softmax over the channels k of s, the paper's Algorithm 1 and
+      pytorch-grad-cam's ScoreCAM (which scores with the logit: set `score="logit"` to match it).
     """
+    if weighting not in SCORE_CAM_WEIGHTINGS:
+        raise AttraxError(
+            f"unknown Score-CAM weighting {weighting!r}: use one of {', '.join(SCORE_CAM_WEIGHTINGS)}"
+        )
     a, _ = spatial_stages(model, params, x, layer)
     n, k = a.shape[0], a.shape[-1]
     h, w = x.shape[1:3]
@@ -216,6 +338,8 @@ def score_cam_map(
     s = class_score(logits, jnp.repeat(target, k), score).reshape(n, k)
     if subtract_baseline:
         s = s - class_score(model(params, jnp.zeros_like(x)), target, score)[:, None]
+    if weighting == "softmax":
+        s = jax.nn.softmax(s, axis=-1)
     return jax.nn.relu(jnp.einsum("nk,nhwk->nhw", s, a))
 
 
@@ -307,9 +431,12 @@ def score_cam(
     score: str = "probability",
     upsample: str = "bilinear",
     subtract_baseline: bool = False,
+    weighting: str = "scores",
 ) -> Array:
     """Score-CAM (Wang et al. 2020), see `score_cam_map`. Defaults: `features` stage, softmax
-    probability as the class score (as the paper), no baseline subtraction, bilinear upsampling.
+    probability as the class score, no baseline subtraction, the raw scores as channel weights
+    (`weighting="scores"`, the authors' repository; "softmax": the paper's channel softmax, as
+    pytorch-grad-cam), bilinear upsampling.
     Cost: one forward per channel of the layer (the registered cost assumes 64 channels)."""
     m = score_cam_map(
         model,
@@ -320,5 +447,6 @@ def score_cam(
         score=score,
         upsample=upsample,
         subtract_baseline=subtract_baseline,
+        weighting=weighting,
     )
     return upsample_map(m, x, upsample)

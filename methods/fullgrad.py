@@ -22,6 +22,7 @@ from attrax.methods._core import METHODS, class_score
 
 Array = jax.Array
 VARIANTS = ("paper", "complete")
+ORDERS = ("normalize_then_upsample", "upsample_then_normalize")
 
 
 def _layer_bias(module: nn.Module, method_name: str):
@@ -93,27 +94,64 @@ def _spread(m: Array, height: int, width: int) -> Array:
     return (m * jnp.asarray(inv, m.dtype))[:, rows][:, :, cols]
 
 
-def _psi(t: Array, height: int, width: int) -> Array:
-    """FullGrad's post-processing of one (n, h, w, k) term: |.|, bilinear resize to H x W, then
-    min-max rescaling to [0, 1] per image; summed over channels -> (n, H, W)."""
-    a = jnp.abs(t)
-    if a.shape[1:3] != (height, width):
-        a = jax.image.resize(a, (a.shape[0], height, width, a.shape[-1]), "linear")
+def _resize_aligned(a: Array, height: int, width: int) -> Array:
+    """Bilinear resize of (n, h, w, k) with aligned corners (corner pixels map onto corner pixels,
+    as PyTorch's `interpolate(..., align_corners=True)` in the FullGrad authors' code)."""
+    n, h, w, k = a.shape
+    sy = (height - 1) / (h - 1) if h > 1 else float(height)
+    sx = (width - 1) / (w - 1) if w > 1 else float(width)
+    scale = jnp.array([sy, sx], jnp.float32)
+    shift = jnp.array([0.5 * (1 - sy) if h > 1 else 0.0, 0.5 * (1 - sx) if w > 1 else 0.0], jnp.float32)
+    return jax.image.scale_and_translate(
+        a, (n, height, width, k), (1, 2), scale, shift, "linear", antialias=False
+    )
+
+
+def _minmax(a: Array) -> Array:
+    """Min-max rescaling to [0, 1] per image over all positions and channels (0 where constant)."""
     flat = a.reshape(a.shape[0], -1)
-    lo, hi = flat.min(1), flat.max(1)
+    lo, hi = flat.min(1, keepdims=True), flat.max(1, keepdims=True)
     span = hi - lo
-    norm = jnp.where(span[:, None] > 0, (flat - lo[:, None]) / jnp.where(span > 0, span, 1.0)[:, None], 0.0)
-    return norm.reshape(a.shape).sum(-1)
+    return jnp.where(span > 0, (flat - lo) / jnp.where(span > 0, span, 1.0), 0.0).reshape(a.shape)
+
+
+def _psi(t: Array, height: int, width: int, order: str = "normalize_then_upsample") -> Array:
+    """FullGrad's post-processing of one (n, h, w, k) term, summed over channels -> (n, H, W).
+
+    "normalize_then_upsample" (the authors' code, FullGrad-saliency): |.|, min-max rescaling to
+    [0, 1] per image, then bilinear upsampling with aligned corners. "upsample_then_normalize":
+    |.|, bilinear resize (half-pixel centres), then the min-max rescaling.
+    """
+    a = jnp.abs(t)
+    same = a.shape[1:3] == (height, width)
+    if order == "normalize_then_upsample":
+        a = _minmax(a)
+        return (a if same else _resize_aligned(a, height, width)).sum(-1)
+    if not same:
+        a = jax.image.resize(a, (a.shape[0], height, width, a.shape[-1]), "linear")
+    return _minmax(a).sum(-1)
 
 
 @METHODS.register("fullgrad", family="gradient", needs="layers", stochastic=False, cost=lambda hp: 1)
-def fullgrad(model, params, x, target, *, key=None, variant: str = "paper", score: str = "logit") -> Array:
+def fullgrad(
+    model,
+    params,
+    x,
+    target,
+    *,
+    key=None,
+    variant: str = "paper",
+    score: str = "logit",
+    order: str = "normalize_then_upsample",
+) -> Array:
     """FullGrad (Srinivas & Fleuret 2019). Default target: the class logit.
 
     variant "paper" (default): psi(x * grad_x) + sum over layers with spatial maps of
-      psi(b * grad_b), psi = abs, bilinear resize to the input size, min-max rescale per image,
-      summed over channels (the paper's saliency map; layers without spatial maps are left out,
-      as in the paper). Same map in every channel.
+      psi(b * grad_b), psi = abs, min-max rescale per image, bilinear upsampling to the input
+      size, summed over channels (the paper's saliency map; layers without spatial maps are left
+      out, as in the paper). Same map in every channel. `order`: "normalize_then_upsample"
+      (default: the authors' code, upsampling with aligned corners) or "upsample_then_normalize"
+      (resize first, half-pixel centres; attrax's earlier default).
     variant "complete": the signed full-gradient decomposition, sum R = f_c(x) exactly on ReLU
       networks: x * grad_x plus each layer's bias term summed over its channels, spread over the
       input pixels by mass-preserving nearest upsampling (dense layers: uniformly), shared equally
@@ -123,13 +161,15 @@ def fullgrad(model, params, x, target, *, key=None, variant: str = "paper", scor
         raise AttraxError(f"fullgrad needs NHWC images, got shape {x.shape}")
     if variant not in VARIANTS:
         raise AttraxError(f"unknown fullgrad variant {variant!r}: use one of {', '.join(VARIANTS)}")
+    if order not in ORDERS:
+        raise AttraxError(f"unknown fullgrad order {order!r}: use one of {', '.join(ORDERS)}")
     n, h, w, c = x.shape
     _, gx, layers = full_gradients(model, params, x, target, score)
     if variant == "paper":
-        r = _psi(x * gx, h, w)
+        r = _psi(x * gx, h, w, order)
         for b, gb in layers:
             if gb.ndim == 4:
-                r = r + _psi(gb * b, h, w)
+                r = r + _psi(gb * b, h, w, order)
         return jnp.broadcast_to(r[..., None], x.shape)
     r = x * gx
     extra = jnp.zeros((n, h, w), x.dtype)

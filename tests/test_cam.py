@@ -237,3 +237,59 @@ def test_conformance_of_this_module(gap_pool, name):
     assert cfg.pop("name") == name
     assert set(cfg) <= set(entry.hparams())
     assert all(entry.hparams()[k] == v for k, v in cfg.items())
+
+
+# ----------------------------------------------------------------------------- conventions (issue 14)
+
+
+def test_cam_refuses_heads_that_are_not_gap_linear():
+    x = _uniform(0, (2, 8, 8, 1))
+    target = jnp.zeros(2, jnp.int32)
+    cnn = attrax.models.create("cnn", num_classes=3, channels=(4, 4), dense=(8,))
+    with pytest.raises(attrax.AttraxError, match="global-average-pooling -> linear") as err:
+        attrax.explain("cam", cnn, _init(cnn, 0, x), x, target)
+    assert "\n" not in str(err.value) and "grad_cam" in str(err.value)
+    gap = attrax.models.create("camnet", num_classes=3, channels=(4, 4))
+    with pytest.raises(attrax.AttraxError, match="global-average-pooling"):  # a layer below a conv
+        attrax.explain("cam", gap, _init(gap, 0, x), x, target, layer="pool1")
+    # a 1x1 convolution before the pooling commutes with it: accepted
+    allconv = attrax.models.create("allconv", num_classes=3, channels=(4, 4))
+    r = attrax.explain("cam", allconv, _init(allconv, 0, x), x, target)
+    assert r.shape == x.shape and bool(jnp.all(jnp.isfinite(r)))
+
+
+def test_grad_cam_pp_keeps_small_gradients(gap_full):
+    # weights of 1e-6: gradients ~1e-8, whose squares and cubes an absolute cut-off drops
+    model, params, x, target = gap_full
+    params = jax.tree.map(lambda a: a, params)
+    params["params"]["out"]["kernel"] = 1e-6 * params["params"]["out"]["kernel"]
+    a, w, _, _ = _closed_form(model, params, x, target)
+    hw = x.shape[1] * x.shape[2]
+    expect_paper = jax.nn.relu(jnp.einsum("nk,nhwk->nhw", jax.nn.relu(w), a)) / hw
+    r = attrax.explain("grad_cam_pp", model, params, x, target, variant="paper")[..., 0]
+    assert float(expect_paper.max()) > 0
+    np.testing.assert_allclose(r, expect_paper, rtol=1e-4, atol=1e-3 * float(expect_paper.max()))
+    w_tut = jax.nn.relu(w) / (2.0 + w * a.mean(axis=(1, 2)))
+    expect_tut = jax.nn.relu(jnp.einsum("nk,nhwk->nhw", w_tut, a))
+    r = attrax.explain("grad_cam_pp", model, params, x, target, variant="tutorial")[..., 0]
+    np.testing.assert_allclose(r, expect_tut, rtol=1e-4, atol=1e-3 * float(expect_tut.max()))
+
+
+def test_score_cam_channel_softmax_weighting():
+    model = attrax.as_model(QuadrantNet(j=2))
+    x = 0.2 + 0.8 * _uniform(0, (2, 8, 8, 1))
+    params = _init(model, 0, x)
+    target = jnp.zeros(2, jnp.int32)
+    r = attrax.explain("score_cam", model, params, x, target, score="logit", weighting="softmax")[..., 0]
+    # by hand: s_k = logit of x masked by the min-max normalized k-th map; weights softmax_k(s)
+    a = np.asarray(model.features(params, x))
+    lo, hi = a.min(axis=(1, 2), keepdims=True), a.max(axis=(1, 2), keepdims=True)
+    h = (a - lo) / (hi - lo)
+    s = np.stack([np.asarray(model(params, x * h[..., k : k + 1]))[:, 0] for k in range(4)], -1)
+    wts = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
+    expect = np.maximum(np.einsum("nk,nhwk->nhw", wts, a), 0)
+    np.testing.assert_allclose(r, expect, rtol=1e-5, atol=1e-6)
+    raw = attrax.explain("score_cam", model, params, x, target, score="logit")[..., 0]
+    assert float(np.abs(np.asarray(raw)[:, :4, :4]).max()) < 1e-6 < float(np.asarray(r)[:, :4, :4].min())
+    with pytest.raises(attrax.AttraxError, match="weighting"):
+        attrax.explain("score_cam", model, params, x, target, weighting="nope")

@@ -389,3 +389,40 @@ def test_composites_config_resolves():
     assert any("(" in k for k in cfg)
     for name, hp in cfg.items():
         assert set(hp or {}) <= set(attrax.methods.get(name).hparams()), name
+
+
+def test_fullgrad_default_normalizes_then_upsamples_as_the_authors_code():
+    # FullGrad-saliency: |b * grad_b|, min-max per image, then bilinear upsampling with aligned
+    # corners (torch interpolate(align_corners=True)): written out here with numpy
+    from attrax.methods.fullgrad import full_gradients
+
+    model = attrax.models.create("camnet", channels=(3, 4), num_classes=3)
+    x = jax.random.uniform(jax.random.key(0), (2, 6, 6, 1))
+    params = attrax.models.init(model, jax.random.key(1), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)
+    target = jnp.array([0, 2], jnp.int32)
+
+    def minmax(t):
+        t = np.abs(np.asarray(t, np.float64))
+        lo = t.min(axis=(1, 2, 3), keepdims=True)
+        return (t - lo) / (t.max(axis=(1, 2, 3), keepdims=True) - lo)
+
+    def up(t, size):  # aligned-corner bilinear, separable
+        n, h, w, k = t.shape
+        def along(t, axis, m, src):
+            pos = np.arange(m) * (src - 1) / (m - 1)
+            i0 = np.minimum(np.floor(pos).astype(int), src - 2)
+            f = (pos - i0).reshape([-1 if d == axis else 1 for d in range(4)])
+            return np.take(t, i0, axis) * (1 - f) + np.take(t, i0 + 1, axis) * f
+        return along(along(t, 1, size, h), 2, size, w)
+
+    _, gx, layers = full_gradients(model, params, x, target)
+    expect = minmax(x * gx).sum(-1)
+    for b, gb in layers:
+        if gb.ndim == 4:
+            t = minmax(gb * b)
+            expect = expect + (t if t.shape[1] == 6 else up(t, 6)).sum(-1)
+    r = explain("fullgrad", model, params, x, target)
+    np.testing.assert_allclose(r[..., 0], expect, rtol=1e-4, atol=1e-5)
+    other = explain("fullgrad", model, params, x, target, order="upsample_then_normalize")
+    assert float(jnp.abs(other - r).max()) > 1e-3
