@@ -12,13 +12,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, input_gradient
 from attrax.methods._core import postprocess as apply_postprocess
 
 Array = jax.Array
-RULES = ("left", "right", "midpoint", "trapezoid")
+RULES = ("left", "right", "midpoint", "trapezoid", "gausslegendre")
 BASELINES = ("zero", "black", "mean", "blur", "uniform")
 
 
@@ -44,14 +45,21 @@ def input_x_gradient(model, params, x, target, *, key=None, score: str = "logit"
 
 
 def riemann(steps: int, rule: str) -> tuple[Array, Array]:
-    """(alphas, weights) of a Riemann sum of int_0^1 over `steps` intervals.
+    """(alphas, weights) of a quadrature of int_0^1 with exactly `steps` points (= gradient
+    evaluations per image, the registered cost).
 
-    left: k/m, right: (k+1)/m (Captum's and the original paper's choice), midpoint: (k+1/2)/m,
-    trapezoid: m+1 points k/m with end weights 1/(2m).
+    left: k/m, right: (k+1)/m (the original paper's choice), midpoint: (k+1/2)/m, k = 0..m-1;
+    trapezoid: the m points k/(m-1), k = 0..m-1, i.e. m-1 intervals with end weights 1/(2(m-1))
+    (Captum's "riemann_trapezoid"; needs m >= 2); gausslegendre: the m Gauss-Legendre nodes and
+    weights mapped to [0, 1] (Captum's default), exact for polynomial integrands of degree
+    <= 2m - 1.
     """
-    if steps < 1:
-        raise AttraxError(f"steps must be >= 1, got {steps}")
-    k = jnp.arange(steps + (rule == "trapezoid"), dtype=jnp.float32)
+    if steps < 1 or (rule == "trapezoid" and steps < 2):
+        raise AttraxError(f"steps must be >= {2 if rule == 'trapezoid' else 1} for rule {rule!r}, got {steps}")
+    if rule == "gausslegendre":
+        t, wt = np.polynomial.legendre.leggauss(steps)
+        return jnp.asarray((t + 1) / 2, jnp.float32), jnp.asarray(wt / 2, jnp.float32)
+    k = jnp.arange(steps, dtype=jnp.float32)
     if rule == "left":
         return k / steps, jnp.full((steps,), 1.0 / steps)
     if rule == "right":
@@ -59,8 +67,9 @@ def riemann(steps: int, rule: str) -> tuple[Array, Array]:
     if rule == "midpoint":
         return (k + 0.5) / steps, jnp.full((steps,), 1.0 / steps)
     if rule == "trapezoid":
-        w = jnp.full((steps + 1,), 1.0 / steps).at[0].set(0.5 / steps).at[-1].set(0.5 / steps)
-        return k / steps, w
+        m = steps - 1
+        w = jnp.full((steps,), 1.0 / m).at[0].set(0.5 / m).at[-1].set(0.5 / m)
+        return k / m, w
     raise AttraxError(f"unknown Riemann rule {rule!r}: use one of {', '.join(RULES)}")
 
 
@@ -168,7 +177,9 @@ def integrated_gradients(
 ) -> Array:
     """Integrated gradients (Sundararajan et al. 2017): (x-x') sum_k w_k grad f(x' + a_k (x-x')).
 
-    Defaults: 50 steps, right Riemann sum (alphas k/m, k = 1..m, as in the paper and Captum),
+    Defaults: 50 steps, right Riemann sum (alphas k/m, k = 1..m, as in the paper); `rule`:
+    left | right | midpoint | trapezoid | gausslegendre (Captum's default), each with exactly
+    `steps` gradient evaluations per image (see `riemann`),
     zero baseline, target logit. `baseline`: zero | black | mean | blur | uniform | a number (see
     `make_baseline`; "mean" uses `mean` = the dataset's channel mean when given, else each image's
     own channel mean; "uniform" draws U(0, 1) noise from the per-example key). All `steps`

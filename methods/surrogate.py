@@ -106,6 +106,23 @@ def _to_pixels(coef: Array, seg: np.ndarray, x: Array) -> Array:
     return jnp.broadcast_to(coef[:, jnp.asarray(seg)][..., None], x.shape).astype(x.dtype)
 
 
+LIME_KERNELS = ("lime", "exp")
+
+
+def lime_weights(on: Array, f: int, kernel_width: float, kernel: str = "lime") -> Array:
+    """Sample weights of LIME from the number of features `on` of each binary pattern.
+
+    d is the cosine distance between the pattern and the all-on pattern, 1 - sqrt(on / f) (1 for
+    the all-off pattern). kernel "lime": exp(-d^2 / (2 w^2)), what the lime package computes (its
+    kernel is the square root of exp(-d^2 / w^2)); kernel "exp": exp(-d^2 / w^2).
+    """
+    if kernel not in LIME_KERNELS:
+        raise AttraxError(f"unknown lime kernel {kernel!r}: use one of {', '.join(LIME_KERNELS)}")
+    d = 1.0 - jnp.sqrt(on / f)
+    scale = 2.0 if kernel == "lime" else 1.0
+    return jnp.exp(-(d**2) / (scale * kernel_width**2))
+
+
 @METHODS.register(
     "lime",
     family="surrogate",
@@ -125,15 +142,19 @@ def lime(
     grouping: str = "grid",
     baseline: str | float = "zero",
     kernel_width: float = 0.25,
+    kernel: str = "lime",
     ridge: float = 0.01,
     score: str = "logit",
 ) -> Array:
     """LIME (Ribeiro et al. 2016) over patch features.
 
     Samples: the unperturbed image plus `n_samples - 1` patterns with every feature on with
-    probability 1/2. Weights: exponential kernel exp(-d^2 / kernel_width^2) of the cosine distance
-    d between the pattern and the all-on pattern. Surrogate: ridge regression with an unpenalized
-    intercept (`ridge` 0.01). Defaults: 200 samples, 4x4 patches, zero baseline, logit score.
+    probability 1/2 (as the lime package's image explainer). Weights (`lime_weights`): the lime
+    package's kernel exp(-d^2 / (2 kernel_width^2)) of the cosine distance d between the pattern
+    and the all-on pattern (default, `kernel="lime"`; "exp": exp(-d^2 / kernel_width^2)), width
+    0.25 as lime's image explainer. Surrogate: ridge regression with an unpenalized intercept
+    (`ridge` 0.01; the lime package's default regressor uses 1.0). Defaults: 200 samples, 4x4
+    patches, zero baseline, logit score.
     """
     seg, f = feature_groups(x.shape[1:], grouping=grouping, patch=patch)
     if n_samples < 2:
@@ -141,9 +162,7 @@ def lime(
     z = jax.vmap(lambda k: jax.random.bernoulli(k, 0.5, (n_samples - 1, f)))(key)
     z = jnp.concatenate([jnp.ones((x.shape[0], 1, f), bool), z], axis=1).astype(jnp.float32)
     y = evaluate_coalitions(model, params, x, target, z, seg, baseline, score)
-    on = z.sum(-1)
-    cos = jnp.sqrt(on / f)  # cosine similarity of a binary pattern with the all-on pattern
-    weights = jnp.exp(-((1.0 - cos) ** 2) / kernel_width**2)
+    weights = lime_weights(z.sum(-1), f, kernel_width, kernel)
     coef = weighted_least_squares(z, y, weights, ridge)
     return _to_pixels(coef, seg, x)
 

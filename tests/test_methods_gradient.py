@@ -211,6 +211,46 @@ def test_riemann_weights_integrate_exactly():
         riemann(4, "simpson")
 
 
+def _cubic(params, x):
+    """f = sum_i c_i x_i^3 + d_i x_i^2: along the path the gradient is a quadratic in alpha."""
+    c, d = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.3, 1.0, -1.0])
+    return ((c * x**3 + d * x**2).sum(-1))[:, None]
+
+
+def test_ig_gauss_legendre_is_exact_on_a_polynomial_model():
+    # a quadratic integrand needs 2 Gauss-Legendre points (exact to degree 3): IG_i = f_i(x_i)
+    x = jnp.array([[0.5, -1.5, 2.0], [1.0, 0.7, -0.3]])
+    t = jnp.zeros((2,), jnp.int32)
+    c, d = jnp.array([1.0, -2.0, 0.5]), jnp.array([0.3, 1.0, -1.0])
+    expected = c * x**3 + d * x**2
+    r = explain("integrated_gradients", _cubic, None, x, t, steps=2, rule="gausslegendre")
+    np.testing.assert_allclose(r, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r.sum(1), _cubic(None, x)[:, 0], rtol=1e-5)  # completeness
+    right = explain("integrated_gradients", _cubic, None, x, t, steps=2, rule="right")
+    assert float(jnp.abs(right - expected).max()) > 0.1  # a Riemann sum is not exact here
+    a, w = riemann(5, "gausslegendre")
+    assert abs(float(w.sum()) - 1) < 1e-6 and float((w * a**9).sum()) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_ig_trapezoid_evaluates_exactly_steps_points():
+    # the registered cost is `steps` gradient evaluations for every rule, trapezoid included
+    entry = attrax.methods.get("integrated_gradients")
+    for rule in ("left", "right", "midpoint", "trapezoid", "gausslegendre"):
+        a, w = riemann(6, rule)
+        assert a.shape == w.shape == (6,), rule
+        assert entry.meta["cost"]({"steps": 6, "rule": rule}) == 6
+    a, w = riemann(3, "trapezoid")  # points 0, 1/2, 1 with weights 1/4, 1/2, 1/4
+    np.testing.assert_allclose(a, [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(w, [0.25, 0.5, 0.25])
+    # exact for a linear integrand (a quadratic model): IG = f(x) - f(0) per coordinate
+    x = jnp.array([[0.5, -1.5, 2.0]])
+    quad = lambda p, xx: (xx**2 * jnp.array([1.0, 2.0, -1.0])).sum(-1)[:, None]  # noqa: E731
+    r = explain("integrated_gradients", quad, None, x, jnp.zeros((1,), jnp.int32), steps=2, rule="trapezoid")
+    np.testing.assert_allclose(r, x**2 * jnp.array([1.0, 2.0, -1.0]), rtol=1e-6)
+    with pytest.raises(attrax.AttraxError, match="steps"):
+        riemann(1, "trapezoid")
+
+
 def test_ig_separable_function_per_coordinate():
     """f = 5a + b^2 + sin c on a plain apply_fn: IG_i = f_i(x_i) - f_i(0) for each coordinate."""
 

@@ -116,3 +116,24 @@ def test_all_coalitions_refuses_many_features(linear):
     model, params, x, target, _ = linear
     with pytest.raises(attrax.AttraxError, match="at most 16 features"):
         attrax.explain("kernel_shap", model, params, x, target, patch=1, coalitions="all")
+
+
+def test_lime_kernel_is_the_lime_packages():
+    # lime weighs a sample by sqrt(exp(-d^2 / w^2)) = exp(-d^2 / (2 w^2)) of its cosine distance d
+    from attrax.methods.surrogate import lime_weights
+
+    f = 16
+    on = jnp.array([16.0, 4.0, 0.0])  # d = 0, 1 - sqrt(1/4) = 0.5, 1 (all off)
+    d = np.array([0.0, 0.5, 1.0])
+    np.testing.assert_allclose(lime_weights(on, f, 0.25), np.exp(-(d**2) / (2 * 0.25**2)), rtol=1e-6)
+    np.testing.assert_allclose(lime_weights(on, f, 0.25, "exp"), np.exp(-(d**2) / 0.25**2), rtol=1e-6)
+    # end to end on a nonlinear model: the default kernel with width w is the "exp" one at w sqrt 2
+    model = attrax.as_model(Interactions())
+    x = 0.2 + 0.8 * _uniform(0, (2, 4, 4, 1))
+    t = jnp.zeros(2, jnp.int32)
+    hp = {"n_samples": 24, "patch": 2}
+    a = attrax.explain("lime", model, {}, x, t, key=1, kernel_width=0.5, **hp)
+    b = attrax.explain("lime", model, {}, x, t, key=1, kernel_width=0.5 * math.sqrt(2), kernel="exp", **hp)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    c = attrax.explain("lime", model, {}, x, t, key=1, kernel_width=0.5, kernel="exp", **hp)
+    assert float(jnp.abs(a - c).max()) > 1e-4
