@@ -27,6 +27,12 @@ numbers kept), and the memory-bounded chunking check (10,000 images x IG 256 ste
 budget, chunk size from `attrax.harness.evals_per_chunk_for_memory`). Output: a tidy table
 (`attrax.results` schema, protocol="bench", one metric per row) in `<out>/rows.parquet` +
 `run.json`, and `<out>/performance.md` with the PyTorch-stack bar side by side.
+
+Model families (issue 13): `--model` also takes the user-style models of `attrax.examples`
+(`nonzoo_cnn`, `nonzoo_resnet`, `vit_tiny`, `jnp_mlp`, `nnx_cnn`; random weights) and
+comma-separated lists; the families section then times `families.methods` (LRP-epsilon, DeepLIFT,
+guided backprop) on every listed model as a ratio to one raw batched gradient of the same batch,
+measured in the same run (goal <= 2x): `attrax-bench --families-only --model nonzoo_cnn,vit_tiny`.
 Settings and per-method benchmark hyperparameters: conf/bench/default.yaml.
 """
 
@@ -166,6 +172,13 @@ def setup(cfg: dict[str, Any]):
     else:
         x_np, y_np = test.x[:n], test.y[:n]
     info: dict[str, Any] = {}
+    from attrax import examples
+
+    if cfg["model"] in examples.names():  # a user-style model (not in the zoo): random weights
+        raw, params = examples.build(cfg["model"], int(cfg.get("seed", 0)), jnp.asarray(x_np[:1]),
+                                     num_classes=int(y_np.max()) + 1 if len(y_np) else 10)
+        model = attrax.models.Model(cfg["model"], attrax.as_model(raw).apply_fn, attrax.as_model(raw).module)
+        return model, params, jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32), {"example": True}
     if int(cfg.get("train_epochs", 0)) > 0:
         train_set = attrax.datasets.load(cfg["dataset"], split="train").take(int(cfg.get("train_images", 2000)))
         model, params, tinfo = attrax.train(cfg["model"], train_set, seed=0, progress=False,
@@ -263,6 +276,34 @@ def _add_cpu_figures(rec: dict, t: dict, n: int, bound_cpu_s: float | None) -> N
 
 # ---------------------------------------------------------------------------------------------
 # Protocols
+
+
+def bench_families(cfg: dict[str, Any], models: list[str], log=lambda *a: None) -> list[dict]:
+    """Per model: `families.methods` (default LRP-epsilon, DeepLIFT, guided backprop) and the
+    gradient through `attrax.explain`, each as a ratio to ONE raw batched gradient of the same
+    batch measured in the same run (issue 13's goal: <= `families.target_ratio`, 2x)."""
+    fcfg = dict(cfg.get("families") or {})
+    names = ["gradient", *[m for m in fcfg.get("methods", ["lrp_epsilon", "deeplift", "guided_backprop"])
+                           if m != "gradient"]]
+    out = []
+    for mname in models:
+        mcfg = {**cfg, "model": mname}
+        model, params, x, target, _ = setup(mcfg)
+        ref = reference_times(model, params, x, target, repeats=cfg["repeats"], max_seconds=cfg["max_seconds"])
+        for name in names:
+            try:
+                rec = bench_method(name, model, params, x, target, ref, mcfg)
+                rec["gradient_ratio"] = rec["seconds"] / ref["gradient"]
+                c = x.shape[0] / rec["cpu_images_per_s"] if rec.get("cpu_images_per_s") else 0.0
+                rec["cpu_gradient_ratio"] = c / ref["gradient_cpu"] if ref["gradient_cpu"] > 0 and c > 0 else None
+            except Exception as e:  # noqa: BLE001 - one failing entry must not stop the benchmark
+                rec = {"name": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+            rec.update(kind="family", model=mname, ref_gradient_s=ref["gradient"],
+                       target_ratio=float(fcfg.get("target_ratio", 2.0)))
+            log(f"family    {mname + ':' + name:32s} " + (f"{rec['gradient_ratio']:6.2f} x gradient"
+                                                            if rec.get("gradient_ratio") else rec.get("error", "")))
+            out.append(rec)
+    return out
 
 
 def protocol_bound(name: str, choices: dict[str, Any], entry_cfg: dict[str, Any],
@@ -704,14 +745,15 @@ def to_rows(records: list[dict], *, run_id: str, cfg: dict[str, Any]) -> pd.Data
     for r in records:
         hp = {**(r.get("hparams") or {}), **({"bound": r["bound_kind"]} if r.get("bound_kind") else {})}
         for metric in ("images_per_s", "compile_s", "peak_mb", "bound_ratio", "bar_images_per_s", "speedup_vs_bar",
-                       "cpu_images_per_s", "cpu_bound_ratio", "seconds", "train_s", "maps_s", "train_ratio"):
+                       "cpu_images_per_s", "cpu_bound_ratio", "seconds", "train_s", "maps_s", "train_ratio",
+                       "gradient_ratio", "cpu_gradient_ratio"):
             v = r.get("bar") if metric == "bar_images_per_s" else r.get(metric)
             if metric == "speedup_vs_bar" and r.get("bar") and r.get("images_per_s"):
                 v = r["images_per_s"] / r["bar"]
             if v is None or not np.isfinite(float(v)):
                 continue
             rows.append({"run_id": run_id, "experiment": f"bench/{r['kind']}", "dataset": cfg["dataset"],
-                         "model": cfg["model"], "model_seed": 0, "method": r["name"],
+                         "model": r.get("model", cfg["model"].split(",")[0]), "model_seed": 0, "method": r["name"],
                          "method_hparams": hparams_json(hp), "protocol": "bench", "metric": metric,
                          "x": np.nan, "value": float(v), "example": -1, "seed": 0})
     return conform(pd.DataFrame(rows))
@@ -766,6 +808,24 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> s
 
     table("method", "Methods")
     table("protocol", "Protocols")
+    fams = [r for r in records if r["kind"] == "family"]
+    if fams:
+        goal = fams[0].get("target_ratio", 2.0)
+        out += ["## Model families: one map relative to one gradient of the same batch", "",
+                "Models from `attrax.examples` (user-style, not zoo; random weights) and zoo models, on the same "
+                f"batch; ratio = seconds of the map through `attrax.explain` / seconds of one raw batched input "
+                f"gradient (`reference_times`), measured in this run; goal <= {goal:g}x.", "",
+                "| model | method | images/s | compile s | ratio to one gradient | CPU est. ratio | goal |",
+                "|---|---|---:|---:|---:|---:|---|"]
+        for r in fams:
+            if r.get("error"):
+                out.append(f"| {r.get('model', '')} | {r['name']} | - | - | - | - | {r['error']} |")
+                continue
+            ratio = r.get("gradient_ratio")
+            verdict = "-" if r["name"] == "gradient" else ("ok" if ratio is not None and ratio <= goal else "ABOVE")
+            out.append(f"| {r['model']} | {r['name']} | {_fmt(r.get('images_per_s'))} | {_fmt(r.get('compile_s'), 2)} "
+                       f"| {_fmt(ratio, 2)} | {_fmt(r.get('cpu_gradient_ratio'), 2)} | {verdict} |")
+        out.append("")
     steps = [r for r in records if r["kind"] == "step"]
     if steps:
         out += ["## The performance work, step by step (measured in this run)", "",
@@ -835,15 +895,40 @@ def _names(arg: str | None, all_names: list[str]) -> list[str]:
     return names
 
 
+def model_names(cfg: dict[str, Any]) -> list[str]:
+    """The models of a run: `model` is one name or a comma-separated list (zoo or `attrax.examples`)."""
+    import attrax
+    from attrax import examples
+
+    names = [m.strip() for m in str(cfg["model"]).split(",") if m.strip()]
+    known = set(attrax.models.names()) | set(examples.names())
+    for m in names:
+        if m not in known:
+            from attrax.errors import unknown_name
+
+            raise unknown_name("model", m, sorted(known))
+    return names
+
+
 def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protocols: list[str],
         steps: bool = True, training: bool = True, budget: bool = True, flags: list[str] | None = None,
-        roar_grid: bool = True, progress: bool = True) -> tuple[pd.DataFrame, list[dict]]:
-    """Run the benchmark and write rows.parquet, run.json and performance.md into `out_dir`."""
+        roar_grid: bool = True, progress: bool = True, families: bool | None = None) -> tuple[pd.DataFrame, list[dict]]:
+    """Run the benchmark and write rows.parquet, run.json and performance.md into `out_dir`.
+
+    With several models (`model: a,b,c`), the method/protocol/step/budget entries run on the first;
+    the `families` section (default: on when several models or a non-zoo example is named) times
+    LRP, DeepLIFT and guided backprop against one gradient on every model."""
     import attrax
+    from attrax import examples
     from attrax.results import write_run
 
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if progress else (lambda *a: None)
     cfg = dict(cfg)
+    models = model_names(cfg)
+    if families is None:
+        families = len(models) > 1 or models[0] in examples.names()
+    cfg["model"] = models[0]
+    zoo_main = models[0] not in examples.names()
     t_start = time.perf_counter()
     env = {"cpus": os.cpu_count(), "backend": jax.default_backend(), "load_before": os.getloadavg()[0],
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
@@ -887,12 +972,21 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
         section("step", lambda: bench_steps(model, params, x, target, cfg))
     if flags:
         section("step", lambda: bench_flags(flags))
-    if training:
+    if (training or roar_grid) and not zoo_main:
+        log(f"training and ROAR sections train zoo models; skipped for {models[0]!r}")
+    if training and zoo_main:
         section("train", lambda: bench_training(cfg))
     if budget:
         guarded(lambda: budget_check(model, params, x, cfg), "budget", "integrated_gradients")
-    if roar_grid and cfg.get("roar_grid"):
+    if roar_grid and cfg.get("roar_grid") and zoo_main:
         section("roar", lambda: bench_roar_grid(cfg, log))
+    if families:
+        try:
+            records.extend(bench_families(cfg, models, log))
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others
+            records.append({"kind": "family", "name": "families", "hparams": {},
+                            "error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"})
+    cfg["model"] = ",".join(models)
     env["load_after"] = os.getloadavg()[0]
     run_id = time.strftime("bench-%Y%m%d-%H%M%S")
     rows = to_rows(records, run_id=run_id, cfg=cfg)
@@ -911,7 +1005,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated names, 'all' (default) or 'none'")
     ap.add_argument("--protocols", default=None, help="comma-separated names, 'all' (default) or 'none'")
     ap.add_argument("--dataset", default=None)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None,
+                    help="a zoo model or an `attrax.examples` family, or a comma-separated list "
+                         "(nonzoo_cnn,nonzoo_resnet,vit_tiny,jnp_mlp,nnx_cnn): the families section times "
+                         "LRP / DeepLIFT / guided backprop against one gradient on each")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--train-epochs", type=int, default=None, help="0 = random init")
@@ -923,6 +1020,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--roar-only", action="store_true",
                     help="only the ROAR + KAR grid (same as --methods none --protocols none --no-steps "
                          "--no-training --no-budget)")
+    ap.add_argument("--families-only", action="store_true",
+                    help="only the model-families section (same as --methods none --protocols none --no-steps "
+                         "--no-training --no-budget --no-roar)")
+    ap.add_argument("--no-families", action="store_true", help="skip the model-families section")
     ap.add_argument("--flags", action="append", default=None,
                     help="XLA_FLAGS value to probe in a subprocess (repeatable; '' = none)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -938,6 +1039,10 @@ def main(argv: list[str] | None = None) -> int:
                                      "train_epochs": a.train_epochs})
         if a.roar_only:
             a.methods, a.protocols, a.no_steps, a.no_training, a.no_budget = "none", "none", True, True, True
+        if a.families_only:
+            a.methods, a.protocols, a.no_steps, a.no_training, a.no_budget, a.no_roar = ("none", "none", True, True,
+                                                                                         True, True)
+        model_names(cfg)  # "did you mean" before anything runs
         methods = _names(a.methods, attrax.methods.names())
         protocols = _names(a.protocols, attrax.protocols.names())
         for n in methods:
@@ -946,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
             attrax.protocols.get(n)
         out = a.out or os.path.join("results", "bench", time.strftime("%Y%m%d-%H%M%S"))
         run(cfg, out, methods=methods, protocols=protocols, steps=not a.no_steps, training=not a.no_training,
-            budget=not a.no_budget, flags=a.flags, roar_grid=not a.no_roar, progress=not a.quiet)
+            budget=not a.no_budget, flags=a.flags, roar_grid=not a.no_roar, progress=not a.quiet,
+            families=False if a.no_families else (True if a.families_only else None))
     except AttraxError as e:
         print(f"attrax-bench: error: {e}", file=sys.stderr)
         return 2

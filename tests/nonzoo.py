@@ -1,0 +1,55 @@
+"""Shared test models that are NOT in the zoo (issue 13): the five example families of
+`attrax.examples`, built tiny (batch 2, 8x8x3 inputs, 3 classes) for fast CPU compiles.
+
+Import from a test module (pytest puts tests/ on sys.path) and wrap in a module-scoped fixture:
+
+    from nonzoo import FAMILIES, make
+    @pytest.fixture(scope="module", params=FAMILIES)
+    def fam(request): return make(request.param)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import attrax
+from attrax import examples
+
+FAMILIES = examples.names()
+SHAPE = (2, 8, 8, 3)
+NUM_CLASSES = 3
+
+
+class Family(NamedTuple):
+    name: str
+    model: attrax.models.Model  # built once, so its jit cache is shared by a module's tests
+    params: object
+    x: jax.Array
+    target: jax.Array
+    raw: object  # what the user handed over (linen module or apply_fn)
+
+
+def nonzero_biases(params, key, scale: float = 0.05):
+    """Add noise to every 1-D parameter except BatchNorm statistics: zero-initialized biases hide
+    bugs (e.g. positive-homogeneity shortcuts)."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = iter(jax.random.split(key, len(leaves)))
+    out = []
+    for path, v in leaves:
+        k = next(keys)
+        stats = any(getattr(p, "key", None) == "batch_stats" for p in path)
+        out.append(v + scale * jax.random.normal(k, v.shape) if v.ndim == 1 and not stats else v)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.cache
+def make(name: str, shape: tuple[int, ...] = SHAPE, **kwargs) -> Family:
+    x = jax.random.uniform(jax.random.key(0), shape)
+    raw, params = examples.build(name, 1, x, num_classes=NUM_CLASSES, **kwargs)
+    params = nonzero_biases(params, jax.random.key(2))
+    target = jnp.arange(shape[0], dtype=jnp.int32) % NUM_CLASSES
+    return Family(name, attrax.as_model(raw), params, x, target, raw)
