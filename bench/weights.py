@@ -317,9 +317,9 @@ def _translate_vgg(tensors: dict[str, np.ndarray]) -> tuple[Flat, dict, dict]:
 # Inferring the configuration from shapes
 
 
-def _need(flat: Flat, origin: dict, path: tuple[str, ...], source_name: str) -> np.ndarray:
+def _need(flat: Flat, path: tuple[str, ...], layout: str, hints: dict | None = None) -> np.ndarray:
     if path not in flat:
-        raise AttraxError(f"missing key {source_name!r}")
+        raise AttraxError(f"missing key {source_name(layout, path, hints)!r}")
     return flat[path]
 
 
@@ -327,7 +327,7 @@ def infer_config(family: str, flat: Flat, origin: dict, hints: dict, layout: str
     """Module fields the shapes determine."""
     tv = layout != "flax"
     if family == "resnet":
-        width = int(_need(flat, origin, ("params", "conv1", "kernel"), "conv1.weight" if tv else "conv1/kernel").shape[3])
+        width = int(_need(flat, ("params", "conv1", "kernel"), layout, hints).shape[3])
         layers = []
         for i in range(1, 5):
             j = 0
@@ -339,13 +339,14 @@ def infer_config(family: str, flat: Flat, origin: dict, hints: dict, layout: str
         while layers and layers[-1] == 0:
             layers.pop()
         bottleneck = ("params", "layer1_0", "conv3", "kernel") in flat
-        cfg: dict[str, Any] = {"width": width, "layers": tuple(layers), "block": "bottleneck" if bottleneck else "basic"}
+        cfg: dict[str, Any] = {"width": width, "layers": tuple(layers),
+                               "block": "bottleneck" if bottleneck else "basic"}
         if bottleneck:
             mid = int(flat[("params", "layer1_0", "conv1", "kernel")].shape[3])
-            c2 = _need(flat, origin, ("params", "layer1_0", "conv2", "kernel"), "layer1.0.conv2.weight")
+            c2 = _need(flat, ("params", "layer1_0", "conv2", "kernel"), layout, hints)
             cfg["mid_ratio"] = mid / width
             cfg["groups"] = max(1, mid // int(c2.shape[2]))
-        cfg["num_classes"] = int(_need(flat, origin, ("params", "fc", "kernel"), "fc.weight" if tv else "fc/kernel").shape[1])
+        cfg["num_classes"] = int(_need(flat, ("params", "fc", "kernel"), layout, hints).shape[1])
         return cfg
     if family == "vgg":
         convs = []
@@ -359,20 +360,20 @@ def infer_config(family: str, flat: Flat, origin: dict, hints: dict, layout: str
                 raise AttraxError(f"a Flax VGG with {len(convs)} convolutions: pass cfg=(64, 64, 'M', ...)")
             it = iter(convs)
             vcfg = tuple("M" if c == "M" else next(it) for c in zoo_large.VGG16_CFG)
-        fc1 = _need(flat, origin, ("params", "fc1", "kernel"), "classifier.0.weight" if tv else "fc1/kernel")
-        fc3 = _need(flat, origin, ("params", "fc3", "kernel"), "classifier.6.weight" if tv else "fc3/kernel")
+        fc1 = _need(flat, ("params", "fc1", "kernel"), layout, hints)
+        fc3 = _need(flat, ("params", "fc3", "kernel"), layout, hints)
         p = math.isqrt(fc1.shape[0] // convs[-1])
         return {"cfg": tuple(vcfg), "batch_norm": ("params", "bn0", "scale") in flat, "hidden": int(fc1.shape[1]),
                 "pool_size": p, "num_classes": int(fc3.shape[1])}
     if family == "vit":
-        pe = _need(flat, origin, ("params", "patch_embed", "kernel"), "patch_embed.proj.weight" if tv else "patch_embed/kernel")
+        pe = _need(flat, ("params", "patch_embed", "kernel"), layout, hints)
         depth = 0
         while ("params", f"blocks_{depth}", "attn", "qkv", "kernel") in flat:
             depth += 1
         if depth == 0:
             raise AttraxError(f"missing key {'blocks.0.attn.qkv.weight' if tv else 'blocks_0/attn/qkv/kernel'!r}")
-        fc1 = _need(flat, origin, ("params", "blocks_0", "mlp", "fc1", "kernel"), "blocks.0.mlp.fc1.weight")
-        head = _need(flat, origin, ("params", "head", "kernel"), "head.weight" if tv else "head/kernel")
+        fc1 = _need(flat, ("params", "blocks_0", "mlp", "fc1", "kernel"), layout, hints)
+        head = _need(flat, ("params", "head", "kernel"), layout, hints)
         cfg = {"patch_size": int(pe.shape[0]), "embed_dim": int(pe.shape[3]), "depth": depth,
                "mlp_dim": int(fc1.shape[1]), "qkv_bias": ("params", "blocks_0", "attn", "qkv", "bias") in flat,
                "num_classes": int(head.shape[1])}
@@ -436,6 +437,10 @@ def import_weights(arch: str, path: str | os.PathLike, *, heads: int | None = No
         if "cfg" in stored:
             hints = {"cfg": stored["cfg"]}
     inferred = infer_config(family, flat, origin, hints, layout, {} if stored else meta)
+    if family == "resnet" and inferred["block"] != ("basic" if arch == "resnet18" else "bottleneck"):
+        other = "resnet50" if arch == "resnet18" else "resnet18"
+        raise AttraxError(f"{path}: the file holds a {inferred['block']} ResNet (layers {inferred['layers']}), "
+                          f"not arch {arch!r}: use arch={other!r}")
     if heads is not None:
         kwargs["num_heads"] = heads
     known_heads = inferred.pop("num_heads", stored.get("num_heads"))
