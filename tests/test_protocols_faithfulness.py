@@ -70,3 +70,21 @@ def test_random_subsets_have_the_exact_size_and_are_uniform():
     m = np.asarray(random_subsets(jax.random.key(0), 2000, 20, 5))
     assert np.all(m.sum(1) == 5)
     np.testing.assert_allclose(m.mean(0), 0.25, atol=0.04)  # every feature equally likely
+
+
+def test_zero_map_does_not_beat_real_methods_on_default_infidelity(tiny_cnn, batch):
+    # unnormalized, occlusion's maps (logit drops of whole windows) lose to the all-zero map;
+    # Yeh et al.'s optimal beta makes infidelity judge the shape of the map, not its scale
+    model, params = tiny_cnn
+    x, y = batch
+    zero = attrax.evaluate("infidelity", model, params, x, y, jnp.zeros_like(x), key=0)
+    assert zero.choices["normalize"] is True
+    z = np.asarray(zero.values["infidelity"])
+    for name in ("gradient", "occlusion"):
+        r = attrax.explain(name, model, params, x, y)
+        s = attrax.evaluate("infidelity", model, params, x, y, r, key=0)
+        v = np.asarray(s.values["infidelity"])
+        assert (v <= z + 1e-6).all() and v.mean() < z.mean(), name  # beta = 0 is a candidate
+    occ = attrax.explain("occlusion", model, params, x, y)
+    raw = attrax.evaluate("infidelity", model, params, x, y, occ, key=0, normalize=False)
+    assert raw.mean()["infidelity"] > z.mean()  # why the default matters

@@ -5,8 +5,11 @@
   f(x) - f(x with S replaced). Ours: 100 runs, 28 pixels (Quantus: 224 on ImageNet), zero
   replacement, logit score, channel sum.
 - Infidelity (Yeh, Hsieh, Suggala, Inouye, Ravikumar, NeurIPS 2019):
-  E_I[(I . R - (f(x) - f(x - I)))^2] with Gaussian perturbations I ~ N(0, sigma^2), sigma 0.1,
-  50 samples; `normalize=True` first rescales R by the optimal beta (as Captum's option).
+  E_I[(beta I . R - (f(x) - f(x - I)))^2] with Gaussian perturbations I ~ N(0, sigma^2), sigma
+  0.1, 50 samples, and beta the optimal rescaling of R (the paper's definition; the default,
+  `normalize=True`, Captum's `normalize` option). `normalize=False`: beta = 1, Captum's default,
+  which rewards maps of the right scale rather than the right shape (the all-zero map then
+  beats Grad-CAM or occlusion).
 - Monotonicity (Arya et al. 2019, as in Quantus): insert pixel groups into the zero image in
   ascending order of relevance; `monotonic` = 1 if f never decreases. Plus `correlation`: the
   Spearman correlation between each inserted group's relevance and its marginal effect on f
@@ -158,7 +161,7 @@ def _infidelity_fn(model, n_samples, sigma, score, normalize):
 
 
 @PROTOCOLS.register(
-    "infidelity", category="faithfulness", version=1, higher_is_better={"infidelity": False}
+    "infidelity", category="faithfulness", version=2, higher_is_better={"infidelity": False}
 )
 def infidelity(
     model,
@@ -171,10 +174,13 @@ def infidelity(
     n_samples: int = 50,
     sigma: float = 0.1,
     score: str = "logit",
-    normalize: bool = False,
+    normalize: bool = True,
 ) -> Scores:
     """Infidelity (Yeh et al. 2019) with Gaussian perturbations; defaults: sigma 0.1, 50 samples,
-    logit score, no rescaling of R. Lower is better (0: R explains every perturbation exactly)."""
+    logit score, R rescaled by the optimal beta first (the paper's definition; `normalize=False`
+    keeps the raw scale, Captum's default). Lower is better (0: R explains every perturbation
+    exactly). Normalized, no map scores worse than the all-zero map (beta = 0 is a candidate).
+    Version 2: the normalized form became the default."""
     model = as_model(model)
     fn = model.cached(
         ("infidelity", x.shape[1:], n_samples, sigma, score, normalize),
@@ -198,6 +204,7 @@ def infidelity(
             perturbation="gaussian",
             score=score,
             normalize=normalize,
+            beta="optimal (Yeh et al. 2019)" if normalize else "1 (unnormalized)",
         ),
     )
 
