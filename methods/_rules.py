@@ -1,26 +1,27 @@
-"""Layer rules: relevance propagation through an unmodified Flax linen model.
+"""Layer rules: relevance propagation through any JAX model, on the rule engine.
 
 The mechanism (shared by LRP, deep Taylor and PatternNet/PatternAttribution)
 ----------------------------------------------------------------------------
-1. `layer_structure` traces the model once (`jax.eval_shape`, no compute) under
-   `nn.intercept_methods` and lists every `nn.Dense` / `nn.Conv` call (the *linear layers*,
-   by module path, in call order), every pooling module, and every `nn.BatchNorm` whose input is
-   the output of a linear layer (the BatchNorm canonizer merges it into that layer).
-2. `propagate` runs the forward pass again under an interceptor that replaces each linear layer
-   by a `jax.custom_vjp` function: the forward is the layer's own output (with merged BatchNorm:
-   unchanged logits), the backward implements the layer's rule. Pooling modules (`MaxPool`)
-   get the selected pooling rule; everything else (ReLU, reshape, residual additions, average
-   pooling) keeps its ordinary gradient, which is LRP-0 for linear ops and passes relevance
-   through active ReLUs.
+1. `attrax.methods._engine` traces `model(params, x)` once (cached on the model) and finds the
+   *linear layers* (`dot_general` / `conv_general_dilated` with one parameter-derived operand,
+   with their bias and a BatchNorm-like affine chain that the canonizer folds in), ReLUs,
+   max pooling, softmax, normalizations and products of two activations.
+2. `propagate` re-evaluates the computation with each linear layer as a `jax.custom_vjp`
+   function: the forward is the layer's own output (with folded BatchNorm: unchanged logits),
+   the backward implements the layer's rule. Max pooling gets the selected pooling rule;
+   transformers get CP-LRP or AttnLRP rules (`transformer=`); everything else (ReLU, reshape,
+   residual additions, average pooling, means) keeps its ordinary gradient, which is LRP-0 /
+   the z-rule for linear ops and passes relevance through active ReLUs.
 3. Convention: the cotangent flowing backwards is a *modified gradient* g with relevance
-   R = a * g at every activation a (so relevance at a layer output z is z * g). Only the first
-   linear layer returns its input relevance itself, so that input-dependent rules (z^B, flat,
-   w^2) never divide by the input. The method's map is the cotangent at the input.
+   R = a * g at every activation a (so relevance at a layer output z is z * g). Only a linear
+   layer that reads the model input returns its input relevance itself, so that input-dependent
+   rules (z^B, flat, w^2) never divide by the input. The method's map is the cotangent at the input.
 
 Rules are small frozen dataclasses with one method, `backward(layer, a, z, g, first)`; a
 composite is a function from a `LayerInfo` (path, kind, position) to a rule. References:
 Bach et al. 2015 (LRP), Montavon et al. 2017/2018 (deep Taylor, z^B, gamma), Kohlbrenner et al.
-2020 (composites, flat), Montavon et al. 2019 "Layer-wise relevance propagation: an overview".
+2020 (composites, flat), Montavon et al. 2019 "Layer-wise relevance propagation: an overview",
+Ali et al. 2022 (CP-LRP), Achtibat et al. 2024 (AttnLRP).
 """
 
 from __future__ import annotations
@@ -29,21 +30,20 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attrax.errors import AttraxError
-from attrax.models import MaxPool
+from attrax.methods import _engine
+from attrax.methods._engine import LayerInfo, Linear  # noqa: F401 - re-exported
 
 Array = jax.Array
 
 #: Denominator guard of the non-epsilon rules (only prevents 0/0; far below float32 resolution of z).
 TINY = 1e-12
-LINEAR_TYPES = (nn.Dense, nn.Conv)
 STARTS = ("logit", "probability", "one", "relu_logit")
 POOLINGS = ("winner", "proportional")
+TRANSFORMER_RULES = ("attn_lrp", "cp_lrp", "gradient")
 
 
 def stabilize(z: Array, eps: float) -> Array:
@@ -52,221 +52,33 @@ def stabilize(z: Array, eps: float) -> Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# Layer structure
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerInfo:
-    """One linear layer of a model: where it is and what it is.
-
-    `kind` is "dense" or "conv"; `index` its position among linear layers (call order); `first`
-    / `last` mark the first and last linear layers; `bn` the path of a BatchNorm merged into it;
-    `nonnegative_input` says the layer's input was >= 0 for random-normal probe inputs and
-    random parameters, i.e. it follows a ReLU-like activation (rules then skip the negative-input
-    terms, which are zero there).
-    """
-
-    path: tuple[str, ...]
-    kind: str
-    index: int
-    first: bool
-    last: bool
-    bn: tuple[str, ...] | None = None
-    nonnegative_input: bool = False  # input >= 0 for random probes (e.g. after a ReLU)
-
-    @property
-    def name(self) -> str:
-        return "/".join(self.path)
+# Layer structure (read from the trace)
 
 
 @dataclasses.dataclass(frozen=True)
 class Structure:
     layers: tuple[LayerInfo, ...]
-    bn: Mapping[tuple[str, ...], dict]  # merged BatchNorm path -> its settings
+
+    @property
+    def bn(self) -> dict:
+        return {info.bn: info.name for info in self.layers if info.bn is not None}
 
     def by_path(self) -> dict[tuple[str, ...], LayerInfo]:
         return {info.path: info for info in self.layers}
 
 
-def _is_call(ctx) -> bool:
-    return ctx.method_name == "__call__" and ctx.module.path != ()
-
-
 def layer_structure(model, params: Any, x: Array) -> Structure:
-    """The linear layers of `model` in call order (traced abstractly; no compute)."""
-    found: list[tuple[tuple[str, ...], str]] = []
-    outputs: dict[int, tuple[str, ...]] = {}
-    bns: dict[tuple[str, ...], dict] = {}
-    merged: dict[tuple[str, ...], tuple[str, ...]] = {}
-
-    def interceptor(next_fun, args, kwargs, ctx):
-        if not _is_call(ctx):
-            return next_fun(*args, **kwargs)
-        mod = ctx.module
-        out = next_fun(*args, **kwargs)
-        if isinstance(mod, LINEAR_TYPES):
-            found.append((mod.path, "dense" if isinstance(mod, nn.Dense) else "conv"))
-            outputs[id(out)] = mod.path
-        elif isinstance(mod, nn.BatchNorm) and args and id(args[0]) in outputs:
-            src = outputs[id(args[0])]
-            if src not in merged:
-                merged[src] = mod.path
-                bns[mod.path] = {"epsilon": mod.epsilon, "use_scale": mod.use_scale,
-                                 "use_bias": mod.use_bias, "axis": mod.axis,
-                                 "running": mod.use_running_average}
-        return out
-
-    spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), (params, x))
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(lambda p, xx: model(p, xx), *spec)
-    if not found:
+    """The linear layers of `model` in execution order (from its cached trace)."""
+    graph = _engine.graph_of(model, params, x)
+    if not graph.layers:
         raise AttraxError(
-            f"model {model.name!r} has no nn.Dense / nn.Conv layers for relevance rules to attach to"
+            f"model {getattr(model, 'name', model)!r} has no linear layers (dot_general / conv with a "
+            "parameter operand) for relevance rules to attach to"
         )
-    paths = [p for p, _ in found]
-    if len(set(paths)) != len(paths):
-        raise AttraxError("relevance rules need each Dense/Conv layer to be called once per forward pass")
-    n = len(found)
-    nonneg = _nonnegative_inputs(model, *spec)
-    layers = tuple(
-        LayerInfo(p, k, i, i == 0, i == n - 1, merged.get(p), bool(nonneg.get(p, False)))
-        for i, (p, k) in enumerate(found)
-    )
-    return Structure(layers, bns)
+    return Structure(graph.layers)
 
 
-def _nonnegative_inputs(model, params_spec, x_spec) -> dict[tuple[str, ...], bool]:
-    """Which linear layers see only non-negative inputs, from 4 random-normal probe inputs
-    through random parameters (a structural property: the layer follows a ReLU-like map)."""
-    rng = np.random.default_rng(0)
-    flat, tree = jax.tree_util.tree_flatten_with_path(params_spec)
-    leaves = []
-    for path, s in flat:
-        v = rng.normal(size=s.shape)
-        if str(getattr(path[-1], "key", "")) == "var":
-            v = np.abs(v) + 0.5
-        leaves.append(np.asarray(v, s.dtype))
-    probe_params = jax.tree.unflatten(tree, leaves)
-    probe_x = np.asarray(rng.normal(size=(4,) + tuple(x_spec.shape[1:])), x_spec.dtype)
-
-    def mins(p, xx):
-        out: dict[tuple[str, ...], Array] = {}
-
-        def interceptor(next_fun, args, kwargs, ctx):
-            if _is_call(ctx) and isinstance(ctx.module, LINEAR_TYPES):
-                out[ctx.module.path] = jnp.min(args[0])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            model(p, xx)
-        return out
-
-    # one ahead-of-time compiled call: concrete even when called inside a jit trace
-    compiled = jax.jit(mins).lower(probe_params, probe_x).compile()
-    with jax.ensure_compile_time_eval():
-        found = compiled(probe_params, probe_x)
-        return {k: bool(np.asarray(v) >= 0) for k, v in found.items()}
-
-
-def structure_of(model, params: Any, x: Array) -> Structure:
-    """`layer_structure`, memoized on the model per input shape."""
-    return model.cached(("layer_structure", tuple(x.shape[1:])), lambda: layer_structure(model, params, x))
-
-
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def effective_params(params: Any, info: LayerInfo, structure: Structure, canonize: bool = True):
-    """(kernel, bias) of a linear layer, with its BatchNorm merged in when `canonize`.
-
-    BatchNorm (inference mode) y = scale * (z - mean) / sqrt(var + eps) + beta merged into the
-    preceding layer: kernel * s, (bias - mean) * s + beta with s = scale / sqrt(var + eps).
-    """
-    p = _get(params["params"], info.path)
-    kernel = p["kernel"]
-    bias = p.get("bias", jnp.zeros(kernel.shape[-1], kernel.dtype))
-    if canonize and info.bn is not None:
-        cfg = structure.bn[info.bn]
-        bp = _get(params["params"], info.bn)
-        st = _get(params["batch_stats"], info.bn)
-        s = jax.lax.rsqrt(st["var"] + cfg["epsilon"])
-        if cfg["use_scale"]:
-            s = s * bp["scale"]
-        kernel = kernel * s
-        bias = (bias - st["mean"]) * s + (bp["bias"] if cfg["use_bias"] else 0.0)
-    return kernel, bias
-
-
-def _check_canonizable(structure: Structure) -> None:
-    for path, cfg in structure.bn.items():
-        if not cfg["running"]:
-            raise AttraxError(f"BatchNorm {'/'.join(path)} runs in training mode; relevance needs inference mode")
-        if cfg["axis"] not in (-1,):
-            raise AttraxError(f"BatchNorm {'/'.join(path)} normalizes axis {cfg['axis']}; only -1 can be merged")
-
-
-# ---------------------------------------------------------------------------------------------
-# A linear layer as a function of (input, kernel)
-
-
-@dataclasses.dataclass(frozen=True)
-class Linear:
-    """z = op(a, kernel) + bias for one Dense/Conv layer, with its transposes."""
-
-    op: Callable[[Array, Array], Array]  # bias-free layer function
-    a_spec: jax.ShapeDtypeStruct
-    kernel: Array
-    bias: Array
-    groups: int = 1  # Conv feature_group_count (stacked kernels need 1)
-    nonnegative_input: bool = False
-
-    def __call__(self, a: Array, kernel: Array | None = None, bias: Array | None = None) -> Array:
-        z = self.op(a, self.kernel if kernel is None else kernel)
-        return z + (self.bias if bias is None else bias)
-
-    def transpose(self, s: Array, kernel: Array | None = None) -> Array:
-        """(d z / d a)^T s for the layer with `kernel` (the layer's own by default)."""
-        k = self.kernel if kernel is None else kernel
-        (t,) = jax.linear_transpose(lambda a: self.op(a, k), self.a_spec)(s)
-        return t
-
-    def op_stacked(self, aa: Array, *kernels: Array) -> Array:
-        """sum_i op(a_i, k_i) for inputs stacked along the feature axis (one call)."""
-        if self.groups != 1:
-            parts = jnp.split(aa, len(kernels), -1)
-            return sum(self.op(p, k) for p, k in zip(parts, kernels, strict=True))
-        return self.op(aa, jnp.concatenate(kernels, -2))
-
-    def transpose_stacked(self, s: Array, *kernels: Array) -> list[Array]:
-        """[(d op(., k_i) / d a)^T s for each k_i], from one call when possible."""
-        if self.groups != 1:
-            return [self.transpose(s, k) for k in kernels]
-        n = len(kernels)
-        spec = jax.ShapeDtypeStruct(self.a_spec.shape[:-1] + (self.a_spec.shape[-1] * n,), self.a_spec.dtype)
-        kk = jnp.concatenate(kernels, -2)
-        (t,) = jax.linear_transpose(lambda u: self.op(u, kk), spec)(s)
-        return jnp.split(t, n, -1)
-
-    def kernel_transpose(self, a: Array, s: Array) -> Array:
-        """sum over examples and positions of patch(a) * s: the kernel-shaped statistic."""
-        spec = jax.ShapeDtypeStruct(self.kernel.shape, self.kernel.dtype)
-        (t,) = jax.linear_transpose(lambda k: self.op(a, k), spec)(s)
-        return t
-
-
-def linear_from_module(mod: nn.Module, a: Array, kernel: Array, bias: Array, nonnegative_input: bool = False) -> Linear:
-    """The layer as a pure function of (input, kernel); the kernel may have more outputs
-    (kernels stacked along the last axis compute several modified layers in one call)."""
-
-    def op(t, k):
-        bare = mod.clone(parent=None, use_bias=False, features=k.shape[-1])
-        return bare.apply({"params": {"kernel": k}}, t)
-
-    groups = getattr(mod, "feature_group_count", 1)
-    return Linear(op, jax.ShapeDtypeStruct(a.shape, a.dtype), kernel, bias, groups, nonnegative_input)
+structure_of = layer_structure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -456,16 +268,25 @@ def make_rule(spec: Any, *, eps: float = 1e-6, gamma: float = 0.25, alpha: float
 SELECTORS = ("first", "last", "conv", "dense", "default")
 
 
+def _prefixes(name: str) -> list[str]:
+    """'a/b/c' -> ['a/b/c', 'a/b', 'a'] (and the name without an '@k' call suffix)."""
+    base = name.split("@")[0]
+    parts = base.split("/")
+    out = [name] if name != base else []
+    return out + ["/".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
 def composite(mapping: Mapping[str, Any], **rule_kw) -> Callable[[LayerInfo], Any]:
-    """A rule map. Keys: a layer path ("dense1", "block1/conv1"), "first", "last", "conv",
-    "dense" or "default"; the most specific key wins (path > first/last > type > default).
+    """A rule map. Keys: a layer path ("dense1", "block1/conv1") or a module path prefix
+    ("block2", "Block_0/MlpBlock_0": every layer inside), "first", "last", "conv", "dense" or
+    "default"; the most specific key wins (path > longer prefix > first/last > type > default).
     Values: rule names or `{name: ..., <param>: value}` mappings. Unmapped layers get LRP-0.
     """
     mapping = dict(mapping)
     rules = {k: make_rule(v, **rule_kw) for k, v in mapping.items()}
 
     def pick(info: LayerInfo):
-        for key in (info.name, "first" if info.first else None, "last" if info.last else None,
+        for key in (*_prefixes(info.name), "first" if info.first else None, "last" if info.last else None,
                     info.kind, "default"):
             if key is not None and key in rules:
                 return rules[key]
@@ -476,7 +297,8 @@ def composite(mapping: Mapping[str, Any], **rule_kw) -> Callable[[LayerInfo], An
 
 def check_composite_keys(mapping: Mapping[str, Any], structure: Structure) -> None:
     names = {info.name for info in structure.layers}
-    bad = [k for k in mapping if k not in SELECTORS and k not in names]
+    known = {p for n in names for p in _prefixes(n)}
+    bad = [k for k in mapping if k not in SELECTORS and k not in known]
     if bad:
         raise AttraxError(
             f"rule map keys {bad} match no layer; use {', '.join(SELECTORS)} or a layer path: "
@@ -485,91 +307,7 @@ def check_composite_keys(mapping: Mapping[str, Any], structure: Structure) -> No
 
 
 # ---------------------------------------------------------------------------------------------
-# Pooling
-
-
-def windows(t: Array, k: int, padding: str) -> tuple[Array, Callable[[Array], Array]]:
-    """Non-overlapping k x k windows of NHWC `t` as (n, Ho, Wo, C, k*k), padded like
-    `nn.max_pool` (SAME: -inf before/after), and the map from window values back to `t`'s shape."""
-    n, h, w, c = t.shape
-    if padding == "SAME":
-        ho, wo = -(-h // k), -(-w // k)
-    elif padding == "VALID":
-        ho, wo = h // k, w // k
-    else:
-        raise AttraxError(f"max pooling rules support SAME or VALID padding, got {padding!r}")
-    ph, pw = ho * k - h, wo * k - w
-    top, left = max(ph, 0) // 2, max(pw, 0) // 2
-    tt = t[:, : ho * k, : wo * k] if padding == "VALID" else jnp.pad(
-        t, ((0, 0), (top, ph - top), (left, pw - left), (0, 0)), constant_values=-jnp.inf)
-    v = tt.reshape(n, ho, k, wo, k, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, ho, wo, c, k * k)
-
-    def back(u: Array) -> Array:
-        full = u.reshape(n, ho, wo, c, k, k).transpose(0, 1, 4, 2, 5, 3).reshape(n, ho * k, wo * k, c)
-        if padding == "SAME":
-            return full[:, top: top + h, left: left + w]
-        return jnp.pad(full, ((0, 0), (0, h - ho * k), (0, w - wo * k), (0, 0)))
-
-    return v, back
-
-
-def max_pool_rule(mod, a: Array, out: Array, pooling: str) -> Array:
-    """Max pooling (window = stride) with winner-take-all or proportional redistribution.
-
-    "winner": all relevance of a window to its (first) maximum, i.e. the max's gradient;
-    "proportional": R_j = a_j / sum_window(a) R (the window treated as a sum). Both route through
-    one-hot / broadcast window views, which is ~3x faster on CPU than the max's generic gradient.
-    """
-    k = mod.window
-
-    def pool(t):
-        return nn.max_pool(t, (k, k), strides=(k, k), padding=mod.padding)
-
-    @jax.custom_vjp
-    def f(t):
-        return pool(t)
-
-    def fwd(t):
-        return pool(t), t
-
-    def bwd(t, g):
-        v, back = windows(t, k, mod.padding)
-        if pooling == "winner":
-            share = jax.nn.one_hot(jnp.argmax(v, -1), k * k, dtype=t.dtype)
-            return (back(share * g[..., None]),)
-        v0 = jnp.where(jnp.isfinite(v), v, 0.0)
-        y = jnp.max(v, -1)
-        s = y * g / stabilize(v0.sum(-1), TINY)
-        return (back(jnp.broadcast_to(s[..., None], v.shape)),)
-
-    f.defvjp(fwd, bwd)
-    return f(a)
-
-
-# ---------------------------------------------------------------------------------------------
 # The propagation pass
-
-
-def ruled_linear(rule, mod: nn.Module, a: Array, kernel: Array, bias: Array, info: LayerInfo) -> Array:
-    """The layer's output with `rule` as its backward pass."""
-    first = info.first
-
-    @jax.custom_vjp
-    def f(t, k, b):
-        return linear_from_module(mod, t, k, b)(t)
-
-    def fwd(t, k, b):
-        layer = linear_from_module(mod, t, k, b)
-        z = layer(t)
-        return z, (t, z, k, b)
-
-    def bwd(res, g):
-        t, z, k, b = res
-        layer = linear_from_module(mod, t, k, b, info.nonnegative_input)
-        return rule.backward(layer, t, z, g, first), jnp.zeros_like(k), jnp.zeros_like(b)
-
-    f.defvjp(fwd, bwd)
-    return f(a, kernel, bias)
 
 
 def start_cotangent(logits: Array, target: Array, start: str, eps: float = 1e-6) -> Array:
@@ -593,40 +331,167 @@ def start_cotangent(logits: Array, target: Array, start: str, eps: float = 1e-6)
     raise AttraxError(f"unknown start {start!r}: use one of {', '.join(STARTS)}")
 
 
-def _interceptor(model, params, x, rule_for, pooling, canonize, kernel_for):
+
+
+def ruled_linear(rule, layer: Linear, a: Array, info: LayerInfo) -> Array:
+    """The layer's output with `rule` as its backward pass (kernel and bias: constants)."""
+    first = info.at_input
+
+    @jax.custom_vjp
+    def f(t, k, b):
+        return dataclasses.replace(layer, kernel=k, bias=b)(t)
+
+    def fwd(t, k, b):
+        lay = dataclasses.replace(layer, kernel=k, bias=b)
+        z = lay(t)
+        return z, (t, z, k, b)
+
+    def bwd(res, g):
+        t, z, k, b = res
+        lay = dataclasses.replace(layer, kernel=k, bias=b, a_spec=jax.ShapeDtypeStruct(t.shape, t.dtype))
+        return rule.backward(lay, t, z, g, first), jnp.zeros_like(k), jnp.zeros_like(b)
+
+    f.defvjp(fwd, bwd)
+    return f(a, layer.kernel, layer.bias)
+
+
+def _pattern_linear(layer: Linear, a: Array, back_kernel: Array) -> Array:
+    """Forward: the layer; backward: transpose with `back_kernel` (no rule, no input factor)."""
+
+    @jax.custom_vjp
+    def f(t, k, b, bk):
+        return dataclasses.replace(layer, kernel=k, bias=b)(t)
+
+    def fwd(t, k, b, bk):
+        return f(t, k, b, bk), (t, k, b, bk)
+
+    def bwd(res, g):
+        t, k, b, bk = res
+        lay = dataclasses.replace(layer, kernel=k, bias=b, a_spec=jax.ShapeDtypeStruct(t.shape, t.dtype))
+        return lay.transpose(g, bk), jnp.zeros_like(k), jnp.zeros_like(b), jnp.zeros_like(bk)
+
+    f.defvjp(fwd, bwd)
+    return f(a, layer.kernel, layer.bias, back_kernel)
+
+
+def max_pool_rule(x6: Array, pooling: str) -> Array:
+    """Max pooling over (n, oh, k, ow, k, c) windows with winner-take-all or proportional
+    redistribution.
+
+    "winner": all relevance of a window to its (first) maximum, i.e. the max's gradient;
+    "proportional": R_j = a_j / sum_window(a) R (the window treated as a sum; -inf padding
+    gets nothing).
+    """
+    if pooling == "winner":
+        return _engine.window_max(x6)
+
+    @jax.custom_vjp
+    def f(t):
+        return t.max(axis=(2, 4))
+
+    def fwd(t):
+        y = t.max(axis=(2, 4))
+        return y, (t, y)
+
+    def bwd(res, g):
+        t, y = res
+        t0 = jnp.where(jnp.isfinite(t), t, 0.0)
+        s = y * g / stabilize(t0.sum(axis=(2, 4)), TINY)
+        return (jnp.broadcast_to(s[:, :, None, :, None, :], t.shape) * (jnp.isfinite(t)),)
+
+    f.defvjp(fwd, bwd)
+    return f(x6)
+
+
+def _identity_rule(fn: Callable[[Array], Array], v: Array, eps: float) -> Array:
+    """Elementwise y = fn(v) passing relevance unchanged (AttnLRP's identity rule)."""
+
+    @jax.custom_vjp
+    def f(t):
+        return fn(t)
+
+    def fwd(t):
+        y = fn(t)
+        return y, (t, y)
+
+    def bwd(res, g):
+        t, y = res
+        return (g * y / stabilize(t, eps),)
+
+    f.defvjp(fwd, bwd)
+    return f(v)
+
+
+def _uniform_product(op_fn: Callable, a: Array, b: Array, eps: float) -> Array:
+    """z = a (.) b (matmul or elementwise) splitting relevance half-half between the factors,
+    each half by the epsilon rule (AttnLRP's uniform rule for bilinear products)."""
+
+    @jax.custom_vjp
+    def f(u, v):
+        return op_fn(u, v)
+
+    def fwd(u, v):
+        z, vjp = jax.vjp(op_fn, u, v)
+        return z, (z, vjp)
+
+    def bwd(res, g):
+        z, vjp = res
+        gu, gv = vjp(g * z / stabilize(z, eps))
+        return 0.5 * gu, 0.5 * gv
+
+    f.defvjp(fwd, bwd)
+    return f(a, b)
+
+
+def lrp_handler(rule_for, *, pooling: str = "winner", canonize: bool = True, kernel_for=None,
+                transformer: str = "attn_lrp", eps: float = 1e-6):
+    """The engine handler of LRP (and of PatternNet with `kernel_for`)."""
     if pooling not in POOLINGS:
         raise AttraxError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
-    st = structure_of(model, params, x)
-    if canonize:
-        _check_canonizable(st)
-    infos = st.by_path()
-    merged_bn = set(st.bn) if canonize else set()
+    if transformer not in TRANSFORMER_RULES:
+        raise AttraxError(f"unknown transformer rules {transformer!r}: use one of {', '.join(TRANSFORMER_RULES)}")
 
-    def interceptor(next_fun, args, kwargs, ctx):
-        if not _is_call(ctx):
-            return next_fun(*args, **kwargs)
-        mod, path = ctx.module, ctx.module.path
-        if path in infos:
-            info = infos[path]
-            kernel, bias = effective_params(params, info, st, canonize)
+    def handle(node, env):
+        kind = node.kind
+        if kind == "linear":
+            a = env[node.ins[0]]
+            k, b, rest = _engine.linear_parts(node, env, canonize)
+            layer = _engine.make_linear(node, a, k, b)
             if kernel_for is not None:
-                return _pattern_linear(mod, args[0], kernel, bias, kernel_for(info, kernel, bias))
-            return ruled_linear(rule_for(info), mod, args[0], kernel, bias, info)
-        if path in merged_bn:
-            return args[0]
-        if isinstance(mod, MaxPool):
-            return max_pool_rule(mod, args[0], next_fun(*args, **kwargs), pooling)
-        return next_fun(*args, **kwargs)
+                z = _pattern_linear(layer, a, kernel_for(node.info, k, b))
+            elif rule_for is None:
+                z = layer(a)
+            else:
+                z = ruled_linear(rule_for(node.info), layer, a, node.info)
+            if not rest:
+                return z
+            local = dict(env)
+            local[node.ops[len(node.ops) - len(rest) - 1].outs[0]] = z
+            _engine.run_ops(rest, local)
+            return local[node.out]
+        if kind == "maxpool" and node.extra["form"] != "generic":
+            return max_pool_rule(_engine.to6(node, env[node.ins[0]]), pooling)
+        if transformer == "gradient":
+            return None
+        if kind == "norm" or (kind == "softmax" and transformer == "cp_lrp"):
+            return jax.lax.stop_gradient(_engine.region_fn(node, env)(env[node.ins[0]]))
+        if kind == "activation" and transformer == "attn_lrp":
+            return _identity_rule(_engine.region_fn(node, env), env[node.ins[0]], eps)
+        if kind == "bilinear" and transformer == "attn_lrp":
+            detached = [f == "norm" for f in node.extra.get("factors", [])]
+            if not any(detached):
+                u, v = (_engine.read(env, i) for i in node.ins)
+                return _uniform_product(_engine.bind_fn(node.ops[0]), u, v, eps)
+        return None
 
-    return interceptor
+    return handle
 
 
 def canonized_forward(model, params: Any, x: Array, *, canonize: bool = True) -> Array:
-    """The logits computed through the rule machinery (BatchNorm merged when `canonize`):
+    """The logits computed through the rule machinery (BatchNorm folded when `canonize`):
     equal to `model(params, x)` up to float rounding."""
-    interceptor = _interceptor(model, params, x, lambda info: Zero(), "winner", canonize, None)
-    with nn.intercept_methods(interceptor):
-        return model(params, x)
+    graph = _engine.graph_of(model, params, x)
+    return _engine.evaluate(graph, params, x, lrp_handler(None, canonize=canonize, transformer="gradient"))
 
 
 def propagate(
@@ -639,39 +504,25 @@ def propagate(
     pooling: str = "winner",
     canonize: bool = True,
     kernel_for: Callable[[LayerInfo, Array, Array], Array] | None = None,
+    transformer: str = "attn_lrp",
+    eps: float = 1e-6,
+    unknown: str = "error",
 ) -> Array:
     """Cotangent at the input of one forward + one rule-modified backward pass.
 
     `cotangent(logits) -> array` seeds the backward pass; `rule_for(info)` picks a rule per
     linear layer; or `kernel_for(info, kernel, bias) -> kernel'` makes each linear layer's
     backward pass the plain transpose with kernel' (PatternNet/PatternAttribution, where the
-    cotangent is the signal itself). The forward pass and logits are the model's own.
+    cotangent is the signal itself). `transformer`: "attn_lrp" (default; AttnLRP, Achtibat et
+    al. 2024: normalization scaling constant, softmax by its gradient x input, products of two
+    activations split half-half, other elementwise nonlinearities pass relevance unchanged),
+    "cp_lrp" (Ali et al. 2022: normalization scaling and softmax constant, gradient elsewhere)
+    or "gradient" (no transformer rules). The forward pass and logits are the model's own.
     """
-    interceptor = _interceptor(model, params, x, rule_for, pooling, canonize, kernel_for)
-
-    def fwd(xx):
-        with nn.intercept_methods(interceptor):
-            return model(params, xx)
-
-    logits, vjp = jax.vjp(fwd, x)
+    graph = _engine.graph_of(model, params, x)
+    _engine.check_unknown(graph, unknown)
+    handle = lrp_handler(rule_for, pooling=pooling, canonize=canonize, kernel_for=kernel_for,
+                         transformer=transformer, eps=eps)
+    logits, vjp = jax.vjp(lambda xx: _engine.evaluate(graph, params, xx, handle), x)
     (r,) = vjp(cotangent(logits))
     return r
-
-
-def _pattern_linear(mod, a, kernel, bias, back_kernel):
-    """Forward: the layer; backward: transpose with `back_kernel` (no rule, no input factor)."""
-
-    @jax.custom_vjp
-    def f(t, k, b):
-        return linear_from_module(mod, t, k, b)(t)
-
-    def fwd(t, k, b):
-        return linear_from_module(mod, t, k, b)(t), (t, k, b)
-
-    def bwd(res, g):
-        t, k, b = res
-        layer = linear_from_module(mod, t, k, b)
-        return layer.transpose(g, back_kernel), jnp.zeros_like(k), jnp.zeros_like(b)
-
-    f.defvjp(fwd, bwd)
-    return f(a, kernel, bias)

@@ -1,22 +1,22 @@
 """Backprop-modified gradients: deconvnet and guided backprop.
 
-Both keep the forward pass and change only how the ReLU passes gradients backward, by swapping
-the model's activation (`Model.with_activation`) for a ReLU with a custom backward rule
-(`jax.custom_vjp`). Max-pool switches (the positions that won in the forward pass) are kept, as
-in the papers. Only ReLU activations are modified: a model whose activation is not ReLU is left
+Both keep the forward pass and change only how every ReLU of the traced computation passes
+gradients backward (`jax.nn.relu` / `flax.linen.relu` or `max(x, 0)`, wherever it occurs: any
+JAX model, no `act` field; see `attrax.methods._engine`): each becomes a ReLU with a custom
+backward rule (`jax.custom_vjp`). Max-pool switches (the positions that won in the forward
+pass) are kept, as in the papers. Only ReLUs are modified: a model without ReLUs is left
 unchanged, so both methods equal the plain gradient there.
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attrax.methods import _engine
 from attrax.methods._core import METHODS, input_gradient
 
 Array = jax.Array
-_RELUS = (nn.relu, jax.nn.relu)
 
 
 @jax.custom_vjp
@@ -53,27 +53,27 @@ def _deconv_bwd(_, g):
 deconv_relu.defvjp(_deconv_fwd, _deconv_bwd)
 
 
-def _swap_relu(model, act):
-    """The model with ReLU replaced by `act`; unchanged when its activation is not ReLU."""
-    current = getattr(model.module, "act", None) if model.module is not None else None
-    if model.module is not None and current is not None and current not in _RELUS:
-        return model
-    return model.with_activation(act)  # raises a clear AttraxError when there is no `act` field
+def _relu_swapped(model, params, x, relu):
+    """x -> logits with every ReLU of the trace replaced by `relu`."""
+    graph = _engine.graph_of(model, params, x)
+
+    def handle(node, env):
+        return relu(env[node.ins[0]]) if node.kind == "relu" else None
+
+    return lambda xx: _engine.evaluate(graph, params, xx, handle)
 
 
-@METHODS.register("guided_backprop", family="backprop", needs="activation", stochastic=False, cost=lambda hp: 1)
+@METHODS.register("guided_backprop", family="backprop", needs="apply", stochastic=False, cost=lambda hp: 1)
 def guided_backprop(model, params, x, target, *, key=None, score: str = "logit") -> Array:
     """Guided backpropagation (Springenberg et al. 2015): at each ReLU the backward signal is
     g_in = g_out * [g_out > 0] * [z > 0]. Default target: the class logit."""
-    m = _swap_relu(model, guided_relu)
-    _, g = input_gradient(lambda xx: m(params, xx), x, target, score)
+    _, g = input_gradient(_relu_swapped(model, params, x, guided_relu), x, target, score)
     return g
 
 
-@METHODS.register("deconvnet", family="backprop", needs="activation", stochastic=False, cost=lambda hp: 1)
+@METHODS.register("deconvnet", family="backprop", needs="apply", stochastic=False, cost=lambda hp: 1)
 def deconvnet(model, params, x, target, *, key=None, score: str = "logit") -> Array:
     """Deconvnet (Zeiler & Fergus 2014): at each ReLU the backward signal is g_in = max(g_out, 0),
     ignoring the forward mask; max-pool switches are kept. Default target: the class logit."""
-    m = _swap_relu(model, deconv_relu)
-    _, g = input_gradient(lambda xx: m(params, xx), x, target, score)
+    _, g = input_gradient(_relu_swapped(model, params, x, deconv_relu), x, target, score)
     return g

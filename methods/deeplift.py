@@ -1,152 +1,157 @@
 """DeepLIFT with the rescale rule (Shrikumar et al. 2017) and DeepLIFT-SHAP (Lundberg & Lee 2017).
 
-Mechanism: one forward pass of the reference records the pre-activation of every activation
-call and the input of every `MaxPool` module (in call order); then one forward + backward pass
-of the input runs with the model's activation swapped (`Model.with_activation`) for a
-`jax.custom_vjp` whose backward multiplies by the rescale multiplier
-m = (act(z) - act(z')) / (z - z') (the gradient act'(z) where |z - z'| <= `tol`), and with every
-`MaxPool` given a rescale rule. Linear layers, BatchNorm (inference), reshape and additions keep
-their gradient, which is their exact multiplier. The map is (x - x') * multiplier, so
-sum C = f_c(x) - f_c(x') (summation-to-delta) holds exactly up to float rounding.
+Mechanism (on the rule engine, `attrax.methods._engine`: any JAX model, no `act` field): one
+forward pass of the reference records the input of every nonlinear equation of the trace
+(ReLUs, other elementwise activations, normalization scalings, max pooling, products of two
+activations); then one forward + backward pass of the input runs with each of them given a
+`jax.custom_vjp` whose backward multiplies by the DeepLIFT multiplier:
+- elementwise y = f(z): the rescale multiplier m = (f(z) - f(z')) / (z - z') (the gradient
+  f'(z) where |z - z'| <= `tol`);
+- products z = a (.) b of two activations (attention, gating): the exact Shapley split
+  Delta z = Delta a (.) (b + b')/2 + (a + a')/2 (.) Delta b;
+- max pooling (window = stride): the split rule below.
+Linear equations (dense, conv, BatchNorm in inference, reshape, additions, pooling sums) keep
+their gradient, which is their exact multiplier, so the map (x - x') * multiplier sums to
+f_c(x) - f_c(x') (summation-to-delta) up to float rounding on every model built from these.
+Softmax keeps its gradient (not exact there).
 
 Max pooling: y = max over a window. With y' the reference's output and y* = max(y, y'), the
 difference y - y' = (y* - y') + (y - y*) is split into a part routed to the input's winner and
 a part routed to the reference's winner; each input's multiplier is its routed difference
 divided by its own Delta a (gradient fallback where Delta a ~ 0). This is the rule Captum uses.
-
-Requires a model whose Flax module has a swappable `act` field (all zoo models do).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from attrax.errors import AttraxError
+from attrax.methods import _engine
 from attrax.methods._core import METHODS, class_score
-from attrax.methods._rules import windows
-from attrax.models import MaxPool
 
 Array = jax.Array
 
 
-def _is_call(ctx) -> bool:
-    return ctx.method_name == "__call__" and ctx.module.path != ()
-
-
-def _rescale_act(act, tol: float):
-    """act with the rescale multiplier as its backward pass: f(z, z_ref)."""
+def _rescale(fn, z: Array, zr: Array, tol: float) -> Array:
+    """fn(z) with the rescale multiplier (fn(z) - fn(z')) / (z - z') as its backward pass."""
 
     @jax.custom_vjp
-    def f(z, zr):
-        return act(z)
+    def f(t, tr):
+        return fn(t)
 
-    def fwd(z, zr):
-        return act(z), (z, zr)
+    def fwd(t, tr):
+        y, slope = jax.jvp(fn, (t,), (jnp.ones_like(t),))
+        return y, (t, tr, y, slope)
 
     def bwd(res, g):
-        z, zr = res
-        dz = z - zr
-        dy = act(z) - act(zr)
-        _, slope = jax.jvp(act, (z,), (jnp.ones_like(z),))
+        t, tr, y, slope = res
+        dz = t - tr
         big = jnp.abs(dz) > tol
-        m = jnp.where(big, dy / jnp.where(big, dz, 1.0), slope)
-        return g * m, jnp.zeros_like(zr)
+        m = jnp.where(big, (y - fn(tr)) / jnp.where(big, dz, 1.0), slope)
+        return g * m, jnp.zeros_like(tr)
 
     f.defvjp(fwd, bwd)
-    return f
+    return f(z, zr)
 
 
-def _rescale_max_pool(mod, tol: float, rule: str):
-    """Max pooling (window = stride) whose backward pass is the DeepLIFT max-pool rule.
+def _rescale_max_pool(a6: Array, ar6: Array, tol: float, rule: str) -> Array:
+    """Window max over (n, oh, k, ow, k, c) whose backward pass is the DeepLIFT max-pool rule.
 
     Routing uses one-hot winner masks (first maximum of each window) instead of the max's
     generic gradient, which is ~3x faster on CPU.
     """
-    k = mod.window
-
-    def pool(t):
-        return nn.max_pool(t, (k, k), strides=(k, k), padding=mod.padding)
+    shape6 = a6.shape
 
     @jax.custom_vjp
     def f(a, ar):
-        return pool(a)
+        return a.max(axis=(2, 4))
 
     def fwd(a, ar):
-        return pool(a), (a, ar)
+        return a.max(axis=(2, 4)), (a, ar)
 
     def bwd(res, g):
         a, ar = res
-        va, back = windows(a, k, mod.padding)
-        win_a = jax.nn.one_hot(jnp.argmax(va, -1), k * k, dtype=a.dtype)
+        va = _engine.windows6(a)
+        kk = va.shape[-1]
+        win_a = jax.nn.one_hot(jnp.argmax(va, -1), kk, dtype=a.dtype)
         grad = win_a * g[..., None]
         if rule == "gradient":
-            return back(grad), jnp.zeros_like(ar)
-        vr, _ = windows(ar, k, mod.padding)  # the reference's own batch (often 1)
-        win_r = jax.nn.one_hot(jnp.argmax(vr, -1), k * k, dtype=a.dtype)
+            return _engine.unwindows6(grad, shape6), jnp.zeros_like(ar)
+        vr = _engine.windows6(jnp.broadcast_to(ar, a.shape))
+        win_r = jax.nn.one_hot(jnp.argmax(vr, -1), kk, dtype=a.dtype)
         y, yr = jnp.max(va, -1), jnp.max(vr, -1)
         ymax = jnp.maximum(y, yr)
         routed = win_a * (g * (ymax - yr))[..., None] + win_r * (g * (y - ymax))[..., None]
-        da = va - vr  # window space; padding (-inf - -inf = nan) falls to the gradient branch
+        da = va - vr  # padding (-inf - -inf = nan) falls to the gradient branch
         big = jnp.abs(da) > tol
         m = jnp.where(big, routed / jnp.where(big, da, 1.0), grad)
-        return back(m), jnp.zeros_like(ar)
+        return _engine.unwindows6(m, shape6), jnp.zeros_like(ar)
 
     f.defvjp(fwd, bwd)
-    return f
+    return f(a6, ar6)
+
+
+def _shapley_product(op_fn, u: Array, v: Array, ur: Array, vr: Array) -> Array:
+    """z = op(u, v), bilinear; backward: multipliers from the averaged other factor."""
+
+    @jax.custom_vjp
+    def f(a, b, ar, br):
+        return op_fn(a, b)
+
+    def fwd(a, b, ar, br):
+        return op_fn(a, b), (a, b, ar, br)
+
+    def bwd(res, g):
+        a, b, ar, br = res
+        bm, am = (b + br) / 2, (a + ar) / 2
+        _, vja = jax.vjp(lambda t: op_fn(t, bm), a)
+        _, vjb = jax.vjp(lambda t: op_fn(am, t), b)
+        return vja(g)[0], vjb(g)[0], jnp.zeros_like(ar), jnp.zeros_like(br)
+
+    f.defvjp(fwd, bwd)
+    return f(u, v, ur, vr)
 
 
 def multipliers(model, params, x: Array, ref: Array, target: Array, *, tol: float = 1e-7,
-                score: str = "logit", max_pool: str = "rescale") -> Array:
+                score: str = "logit", max_pool: str = "rescale", unknown: str = "error") -> Array:
     """DeepLIFT rescale multipliers of the target score w.r.t. the input, vs reference `ref`.
 
-    `ref` has x's shape or a leading axis of 1 (one reference for the whole batch: its forward
-    pass then costs one image).
+    `ref` has x's shape or a leading axis of 1 (broadcast to the batch).
     """
     if max_pool not in ("rescale", "gradient"):
         raise AttraxError(f"unknown max_pool rule {max_pool!r}: use rescale or gradient")
-    module = model.module
-    if module is None or not hasattr(module, "act"):
-        raise AttraxError(
-            f"deeplift needs a Flax module with a swappable `act` field; {model.name!r} has none"
-        )
-    base = module.act
-    acts: list[Array] = []
-    pools: list[Array] = []
+    graph = _engine.graph_of(model, params, x)
+    _engine.check_unknown(graph, unknown)
+    ref = jax.lax.stop_gradient(jnp.broadcast_to(ref, x.shape))
+    recorded: dict[int, list] = {}
 
-    def record_act(z):
-        acts.append(z)
-        return base(z)
+    def record(node, env):
+        if node.kind in ("relu", "activation", "norm", "maxpool", "bilinear"):
+            recorded[id(node)] = [jax.lax.stop_gradient(_engine.read(env, i)) for i in node.ins]
+        return None
 
-    def record_pool(next_fun, args, kwargs, ctx):
-        if _is_call(ctx) and isinstance(ctx.module, MaxPool):
-            pools.append(args[0])
-        return next_fun(*args, **kwargs)
+    _engine.evaluate(graph, params, ref, record)
 
-    ref = jax.lax.stop_gradient(ref)
-    with nn.intercept_methods(record_pool):
-        model.with_activation(record_act)(params, ref)
-    acts = [jax.lax.stop_gradient(a) for a in acts]
-    pools = [jax.lax.stop_gradient(a) for a in pools]
-    act_it, pool_it = iter(acts), iter(pools)
-    rescale = _rescale_act(base, tol)
-
-    def swapped_act(z):
-        return rescale(z, next(act_it))
-
-    def swapped_pool(next_fun, args, kwargs, ctx):
-        if _is_call(ctx) and isinstance(ctx.module, MaxPool):
-            return _rescale_max_pool(ctx.module, tol, max_pool)(args[0], next(pool_it))
-        return next_fun(*args, **kwargs)
-
-    swapped = model.with_activation(swapped_act)
+    def handle(node, env):
+        refs = recorded.get(id(node))
+        if refs is None:
+            return None
+        ins = [_engine.read(env, i) for i in node.ins]
+        if node.kind in ("relu", "activation", "norm"):
+            return _rescale(_engine.region_fn(node, env), ins[0], refs[0], tol)
+        if node.kind == "maxpool":
+            if node.extra["form"] == "generic":
+                return None
+            return _rescale_max_pool(_engine.to6(node, ins[0]), _engine.to6(node, refs[0]), tol, max_pool)
+        if node.kind == "bilinear":
+            return _shapley_product(_engine.bind_fn(node.ops[0]), *ins, *refs)
+        return None
 
     def total(xx):
-        with nn.intercept_methods(swapped_pool):
-            return class_score(swapped(params, xx), target, score).sum()
+        return class_score(_engine.evaluate(graph, params, xx, handle), target, score).sum()
 
     return jax.grad(total)(x)
 
@@ -166,9 +171,9 @@ def _reference(reference: Any, x: Array) -> Array:
     raise AttraxError(f"reference of shape {r.shape} fits neither one input {x.shape[1:]} nor the batch {x.shape}")
 
 
-@METHODS.register("deeplift", family="relevance", needs="layers", stochastic=False, cost=lambda hp: 2)
+@METHODS.register("deeplift", family="relevance", needs="apply", stochastic=False, cost=lambda hp: 3)
 def deeplift(model, params, x, target, *, key=None, reference: Any = "zero", score: str = "logit",
-             max_pool: str = "rescale", tol: float = 1e-7) -> Array:
+             max_pool: str = "rescale", tol: float = 1e-7, unknown: str = "error") -> Array:
     """DeepLIFT, rescale rule (Shrikumar et al. 2017): C = (x - x') * m, sum C = f_c(x) - f_c(x').
 
     `reference` x': "zero" (default), a number, one input-shaped array or a batch-shaped array.
@@ -176,15 +181,18 @@ def deeplift(model, params, x, target, *, key=None, reference: Any = "zero", sco
     summation-to-delta) or "gradient" (the max's gradient, Shrikumar et al. 2017; this is what
     the Captum reference maps in tests/data/reference show, and it sums to the delta only
     approximately). `tol`: |Delta z| at or below which the gradient replaces the multiplier.
+    `unknown`: "error" (default) or "gradient" for primitives no rule covers.
     """
     ref = _reference(reference, x)
-    return (x - ref) * multipliers(model, params, x, ref, target, tol=tol, score=score, max_pool=max_pool)
+    return (x - ref) * multipliers(model, params, x, ref, target, tol=tol, score=score, max_pool=max_pool,
+                                   unknown=unknown)
 
 
-@METHODS.register("deeplift_shap", family="relevance", needs="layers", stochastic=True,
-                  cost=lambda hp: 2 * hp.get("n_references", 8))
+@METHODS.register("deeplift_shap", family="relevance", needs="apply", stochastic=True,
+                  cost=lambda hp: 3 * hp.get("n_references", 8))
 def deeplift_shap(model, params, x, target, *, key, references: Any = None, n_references: int = 8,
-                  score: str = "logit", max_pool: str = "rescale", tol: float = 1e-7) -> Array:
+                  score: str = "logit", max_pool: str = "rescale", tol: float = 1e-7,
+                  unknown: str = "error") -> Array:
     """DeepLIFT-SHAP (Lundberg & Lee 2017): DeepLIFT averaged over references drawn from data.
 
     `references`: an array (m, *input_shape) of background inputs (e.g. training images); each
@@ -203,5 +211,6 @@ def deeplift_shap(model, params, x, target, *, key, references: Any = None, n_re
         refs = bank[idx]  # (n, k, ...)
     xs = jnp.repeat(x[:, None], k, axis=1).reshape((n * k,) + x.shape[1:])
     refs = refs.reshape(xs.shape)
-    m = multipliers(model, params, xs, refs, jnp.repeat(target, k), tol=tol, score=score, max_pool=max_pool)
+    m = multipliers(model, params, xs, refs, jnp.repeat(target, k), tol=tol, score=score, max_pool=max_pool,
+                    unknown=unknown)
     return ((xs - refs) * m).reshape((n, k) + x.shape[1:]).mean(axis=1)

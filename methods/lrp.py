@@ -1,8 +1,9 @@
 """Layer-wise relevance propagation (LRP) and deep Taylor decomposition.
 
 Every method here is one forward pass plus one rule-modified backward pass of the unmodified
-Flax model (see `attrax.methods._rules` for the mechanism): a rule is attached to each
-`nn.Dense` / `nn.Conv` layer by a composite, BatchNorm is merged into the preceding layer first,
+model, any JAX callable (see `attrax.methods._engine` and `_rules` for the mechanism): a rule is
+attached to each linear layer of the trace (dense / conv) by a composite, BatchNorm is merged
+into the preceding layer first, transformers get AttnLRP (default) or CP-LRP rules,
 max pooling redistributes relevance to the winner ("winner", default) or in proportion to the
 inputs ("proportional"). Relevance starts at the target logit (`start="logit"`); the tutorial's
 softmax start is `start="probability"`, Zennit's one-hot start `start="one"`.
@@ -40,7 +41,7 @@ COMPOSITES: dict[str, dict[str, Any]] = {
 def relevance(
     model, params, x, target, rules: Mapping[str, Any], *, start: str = "logit", pooling: str = "winner",
     canonize: bool = True, eps: float = 1e-6, gamma: float = 0.25, alpha: float = 1.0, beta: float = 0.0,
-    low: Any = 0.0, high: Any = 1.0,
+    low: Any = 0.0, high: Any = 1.0, transformer: str = "attn_lrp", unknown: str = "error",
 ) -> Array:
     """LRP map for the rule map `rules` (see `_rules.composite` for its keys)."""
     if not isinstance(rules, Mapping):
@@ -53,7 +54,7 @@ def relevance(
             raise AttraxError(f"the z^B (box) rule applies only to the first layer, not {info.name}")
     return _rules.propagate(
         model, params, x, lambda logits: _rules.start_cotangent(logits, target, start, eps), pick,
-        pooling=pooling, canonize=canonize,
+        pooling=pooling, canonize=canonize, transformer=transformer, eps=eps, unknown=unknown,
     )
 
 
@@ -62,9 +63,10 @@ def _register(name: str, doc: str, rules: dict[str, Any], extra: tuple[str, ...]
     defaults = {"eps": 1e-6, "gamma": 0.25, "alpha": 1.0, "beta": 0.0, "low": 0.0, "high": 1.0}
 
     def method(model, params, x, target, *, key=None, start: str = "logit", pooling: str = "winner",
-               canonize: bool = True, **hp) -> Array:
+               canonize: bool = True, transformer: str = "attn_lrp", unknown: str = "error", **hp) -> Array:
         return relevance(model, params, x, target, rules, start=start, pooling=pooling,
-                         canonize=canonize, **{**{k: defaults[k] for k in extra}, **hp})
+                         canonize=canonize, transformer=transformer, unknown=unknown,
+                         **{**{k: defaults[k] for k in extra}, **hp})
 
     method.__name__ = name
     method.__doc__ = doc
@@ -73,7 +75,7 @@ def _register(name: str, doc: str, rules: dict[str, Any], extra: tuple[str, ...]
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
     params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=defaults[k]) for k in extra]
     method.__signature__ = sig.replace(parameters=params)
-    METHODS.register(name, family="relevance", needs="layers", stochastic=False, cost=lambda hp: 2)(method)
+    METHODS.register(name, family="relevance", needs="apply", stochastic=False, cost=lambda hp: 2)(method)
     return method
 
 
@@ -113,19 +115,24 @@ lrp_alpha1beta0 = _register(
 )
 
 
-@METHODS.register("lrp", family="relevance", needs="layers", stochastic=False, cost=lambda hp: 2)
+@METHODS.register("lrp", family="relevance", needs="apply", stochastic=False, cost=lambda hp: 2)
 def lrp(
     model, params, x, target, *, key=None, rules: Any = None, composite: str = "epsilon_plus",
     start: str = "logit", pooling: str = "winner", canonize: bool = True, eps: float = 1e-6,
     gamma: float = 0.25, alpha: float = 1.0, beta: float = 0.0, low: Any = 0.0, high: Any = 1.0,
+    transformer: str = "attn_lrp", unknown: str = "error",
 ) -> Array:
     """LRP with a user-written rule map (from config) or a named composite.
 
     `rules`: mapping of layer selectors ("first", "last", "conv", "dense", "default" or a layer
-    path such as "dense1") to rule names ("zero", "epsilon", "gamma", "alpha_beta",
+    path such as "dense1", or a module prefix such as "block2" for every layer inside; layers of
+    models without module names are "dense_0", "conv_1", ... by kind and position) to rule names ("zero", "epsilon", "gamma", "alpha_beta",
     "alpha1beta0", "alpha2beta1", "zplus", "zbox", "wsquare", "flat") or to mappings
     `{name: gamma, gamma: 0.5}`; None (default) uses `composite` (default "epsilon_plus"; one of
     epsilon_plus, epsilon_plus_flat, epsilon_gamma_box, alpha2beta1, alpha1beta0).
+    `transformer`: rules for softmax, normalizations and products of activations: "attn_lrp"
+    (default; Achtibat et al. 2024), "cp_lrp" (Ali et al. 2022) or "gradient". `unknown`:
+    "error" (default) or "gradient" for primitives no rule covers.
     """
     if rules is None:
         if composite not in COMPOSITES:
@@ -134,13 +141,14 @@ def lrp(
             raise unknown_name("LRP composite", composite, COMPOSITES)
         rules = COMPOSITES[composite]
     return relevance(model, params, x, target, rules, start=start, pooling=pooling, canonize=canonize,
-                     eps=eps, gamma=gamma, alpha=alpha, beta=beta, low=low, high=high)
+                     eps=eps, gamma=gamma, alpha=alpha, beta=beta, low=low, high=high,
+                     transformer=transformer, unknown=unknown)
 
 
-@METHODS.register("deep_taylor", family="relevance", needs="layers", stochastic=False, cost=lambda hp: 2)
+@METHODS.register("deep_taylor", family="relevance", needs="apply", stochastic=False, cost=lambda hp: 2)
 def deep_taylor(
     model, params, x, target, *, key=None, input_rule: str = "zbox", low: Any = 0.0, high: Any = 1.0,
-    pooling: str = "winner", canonize: bool = True,
+    pooling: str = "winner", canonize: bool = True, unknown: str = "error",
 ) -> Array:
     """Deep Taylor decomposition (Montavon et al. 2017): z+ on every layer but the input layer,
     relevance starting at ReLU(f_c).
@@ -151,4 +159,5 @@ def deep_taylor(
     if input_rule not in ("zbox", "zplus", "wsquare"):
         raise AttraxError(f"deep_taylor input_rule must be zbox, zplus or wsquare, got {input_rule!r}")
     return relevance(model, params, x, target, {"first": input_rule, "default": "zplus"},
-                     start="relu_logit", pooling=pooling, canonize=canonize, low=low, high=high)
+                     start="relu_logit", pooling=pooling, canonize=canonize, low=low, high=high,
+                     unknown=unknown)

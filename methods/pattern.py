@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrax.errors import AttraxError
-from attrax.methods import _rules
+from attrax.methods import _engine, _rules
 from attrax.methods._core import METHODS
 
 Array = jax.Array
@@ -47,41 +47,37 @@ def _in_axes(kernel: Array) -> tuple[int, ...]:
 def _statistics(model, params, x: Array, weights: Array, estimator: str, canonize: bool):
     """Per-layer sums over one batch: count, sum y, sum x, sum x*y (masked for "relu").
 
-    `weights` (n,) is 1 for real examples and 0 for padding rows.
+    `weights` (n,) is 1 for real examples and 0 for padding rows. The layers and their inputs
+    come from the engine's trace of the model (any JAX model).
     """
-    import flax.linen as nn
-
-    st = _rules.structure_of(model, params, x)
-    infos = st.by_path()
-    merged_bn = set(st.bn) if canonize else set()
+    graph = _engine.graph_of(model, params, x)
     stats: dict[str, dict[str, Array]] = {}
 
-    def interceptor(next_fun, args, kwargs, ctx):
-        if not _rules._is_call(ctx):
-            return next_fun(*args, **kwargs)
-        path = ctx.module.path
-        if path in infos:
-            info = infos[path]
-            kernel, bias = _rules.effective_params(params, info, st, canonize)
-            a = args[0]
-            layer = _rules.linear_from_module(ctx.module, a, kernel, bias)
-            y = layer(a)
-            m = jnp.ones_like(y) if (estimator == "linear" or info.last) else (y > 0).astype(y.dtype)
-            m = m * weights.reshape((-1,) + (1,) * (y.ndim - 1))
-            red = tuple(range(y.ndim - 1))
-            stats[info.name] = {
-                "count": m.sum(red),
-                "sy": (m * y).sum(red),
-                "sx": layer.kernel_transpose(a, m),
-                "sxy": layer.kernel_transpose(a, m * y),
-            }
+    def handle(node, env):
+        if node.kind != "linear":
+            return None
+        info = node.info
+        a = env[node.ins[0]]
+        kernel, bias, rest = _engine.linear_parts(node, env, canonize)
+        layer = _engine.make_linear(node, a, kernel, bias)
+        y = layer(a)
+        m = jnp.ones_like(y) if (estimator == "linear" or info.last) else (y > 0).astype(y.dtype)
+        m = m * weights.reshape((-1,) + (1,) * (y.ndim - 1))
+        red = tuple(range(y.ndim - 1))
+        stats[info.name] = {
+            "count": m.sum(red),
+            "sy": (m * y).sum(red),
+            "sx": layer.kernel_transpose(a, m),
+            "sxy": layer.kernel_transpose(a, m * y),
+        }
+        if not rest:
             return y
-        if path in merged_bn:
-            return args[0]
-        return next_fun(*args, **kwargs)
+        local = dict(env)
+        local[node.ops[len(node.ops) - len(rest) - 1].outs[0]] = y
+        _engine.run_ops(rest, local)
+        return local[node.out]
 
-    with nn.intercept_methods(interceptor):
-        model(params, x)
+    _engine.evaluate(graph, params, x, handle)
     return stats
 
 
@@ -100,8 +96,16 @@ def patterns_from_statistics(stats: dict[str, dict[str, Array]], kernels: dict[s
 
 
 def _kernels(model, params, x, canonize: bool) -> dict[str, Array]:
-    st = _rules.structure_of(model, params, x)
-    return {info.name: _rules.effective_params(params, info, st, canonize)[0] for info in st.layers}
+    graph = _engine.graph_of(model, params, x)
+    out: dict[str, Array] = {}
+
+    def handle(node, env):
+        if node.kind == "linear":
+            out[node.info.name] = _engine.linear_parts(node, env, canonize)[0]
+        return None
+
+    _engine.evaluate(graph, params, x, handle)
+    return out
 
 
 def _digest(tree: Any) -> str:
@@ -176,30 +180,32 @@ def _backward_kernels(patterns, attribution: bool):
     return kernel_for
 
 
-def _signal_backprop(model, params, x, target, patterns, attribution: bool, canonize: bool):
+def _signal_backprop(model, params, x, target, patterns, attribution: bool, canonize: bool,
+                     unknown: str = "error"):
     def cotangent(logits):
         onehot = jax.nn.one_hot(target, logits.shape[-1], dtype=logits.dtype)
         return onehot * jax.lax.stop_gradient(logits)
 
-    return _rules.propagate(model, params, x, cotangent, None, canonize=canonize,
-                            kernel_for=_backward_kernels(patterns, attribution))
+    return _rules.propagate(model, params, x, cotangent, None, canonize=canonize, transformer="gradient",
+                            kernel_for=_backward_kernels(patterns, attribution), unknown=unknown)
 
 
-@METHODS.register("pattern_net", family="relevance", needs="layers", stochastic=False, cost=lambda hp: 2)
-def pattern_net(model, params, x, target, *, key=None, patterns: Any = None, canonize: bool = True) -> Array:
+@METHODS.register("pattern_net", family="relevance", needs="apply", stochastic=False, cost=lambda hp: 2)
+def pattern_net(model, params, x, target, *, key=None, patterns: Any = None, canonize: bool = True,
+                unknown: str = "error") -> Array:
     """PatternNet (Kindermans et al. 2018): the signal y_c backpropagated through the patterns.
 
     `patterns`: {layer path: pattern} from `fit_patterns` (default None: naive estimator S_w).
     """
-    return _signal_backprop(model, params, x, target, patterns, False, canonize)
+    return _signal_backprop(model, params, x, target, patterns, False, canonize, unknown)
 
 
-@METHODS.register("pattern_attribution", family="relevance", needs="layers", stochastic=False,
+@METHODS.register("pattern_attribution", family="relevance", needs="apply", stochastic=False,
                   cost=lambda hp: 2)
 def pattern_attribution(model, params, x, target, *, key=None, patterns: Any = None,
-                        canonize: bool = True) -> Array:
+                        canonize: bool = True, unknown: str = "error") -> Array:
     """PatternAttribution (Kindermans et al. 2018): y_c backpropagated through w * a.
 
     `patterns`: {layer path: pattern} from `fit_patterns` (default None: naive estimator S_w).
     """
-    return _signal_backprop(model, params, x, target, patterns, True, canonize)
+    return _signal_backprop(model, params, x, target, patterns, True, canonize, unknown)

@@ -268,10 +268,9 @@ def test_rule_matches_numpy_on_conv_layer(rule):
 
 def test_proportional_max_pool_closed_form():
     a = jnp.array([[[[1.0], [3.0]], [[0.0], [2.0]]]])  # one 2x2 window
-    mod = MaxPool(2)
 
-    def f(t):
-        return _rules.max_pool_rule(mod, t, nn.max_pool(t, (2, 2), strides=(2, 2), padding="SAME"), "proportional")
+    def f(t):  # the engine's window form (n, oh, k, ow, k, c)
+        return _rules.max_pool_rule(t.reshape(1, 1, 2, 1, 2, 1), "proportional")
 
     out, vjp = jax.vjp(f, a)
     r_out = jnp.full_like(out, 5.0)
