@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import attrax
 from attrax.protocols.road import NEIGHBOUR_WEIGHTS, impute
@@ -62,3 +63,21 @@ def test_road_true_relevance_beats_random_and_inverse_loses(linear):
     assert good.mean()["aopc_vs_random"] > 0 > bad.mean()["aopc_vs_random"]
     assert good.values["curve"].shape == (4, 10) and good.x["curve"][-1] == 0.9
     assert good.choices["noise_std"] == 0.0 and good.choices["order"] == "morf"
+
+
+def test_road_scores_accuracy_by_default_and_probability_on_request(linear):
+    # the paper reports accuracy: per image 1 while the prediction is still the target, else 0
+    model, params, x, target, w = linear
+    r = (x.reshape(4, -1) * w[:, target].T).reshape(x.shape)
+    acc = attrax.evaluate("road", model, params, x, target, r, key=0, noise_std=0.0)
+    assert acc.choices["score"] == "accuracy"
+    c = np.asarray(acc.values["curve"])
+    assert set(np.unique(c)) <= {0.0, 1.0}
+    logits = model(params, x)
+    np.testing.assert_array_equal(c[:, 0], np.asarray(jnp.argmax(logits, -1) == target, np.float32))
+    prob = attrax.evaluate("road", model, params, x, target, r, key=0, noise_std=0.0, score="probability")
+    p = np.asarray(prob.values["curve"])
+    np.testing.assert_allclose(p[:, 0], jax.nn.softmax(logits)[jnp.arange(4), target], rtol=1e-5)
+    assert prob.choices["score"] == "probability"
+    with pytest.raises(attrax.AttraxError, match="road score"):
+        attrax.evaluate("road", model, params, x, target, r, key=0, score="nope")

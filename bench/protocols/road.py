@@ -10,6 +10,10 @@ stay fixed, which is one sparse symmetric linear system per image and channel
 solved for all images and all removal steps at once by a batched conjugate-gradient iteration
 whose matrix-vector product is a 3x3 convolution; then N(0, noise_std^2) noise is added to the
 imputed values. All steps of a chunk of images are imputed and scored in one compiled call.
+
+Score: `score="accuracy"` (default, what the paper reports): 1 where the model's prediction on
+the imputed image is the target class (the label by default), else 0, so the mean curve is the
+accuracy vs the removed fraction; or a class score ("probability", "logit", "log_probability").
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from attrax.protocols._common import check_order, chunked, rank_desc
 from attrax.protocols.sensitivity import unit_relevance
 
 Array = jax.Array
+ROAD_SCORES = ("accuracy", "probability", "logit", "log_probability")
 
 #: Neighbour weights of the ROAD imputation (direct 1/6, diagonal 1/12; the centre is unused).
 NEIGHBOUR_WEIGHTS = np.array(
@@ -116,7 +121,12 @@ def _road_fn(model, n_points, score, noise_std, eps, tol, max_iter):
         imp = impute(xs, removed, eps=eps, tol=tol, max_iter=max_iter)
         noise = jax.vmap(lambda k: jax.random.normal(k, (n_points, h, w, c), x.dtype))(keys)
         imp = jnp.where(removed[..., None], imp + noise_std * noise.reshape(imp.shape), imp)
-        s = class_score(model(params, imp), jnp.repeat(target, n_points), score)
+        logits = model(params, imp)
+        t = jnp.repeat(target, n_points)
+        if score == "accuracy":
+            s = (jnp.argmax(logits, axis=-1) == t).astype(x.dtype)
+        else:
+            s = class_score(logits, t, score)
         return s.reshape(b, n_points)
 
     return jax.jit(run)
@@ -138,9 +148,12 @@ def road_curve(
     tol=1e-6,
     max_iter=500,
 ):
-    """(n, steps+1) target scores after removing fractions linspace(0, max_fraction) of pixels."""
+    """(n, steps+1) target scores after removing fractions linspace(0, max_fraction) of pixels
+    (`score="accuracy"`: 1.0 where the prediction is still the target, else 0.0)."""
     if x.ndim != 4:
         raise AttraxError(f"road needs NHWC images, got shape {x.shape}")
+    if score not in ROAD_SCORES:
+        raise AttraxError(f"unknown road score {score!r}: use one of {', '.join(ROAD_SCORES)}")
     model = as_model(model)
     n, h, w, c = x.shape
     fr = np.linspace(0.0, max_fraction, steps + 1)
@@ -166,7 +179,7 @@ def road_curve(
 @PROTOCOLS.register(
     "road",
     category="faithfulness",
-    version=1,
+    version=2,
     directions_for="morf",
     higher_is_better={
         "curve": None,
@@ -187,7 +200,7 @@ def road(
     steps: int = 9,
     max_fraction: float = 0.9,
     order: str = "morf",
-    score: str = "probability",
+    score: str = "accuracy",
     noise_std: float = 0.01,
     aggregate: str = "sum",
     random_runs: int = 1,
@@ -197,9 +210,10 @@ def road(
 ) -> Scores:
     """ROAD (Rong et al. 2022) with noisy linear imputation, no retraining.
 
-    Defaults: removal fractions 0, 0.1, ..., 0.9 (steps=9, max_fraction=0.9), MoRF, softmax
-    probability of the target, imputation noise std 0.01, channel sum, seeded random ties, one
-    random order as control. Scores as pixel flipping: `curve`, `auc` (trapezoid over the
+    Defaults: removal fractions 0, 0.1, ..., 0.9 (steps=9, max_fraction=0.9), MoRF, accuracy
+    (the paper's measure: the prediction on the imputed image is the target; "probability" for
+    the softmax probability of the target), imputation noise std 0.01, channel sum, seeded random
+    ties, one random order as control. Version 2: accuracy became the default score. Scores as pixel flipping: `curve`, `auc` (trapezoid over the
     fraction axis), `aopc`, and both relative to the random order. LeRF reverses the directions.
     """
     check_order(order)
