@@ -178,6 +178,7 @@ def road_curve(
 
 @PROTOCOLS.register(
     "road",
+    x_label="fraction removed",
     category="faithfulness",
     version=2,
     directions_for="morf",
