@@ -409,13 +409,13 @@ def _config_from_json(s: str) -> dict[str, Any]:
 # The API
 
 
-def import_weights(arch: str, path: str | os.PathLike, *, heads: int | None = None, **kwargs: Any
-                   ) -> tuple[Model, dict[str, Any]]:
+def import_weights(arch: str, path: str | os.PathLike, *, heads: int | None = None,
+                   fallback_heads: int | None = None, **kwargs: Any) -> tuple[Model, dict[str, Any]]:
     """Build zoo model `arch` with the sizes of the checkpoint at `path` and load its weights.
 
     Returns `(model, variables)` with `model(variables, x) -> logits` (x NHWC) and `model.module` the
     Flax module. `heads` = the ViT's number of attention heads (also `num_heads=`; read from the
-    file's metadata when present); other keywords are module fields (`normalize="imagenet"`, ...).
+    file's metadata when present; `fallback_heads` is used only when neither says); other keywords are module fields (`normalize="imagenet"`, ...).
     A keyword that contradicts the file (e.g. `num_classes`) is an error.
     """
     if arch not in ARCHS:
@@ -446,6 +446,8 @@ def import_weights(arch: str, path: str | os.PathLike, *, heads: int | None = No
     known_heads = inferred.pop("num_heads", stored.get("num_heads"))
     if "num_heads" in kwargs and known_heads is not None and int(kwargs["num_heads"]) != int(known_heads):
         raise AttraxError(f"heads={kwargs['num_heads']} disagrees with the file's num_heads={known_heads}")
+    if known_heads is None and "num_heads" not in kwargs and fallback_heads is not None and family == "vit":
+        known_heads = fallback_heads
     if known_heads is not None:
         inferred["num_heads"] = int(known_heads)
     for k, v in kwargs.items():
@@ -576,6 +578,32 @@ def external(apply: str | Callable | nn.Module, weights: str | os.PathLike | Non
     return model, variables
 
 
+class External(nn.Module):
+    """`model=external` as a zoo entry: calls the function at import path `fn` with the variables.
+
+    `unwrap=True` passes `variables["params"]` (the checkpoint's tree as stored, which `external` /
+    `from_config` put under "params"); False passes the whole Flax variables dict.
+    """
+
+    fn: str | None = None
+    unwrap: bool = True
+    num_classes: int | None = None
+
+    def __call__(self, x, train: bool = False):
+        if self.fn is None:
+            raise AttraxError("model=external needs model.apply=my_pkg.my_module:my_fn (and model.weights=PATH)")
+        f = resolve_import(self.fn)
+        v = self.variables
+        return f(v.get("params") if self.unwrap else v, x)
+
+
+@ZOO.register("external", family="external")
+def _external_entry(*, apply: str | None = None, weights: str | None = None, kwargs: dict | None = None,
+                    num_classes: int | None = None) -> External:
+    """The zoo face of `model=external` (config composition, `create`); `from_config` loads the weights."""
+    return External(fn=apply, num_classes=num_classes)
+
+
 def from_config(mcfg: dict[str, Any]) -> tuple[Model, Any] | None:
     """The `model` config group -> (model, variables) when it names weights (else None: train as usual).
 
@@ -585,6 +613,7 @@ def from_config(mcfg: dict[str, Any]) -> tuple[Model, Any] | None:
     mcfg = dict(mcfg)
     name = mcfg.pop("name")
     weights = mcfg.pop("weights", None)
+    mcfg.pop("num_classes", None)  # the data set's; an imported model's own comes from its weights
     if name == "external":
         apply = mcfg.pop("apply", None)
         if apply is None:
@@ -593,4 +622,7 @@ def from_config(mcfg: dict[str, Any]) -> tuple[Model, Any] | None:
         return external(apply, weights, **kwargs)
     if weights is None:
         return None
-    return import_weights(name, weights, **{k: v for k, v in mcfg.items() if v is not None})
+    # sizes come from the tensors' shapes; only what they cannot say is taken from the config
+    kw = {k: mcfg[k] for k in ("normalize", "heads") if mcfg.get(k) is not None}
+    # the config's num_heads (a default of the vit config) counts only where the file does not say
+    return import_weights(name, weights, fallback_heads=mcfg.get("num_heads"), **kw)
