@@ -24,7 +24,8 @@ from attrax.train import TrainConfig, train, train_module_accuracy  # noqa: E402
 models.train = train  # `attrax.models.train(...)` as the architecture's API shows
 from attrax import weights, zoo_large  # noqa: E402,F401  (ImageNet-scale zoo + weight import)
 
-models.import_weights, models.save_weights, models.external = weights.import_weights, weights.save_weights, weights.external
+models.import_weights, models.save_weights, models.external = (  # `attrax.models.import_weights(...)`
+    weights.import_weights, weights.save_weights, weights.external)
 
 __all__ = [
     "AttraxError", "Model", "TrainConfig", "as_model", "conf_resolvers", "datasets", "evaluate", "explain",

@@ -415,8 +415,9 @@ def import_weights(arch: str, path: str | os.PathLike, *, heads: int | None = No
 
     Returns `(model, variables)` with `model(variables, x) -> logits` (x NHWC) and `model.module` the
     Flax module. `heads` = the ViT's number of attention heads (also `num_heads=`; read from the
-    file's metadata when present; `fallback_heads` is used only when neither says); other keywords are module fields (`normalize="imagenet"`, ...).
-    A keyword that contradicts the file (e.g. `num_classes`) is an error.
+    file's metadata when present; `fallback_heads` is used only when neither says); other keywords
+    are module fields (`normalize="imagenet"`, ...). A keyword that
+    contradicts the file (e.g. `num_classes`) is an error.
     """
     if arch not in ARCHS:
         from attrax.errors import unknown_name
