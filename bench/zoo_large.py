@@ -317,12 +317,14 @@ class ViT(nn.Module):
         n, gh, gw, d = x.shape
         x = x.reshape(n, gh * gw, d)  # row-major patch order (timm: NCHW flatten(2).transpose(1, 2))
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, d))
+        if self.has_variable("params", "pos_embed"):
+            have = self.get_variable("params", "pos_embed").shape[1] - 1
+            if have != gh * gw:
+                raise AttraxError(
+                    f"vit: pos_embed has {have} patch positions, a {gh * p}x{gw * p} input gives {gh * gw} "
+                    f"(patch {p}): use the input size the weights were made for"
+                )
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + gh * gw, d))
-        if pos.shape[1] != 1 + gh * gw:
-            raise AttraxError(
-                f"vit: pos_embed has {pos.shape[1] - 1} patch positions, the input gives {gh * gw} "
-                f"({x.shape} from patch {p}): use the input size the weights were made for"
-            )
         x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, d)).astype(x.dtype), x], axis=1) + pos
         for i in range(self.depth):
             x = Block(d, self.num_heads, self.mlp_dim or 4 * d, self.qkv_bias, name=f"blocks_{i}")(x)
