@@ -27,6 +27,9 @@ ACCELERATOR_EVALS_PER_CHUNK = 4096
 def default_evals_per_chunk() -> int:
     return DEFAULT_EVALS_PER_CHUNK.get(jax.default_backend(), ACCELERATOR_EVALS_PER_CHUNK)
 TARGET_MODES = ("label", "predicted")
+#: Hyperparameters that may be batch-shaped (one value per image, shape == x.shape): `explain`
+#: slices them with each chunk. A method can name its own with the metadata `batch_hparams`.
+BATCH_HPARAMS = ("reference", "baseline")
 
 
 def _freeze(v: Any) -> Any:
@@ -264,15 +267,21 @@ def explain(
     chunked_keys = base if given else jnp.arange(n, dtype=jnp.int32)
     cost = entry.meta.get("cost", lambda hp: 1)({**allowed, **hparams})
     chunk = chunk_size or chunk_size_for(cost, n, evals_per_chunk)
+    # batch-shaped hyperparameters (a per-image reference of x's shape) travel with their chunk
+    per_image = [k for k in entry.meta.get("batch_hparams", BATCH_HPARAMS)
+                 if k in hparams and not isinstance(hparams[k], str) and np.shape(hparams[k]) == x.shape]
+    sliced = [jnp.asarray(hparams[k], x.dtype) for k in per_image]
+    static = {k: v for k, v in hparams.items() if k not in per_image}
 
-    def run(p, xx, tt, kk, kb):
+    def run(p, xx, tt, kk, kb, *bb):
         keys = kk if given else jax.vmap(lambda i: jax.random.fold_in(kb, i))(kk)
-        return entry.fn(model, p, xx, tt, key=keys, **hparams)
+        return entry.fn(model, p, xx, tt, key=keys, **static, **dict(zip(per_image, bb, strict=True)))
 
     if jit:
-        cache_key = ("explain", method, _freeze(hparams), x.shape[1:], chunk, given)
+        cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given)
         run = model.cached(cache_key, lambda: jax.jit(run))
-    return map_chunks(lambda xx, tt, kk: run(params, xx, tt, kk, base), n, chunk, x, target, chunked_keys)
+    return map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x, target,
+                      chunked_keys, *sliced)
 
 
 def evaluate(
@@ -290,6 +299,10 @@ def evaluate(
     from attrax.protocols import PROTOCOLS
 
     entry = PROTOCOLS.get(protocol)
+    if entry.meta.get("kind") == "retrain":
+        raise AttraxError(f"protocol {protocol!r} retrains models and takes no relevance batch: call "
+                          f"attrax.protocols.get({protocol!r}).fn(method, model, train_set, test_set, ...) "
+                          f"or run it with `attrax protocol={protocol}`")
     model = as_model(model)
     x, target = check_batch(x, target)
     relevance = check_relevance(relevance, x)

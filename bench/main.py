@@ -13,7 +13,7 @@ import pandas as pd
 
 import attrax
 from attrax import report, results
-from attrax.errors import AttraxError, unknown_name
+from attrax.errors import AttraxError
 
 
 def _plain(cfg: Any) -> Any:
@@ -54,45 +54,60 @@ def protocol_specs(cfg: dict) -> dict[str, dict]:
     return specs
 
 
-def protocol_context(pname: str, given: dict, context: dict) -> dict:
-    """Fill parameters the protocol takes from the run's context (train channel mean, ground-truth
-    masks, the method being scored) unless the config sets them."""
-    accepted = attrax.protocols.get(pname).hparams()
+def supply(pname: str, given: dict, context: dict) -> dict:
+    """THE one place where a protocol gets what it needs from the run: its config's parameters,
+    plus every parameter its registration declares in `needs` (the method, its FILLED
+    hyperparameters and the map's key, masks, channel mean, train/test sets, training config,
+    model seed) taken from `context` unless the config sets it. The same for per-batch and
+    retraining protocols, for the map and for every re-explanation."""
+    entry = attrax.protocols.get(pname)
+    accepted = entry.hparams()
+    wanted = attrax.protocols.needs(pname)
     out = dict(given)
-    for k, v in context.items():
-        if k in accepted and v is not None and (out.get(k) is None or (k == "method_hparams" and not out[k])):
+    for k in wanted:
+        v = context.get(k)
+        if v is not None and (out.get(k) is None or (k == "method_hparams" and not out[k])):
             out[k] = v
-    if "masks" in accepted and out.get("masks") is None and accepted.get("masks") is None:
+    if "masks" in wanted and out.get("masks") is None and accepted.get("masks") is None:
         raise AttraxError(f"protocol {pname!r} needs ground-truth masks: use dataset=cluttered_mnist or synthetic")
     return out
 
 
-def retrain_protocols() -> dict:
-    """Protocols that retrain models (not per-batch metrics): name -> runner(method, model, train, test, ...)."""
-    from attrax.protocols import roar, sanity
+def protocol_context(pname: str, given: dict, context: dict) -> dict:
+    """Former name of `supply`."""
+    return supply(pname, given, context)
 
-    return {"roar": roar.roar, "kar": roar.kar, "roar_kar": roar.run,
-            "sanity_data_randomization": sanity.sanity_data_randomization}
+
+def retrain_protocols() -> dict:
+    """Registered retraining protocols (kind="retrain"): name -> function(method, model, train, test, ...)."""
+    return {n: attrax.protocols.get(n).fn for n in attrax.protocols.names(kind="retrain")}
+
+
+def run_protocol(pname: str, kw: dict, model, params, x, target, relevance, key):
+    """Call a registered protocol with the parameters `supply` gave it (one call shape per kind)."""
+    if attrax.protocols.is_retrain(pname):
+        kw = dict(kw)
+        return attrax.protocols.get(pname).fn(kw.pop("method"), model, kw.pop("train_set"), kw.pop("test_set"), **kw)
+    return attrax.evaluate(pname, model, params, x, target, relevance, key=key, **kw)
 
 
 def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg, train_set, test_set, dname,
-                mname, log=print) -> tuple[pd.DataFrame, dict[str, float]]:
-    """ROAR / KAR / data randomization: each method's maps, retrained models, tidy rows."""
-    runners = retrain_protocols()
+                mname, log=print) -> tuple[pd.DataFrame, dict[str, float], dict]:
+    """ROAR / KAR / data randomization: each method's maps, retrained models, tidy rows. The
+    method's data-dependent hyperparameters are filled once per method (on the base model the
+    retraining protocols explain with: `small_train`, `model_seed`) and supplied to every protocol."""
     n_train = cfg.get("retrain_train_per_class")
     small_train = train_set.take(per_class=n_train) if n_train else train_set
-    frames, timings = [], {}
+    base_model, base_params, _ = attrax.train(model, small_train, seed=cfg["model_seed"], cfg=tcfg, progress=False)
+    frames, timings, filled_info = [], {}, {}
     for meth, hp in specs.items():
+        filled, how = fill_method_hparams(meth, hp, small_train, cfg["seed"], base_model, base_params)
+        filled_info[meth] = how
+        context = {"method": meth, "method_hparams": filled, "train_set": small_train, "test_set": test_set,
+                   "train_config": dict(vars(tcfg)), "model_seed": cfg["model_seed"], "progress": cfg["progress"]}
         for pname, pcfg in pspecs.items():
             t = time.perf_counter()
-            kw = dict(pcfg)
-            if not kw.get("method_hparams"):
-                kw["method_hparams"] = hp
-            kw.setdefault("train_config", dict(vars(tcfg)))
-            if pname != "sanity_data_randomization":
-                kw.setdefault("model_seed", cfg["model_seed"])
-                kw["progress"] = cfg["progress"]
-            df = runners[pname](meth, model, small_train, test_set, **kw)
+            df = run_protocol(pname, supply(pname, pcfg, context), model, None, None, None, None, None)
             timings[f"{pname}_{meth}_s"] = time.perf_counter() - t
             log(f"[attrax] {meth}: {pname} in {timings[f'{pname}_{meth}_s']:.1f}s "
                 f"({df.attrs.get('timings', {})})")
@@ -104,27 +119,41 @@ def run_retrain(cfg: dict, run_dir: Path, specs: dict, pspecs: dict, model, tcfg
                 df["model_seed"] = cfg["model_seed"]
             frames.append(results.conform(df))
     rows = pd.concat(frames, ignore_index=True)
-    return rows, timings
+    return rows, timings, filled_info
+
+
+def fill_method_hparams(meth: str, hp: dict, train_set, seed: int, model=None, params=None,
+                        n_reference: int = 64) -> tuple[dict, dict]:
+    """(hparams, how) with the data-dependent hyperparameters left unset (None) filled from the
+    TRAINING data: baselines / references sampled (seeded) as expected gradients, GradientSHAP and
+    DeepLIFT-SHAP define them, and PatternNet/PatternAttribution signal estimators fitted on the
+    training images (cached). The filled dict is what the map AND every re-explanation use; `how`
+    records how each filled value was made (for run.json; the rows keep the configured values)."""
+    accepted = attrax.methods.get(meth).hparams()
+    out, how = dict(hp), {}
+    if "patterns" in accepted and out.get("patterns") is None and model is not None:
+        from attrax.methods.pattern import fit_patterns
+
+        kw = {k: out[k] for k in ("estimator",) if out.get(k) is not None}
+        out["patterns"] = fit_patterns(model, params, train_set.x, canonize=out.get("canonize", True), **kw)
+        how["patterns"] = {"fitted_on": f"{len(train_set)} training images", "by": "fit_patterns",
+                           "canonize": out.get("canonize", True), **kw,
+                           "digest": results.hparams_json({"p": out["patterns"]})}
+    need = [k for k in ("baselines", "references") if k in accepted and out.get(k) is None]
+    if need:
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(len(train_set), size=min(n_reference, len(train_set)), replace=False))
+        for k in need:
+            out[k] = np.asarray(train_set.x[idx])
+            how[k] = {"from": f"{len(idx)} training images drawn without replacement", "rng_seed": seed,
+                      "indices": idx.tolist(), "digest": results.hparams_json({"a": out[k]})}
+    return out, how
 
 
 def method_context(meth: str, hp: dict, train_set, seed: int, model=None, params=None,
                    n_reference: int = 64) -> dict:
-    """Fill data-dependent hyperparameters left unset (None) from the TRAINING data: baselines /
-    references sampled (seeded) as expected gradients, GradientSHAP and DeepLIFT-SHAP define them,
-    and PatternNet/PatternAttribution signal estimators fitted on the training images (cached)."""
-    accepted = attrax.methods.get(meth).hparams()
-    out = dict(hp)
-    if "patterns" in accepted and out.get("patterns") is None and model is not None:
-        from attrax.methods.pattern import fit_patterns
-
-        out["patterns"] = fit_patterns(model, params, train_set.x, canonize=out.get("canonize", True))
-    need = [k for k in ("baselines", "references") if k in accepted and out.get(k) is None]
-    if need:
-        rng = np.random.default_rng(seed)
-        idx = rng.choice(len(train_set), size=min(n_reference, len(train_set)), replace=False)
-        for k in need:
-            out[k] = np.asarray(train_set.x[np.sort(idx)])
-    return out
+    """The filled hyperparameters of `fill_method_hparams` (without the record)."""
+    return fill_method_hparams(meth, hp, train_set, seed, model, params, n_reference)[0]
 
 
 def run_activation_maximization(cfg: dict, run_dir: Path, model, params, train_set, ids: dict, log=print):
@@ -187,26 +216,28 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     log(f"[attrax] model {mname} on {dname}: {how}; test accuracy {acc:.4f}")
 
     pspecs = protocol_specs(cfg)
-    retrain = retrain_protocols()
     for pname in pspecs:  # unknown names fail before any work
-        if pname not in retrain and pname not in attrax.protocols.PROTOCOLS:
-            raise unknown_name("protocol", pname, [*attrax.protocols.names(), *retrain])
-    if any(p in retrain for p in pspecs):
-        if not all(p in retrain for p in pspecs):
-            raise AttraxError("retraining protocols (roar, kar, sanity_data_randomization) run on their own: "
-                              "do not mix them with per-batch protocols in one job")
+        attrax.protocols.get(pname)
+    retrain = [p for p in pspecs if attrax.protocols.is_retrain(p)]
+    if retrain:
+        if len(retrain) < len(pspecs):
+            raise AttraxError(f"retraining protocols ({', '.join(attrax.protocols.names(kind='retrain'))}) run on "
+                              "their own: do not mix them with per-batch protocols in one job")
         specs = method_specs_with_controls(cfg)
-        rows, rt = run_retrain(cfg, run_dir, specs, pspecs, model, tcfg, train_set, test_set, dname, mname, log)
+        rows, rt, filled = run_retrain(cfg, run_dir, specs, pspecs, model, tcfg, train_set, test_set, dname,
+                                       mname, log)
         timings.update(rt, total_s=time.perf_counter() - t0)
         if cfg["figures"]:
             run_dir.mkdir(parents=True, exist_ok=True)
             report.curve_figure(rows, run_dir / "retrain_curves.png")
-        results.write_run(run_dir, rows, cfg, timings, extra={"test_accuracy": acc})
+        results.write_run(run_dir, rows, cfg, timings, extra={"test_accuracy": acc, "filled_hparams": filled})
         log("")
         acc_rows = rows[rows["metric"] == "test_accuracy"]
         if not acc_rows.empty:
             log(acc_rows.pivot_table(index="method", columns=["protocol", "x"], values="value", aggfunc="mean")
                 .round(4).to_string())
+        for f in sorted({f for f in rows["flag"] if f}):
+            log(f"[attrax] warning: {f}")
         from attrax import findings
 
         for c in findings.check(rows):
@@ -218,21 +249,25 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     target = attrax.resolve_target(model, params, x, sub.y, cfg["target"])
     example_index = np.asarray(sub.meta.get("index", np.arange(len(sub))))
     masks = sub.meta.get("masks")
-    # protocol parameters taken from the run (the method's name and hparams are added per method)
+    # what protocols may take from the run; per method, `supply` adds the method, its filled
+    # hyperparameters and the key its map was computed with
     run_context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
-                   "masks": None if masks is None else jnp.asarray(masks)}
+                   "masks": None if masks is None else jnp.asarray(masks),
+                   "train_set": train_set, "test_set": test_set, "train_config": dict(vars(tcfg)),
+                   "model_seed": cfg["model_seed"], "progress": cfg["progress"]}
     key = jax.random.key(cfg["seed"])
-    frames, maps, choices, skipped = [], {}, {}, {}
+    frames, maps, choices, skipped, filled_info = [], {}, {}, {}, {}
     # heatmap rows: one image per class first, then the rest, up to `heatmap_images`
     firsts = [int(np.flatnonzero(sub.y == c)[0]) for c in np.unique(sub.y)]
     hidx = np.asarray((firsts + [i for i in range(len(sub)) if i not in firsts])[: cfg["heatmap_images"]])
     specs = method_specs_with_controls(cfg)
     for mi, (meth, hp) in enumerate(specs.items()):
         t = time.perf_counter()
+        method_key = jax.random.fold_in(key, mi)  # the map's key: protocols re-explain with it
         try:
-            r = attrax.explain(meth, model, params, x, target, key=jax.random.fold_in(key, mi),
-                               evals_per_chunk=cfg["chunk_evals"],
-                               **method_context(meth, hp, train_set, cfg["seed"], model, params))
+            filled, how = fill_method_hparams(meth, hp, train_set, cfg["seed"], model, params)
+            r = attrax.explain(meth, model, params, x, target, key=method_key,
+                               evals_per_chunk=cfg["chunk_evals"], **filled)
         except AttraxError as e:
             if cfg.get("method") or len(specs) == 1:  # a single chosen method must not be skipped
                 raise
@@ -240,13 +275,14 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
             log(f"[attrax] {meth}: skipped: {e}")
             continue
         r = jax.block_until_ready(r)
+        filled_info[meth] = how
         timings[f"explain_{meth}_s"] = time.perf_counter() - t
         log(f"[attrax] {meth}: explained {len(x)} images in {timings[f'explain_{meth}_s']:.2f}s")
-        context = {**run_context, "method": meth, "method_hparams": hp}
+        context = {**run_context, "method": meth, "method_hparams": filled, "method_key": method_key}
         for pi, (pname, pcfg) in enumerate(pspecs.items()):
             t = time.perf_counter()
-            scores = attrax.evaluate(pname, model, params, x, target, r, key=jax.random.fold_in(key, 10_000 + pi),
-                                     **protocol_context(pname, pcfg, context))
+            scores = run_protocol(pname, supply(pname, pcfg, context), model, params, x, target, r,
+                                  jax.random.fold_in(key, 10_000 + pi))
             timings[f"protocol_{pname}_{meth}_s"] = dt = time.perf_counter() - t
             log(f"[attrax] {meth}: {pname} scored in {dt:.2f}s")
             frames.append(results.scores_to_rows(
@@ -276,7 +312,8 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     model_info = {k: v for k, v in info.items() if k != "losses"}
     results.write_run(run_dir, rows, cfg, timings, extra={"model_info": model_info,
                                                           "test_accuracy": acc, "protocol_choices": choices,
-                                                          "skipped_methods": skipped})
+                                                          "skipped_methods": skipped,
+                                                          "filled_hparams": filled_info})
     log("")
     log(report.format_table(report.leaderboard(rows)))
     from attrax import findings

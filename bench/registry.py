@@ -20,12 +20,17 @@ class Entry:
     meta: dict[str, Any]
 
     def hparams(self) -> dict[str, Any]:
-        """Keyword-only parameters of the function with their defaults (the tunable knobs)."""
+        """Keyword-only parameters of the function with their defaults (the tunable knobs).
+
+        `key` (the PRNG key of a batch call) is not a knob, except for retraining protocols
+        (`kind="retrain"`), whose integer `key` seeds their maps and is configured.
+        """
         sig = inspect.signature(self.fn)
+        keep_key = self.meta.get("kind") == "retrain"
         return {
             p.name: p.default
             for p in sig.parameters.values()
-            if p.kind is p.KEYWORD_ONLY and p.name != "key"
+            if p.kind is p.KEYWORD_ONLY and (p.name != "key" or keep_key)
         }
 
 

@@ -15,26 +15,59 @@ from attrax.errors import AttraxError
 CONTROLS = ("random", "sobel")
 
 
-# Retraining protocols are functions, not registered per-batch protocols: their directions.
-# ROAR: a lower accuracy after removing the most relevant inputs = a better ranking; KAR: higher.
-# The mask-only leak control (roar_mask / kar_mask): accuracy from the replacement mask alone, lower =
-# less leak.
-RETRAIN_DIRECTIONS = {("roar", "test_accuracy"): False, ("kar", "test_accuracy"): True,
-                      ("roar_mask", "test_accuracy"): False, ("kar_mask", "test_accuracy"): False}
+# The metadata of rows written before the results carried it (empty `direction`): the registry's
+# as it is now. ROAR: a lower accuracy after removing the most relevant inputs = a better ranking;
+# KAR: higher; the mask-only leak control (roar_mask / kar_mask): lower = less leak.
+LEGACY_DIRECTIONS = {("roar", "test_accuracy"): False, ("kar", "test_accuracy"): True,
+                     ("roar_mask", "test_accuracy"): False, ("kar_mask", "test_accuracy"): False}
 AREA = "_area"
+#: What identifies one experiment in the leaderboard (besides protocol and metric).
+IDENTITY = ("protocol", "protocol_choices", "metric", "method", "method_hparams", "model", "dataset",
+            "model_seed", "seed")
 
 
 def _direction(protocol: str, metric: str) -> bool | None:
+    """Fallback direction from the code's registry (for rows without a `direction`)."""
     from attrax.protocols import PROTOCOLS
 
     base = metric[: -len(AREA)] if metric.endswith(AREA) else metric
-    if (protocol, base) in RETRAIN_DIRECTIONS:
-        return RETRAIN_DIRECTIONS[(protocol, base)]
-    if protocol.startswith("sanity_") and protocol != "sanity_data_randomization":
-        return False  # similarity to the trained model's maps: lower = depends on the weights
+    if (protocol, base) in LEGACY_DIRECTIONS:
+        return LEGACY_DIRECTIONS[(protocol, base)]
     if protocol in PROTOCOLS:
-        return PROTOCOLS.get(protocol).meta.get("higher_is_better", {}).get(base)
+        hib = PROTOCOLS.get(protocol).meta.get("higher_is_better", {})
+        if base in hib:
+            return hib[base]
+    if protocol.startswith("sanity_") and (base.rsplit("_", 1)[0] in ("cascading", "independent")
+                                           or base.split("_", 1)[-1] in ("spearman", "spearman_abs", "ssim", "hog")):
+        return False  # similarity to the trained model's maps (older rows)
     return None
+
+
+def row_directions(df: pd.DataFrame) -> pd.Series:
+    """True / False / None per row: the row's own `direction`, else the registry's (fallback)."""
+    d = df["direction"] if "direction" in df else pd.Series("", index=df.index)
+    out = d.map({"higher": True, "lower": False}).astype(object)
+    missing = ~d.isin(["higher", "lower", "none"])
+    if missing.any():
+        pm = df.loc[missing, ["protocol", "metric"]]
+        cache = {k: _direction(*k) for k in set(map(tuple, pm.to_numpy()))}
+        out[missing] = [cache[tuple(k)] for k in pm.to_numpy()]
+    return out.where(out.notna(), None)
+
+
+def _seedless(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows whose seed is a replicate (aggregation mean_over_seeds, e.g. ROAR retrains) get seed -1,
+    so the replicates pool into one experiment."""
+    if "aggregation" not in df or "seed" not in df:
+        return df
+    rep = df["aggregation"] == "mean_over_seeds"
+    if rep.any():
+        df = df.copy()
+        df.loc[rep, "seed"] = -1
+    return df
+
+
+CARRIED = ("direction", "x_label", "aggregation", "version", "flag")
 
 
 def curve_areas(df: pd.DataFrame) -> pd.DataFrame:
@@ -43,8 +76,7 @@ def curve_areas(df: pd.DataFrame) -> pd.DataFrame:
     cur = df[df["x"].notna()]
     if cur.empty:
         return cur
-    keys = [c for c in ("run_id", "protocol", "metric", "method", "method_hparams", "model_seed", "seed", "example")
-            if c in cur.columns]
+    keys = [c for c in ("run_id", *IDENTITY, "example", *CARRIED) if c in cur.columns]
     rows = []
     for k, g in cur.groupby(keys, sort=False, dropna=False):
         g = g.groupby("x", as_index=False)["value"].mean().sort_values("x")
@@ -72,11 +104,15 @@ def bootstrap_ci(values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
 
 
 def leaderboard(df: pd.DataFrame, *, n_boot: int = 1000) -> pd.DataFrame:
-    """One row per (protocol, metric, method): mean, bootstrap CI, n, direction and rank.
+    """One row per experiment identity (IDENTITY: protocol, its choices, metric, method, its
+    hyperparameters, model, dataset, seeds): mean, bootstrap CI, n, direction and rank.
 
     Only scalar metrics (x is NaN) of individual examples are ranked; rank 1 is best in the
-    metric's registered direction (no rank where the direction is unknown). Results with curves
-    only (ROAR/KAR accuracy vs fraction) are ranked by the area under each curve (`curve_areas`).
+    direction the rows carry (`direction`; rows written before it existed fall back to the
+    registry), among the methods of one (protocol, choices, metric, model, dataset, seeds); no
+    rank where the direction is unknown. Results with curves only (ROAR/KAR accuracy vs fraction)
+    are ranked by the area under each curve (`curve_areas`). `flagged`: rows of the experiment
+    carry a warning (`flag`, e.g. a permuted-label model that did not fit).
     """
     scal = df[df["x"].isna() & (df["example"] >= 0)]
     if scal.empty:  # aggregate-only results (e.g. the benchmark table): rank the aggregates
@@ -85,18 +121,76 @@ def leaderboard(df: pd.DataFrame, *, n_boot: int = 1000) -> pd.DataFrame:
         scal = curve_areas(df)
     if scal.empty:
         raise AttraxError("no metrics in these results")
+    scal = _seedless(scal)
+    scal = scal.assign(_hib=row_directions(scal), _flag=scal["flag"] if "flag" in scal else "")
+    keys = [c for c in IDENTITY if c in scal.columns]
     out = []
-    for (proto, metric, method), g in scal.groupby(["protocol", "metric", "method"], sort=True):
+    for k, g in scal.groupby(keys, sort=True, dropna=False):
         lo, hi = bootstrap_ci(g["value"].to_numpy(), n_boot=n_boot)
-        out.append({"protocol": proto, "metric": metric, "method": method, "mean": g["value"].mean(),
-                    "ci_low": lo, "ci_high": hi, "n": len(g), "higher_is_better": _direction(proto, metric)})
+        hib = [h for h in g["_hib"] if h is not None]
+        flags = sorted({f for f in g["_flag"].fillna("") if f})
+        out.append({**dict(zip(keys, k, strict=True)), "mean": g["value"].mean(), "ci_low": lo, "ci_high": hi,
+                    "n": len(g), "higher_is_better": hib[0] if hib else None,
+                    "x_label": g["x_label"].iloc[0] if "x_label" in g else "",
+                    "version": int(g["version"].iloc[0]) if "version" in g else -1,
+                    "flagged": "; ".join(flags)})
     lb = pd.DataFrame(out)
+    lb["higher_is_better"] = lb["higher_is_better"].astype(object).where(lb["higher_is_better"].notna(), None)
     ranks = []
-    for _, g in lb.groupby(["protocol", "metric"]):
+    for _, g in lb.groupby([c for c in keys if c not in ("method", "method_hparams")], dropna=False):
         hib = g["higher_is_better"].iloc[0]
         ranks.append(g["mean"].rank(ascending=not hib, method="min") if hib is not None else g["mean"] * np.nan)
     lb["rank"] = pd.concat(ranks).reindex(lb.index)
+    lb["label"] = _labels(lb)
+    lb["column"] = _columns(lb)
     return lb
+
+
+def _varying(lb: pd.DataFrame, cols: tuple[str, ...], within: str | None = None) -> list[str]:
+    """Columns of `cols` that take more than one value (within each `within` group)."""
+    out = []
+    for c in cols:
+        if c not in lb:
+            continue
+        n = lb.groupby(within)[c].nunique(dropna=False).max() if within else lb[c].nunique(dropna=False)
+        if n > 1:
+            out.append(c)
+    return out
+
+
+def _labels(lb: pd.DataFrame) -> list[str]:
+    """Row labels: the method, plus the hyperparameters in which its rows differ, and the model,
+    dataset and seeds where these vary."""
+    extra = _varying(lb, ("model", "dataset", "model_seed", "seed"))
+    labels = []
+    for _, r in lb.iterrows():
+        label = str(r["method"])
+        if "method_hparams" in lb:
+            d = _diff(r["method_hparams"], lb.loc[lb["method"] == r["method"], "method_hparams"])
+            label += f" ({d})" if d else ""
+        labels.append(" ".join([label, *(f"{c}={r[c]}" for c in extra)]))
+    return labels
+
+
+def _diff(mine_json: str, all_json) -> str:
+    """`k=v, ...` of the keys of one JSON dict that differ in any of `all_json` ("" if none)."""
+    import json
+
+    others = [json.loads(c or "{}") for c in pd.unique(pd.Series(all_json))]
+    mine = json.loads(mine_json or "{}")
+    keys = sorted(set(mine).union(*others))
+    return ", ".join(f"{k}={mine.get(k)}" for k in keys if any(o.get(k) != mine.get(k) for o in others))
+
+
+def _columns(lb: pd.DataFrame) -> list[str]:
+    """Column labels: protocol/metric, plus the protocol's choices where one protocol ran with several."""
+    cols = []
+    for _, r in lb.iterrows():
+        d = _diff(r["protocol_choices"], lb.loc[lb["protocol"] == r["protocol"], "protocol_choices"]) \
+            if "protocol_choices" in lb else ""
+        p = r["protocol"] + (f" ({d})" if d else "")
+        cols.append(f"{p}/{r['metric']} {arrow(r['higher_is_better'])}".rstrip())
+    return cols
 
 
 def arrow(hib: Any) -> str:
@@ -106,19 +200,29 @@ def arrow(hib: Any) -> str:
 def format_table(lb: pd.DataFrame) -> str:
     """Methods x metrics text table: mean [CI] (rank), sorted by the first ranked metric."""
     lb = lb.copy()
-    lb["col"] = lb["protocol"] + "/" + lb["metric"] + " " + lb["higher_is_better"].map(arrow)
+    if "label" not in lb:
+        lb["label"] = lb["method"]
+    if "column" not in lb:
+        lb["column"] = lb["protocol"] + "/" + lb["metric"] + " " + lb["higher_is_better"].map(arrow)
     lb["cell"] = [
         f"{m:.4g} [{lo:.3g}, {hi:.3g}]" + (f" ({int(r)})" if np.isfinite(r) else "")
-        for m, lo, hi, r in zip(lb["mean"], lb["ci_low"], lb["ci_high"], lb["rank"], strict=True)
+        + (" (!)" if isinstance(f, str) and f else "")
+        for m, lo, hi, r, f in zip(lb["mean"], lb["ci_low"], lb["ci_high"], lb["rank"],
+                                   lb.get("flagged", pd.Series("", index=lb.index)), strict=True)
     ]
-    wide = lb.pivot(index="method", columns="col", values="cell")
+    wide = lb.pivot_table(index="label", columns="column", values="cell", aggfunc="first")
     ranked = lb.dropna(subset=["rank"])
     if not ranked.empty:
-        first = ranked["col"].iloc[0]
-        order = ranked[ranked["col"] == first].sort_values("rank")["method"].tolist()
+        first = ranked["column"].iloc[0]
+        order = list(dict.fromkeys(ranked[ranked["column"] == first].sort_values("rank")["label"]))
         wide = wide.reindex(order + [m for m in wide.index if m not in order])
-    wide.index = [f"{m} (control)" if m in CONTROLS else m for m in wide.index]
-    return wide.to_markdown()
+    method_of = dict(zip(lb["label"], lb["method"], strict=False))
+    wide.index = [f"{m} (control)" if method_of.get(m) in CONTROLS else m for m in wide.index]
+    text = wide.to_markdown()
+    flagged = sorted({f for f in lb.get("flagged", []) if isinstance(f, str) and f})
+    if flagged:
+        text += "\n\n(!) flagged: " + "; ".join(flagged)
+    return text
 
 
 X_LABELS = {"pixel_flipping": "fraction of pixels removed", "deletion": "fraction removed",
@@ -153,7 +257,8 @@ def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None) -> Pat
         sub = cur[(cur["protocol"] == proto) & (cur["metric"] == met)]
         sns.lineplot(data=sub, x="x", y="value", hue="method", errorbar=("ci", 95), ax=ax, n_boot=200, seed=0,
                      legend=ax is axes.flat[0])
-        ax.set(title=f"{proto}: {met}", xlabel=X_LABELS.get(proto, "x"), ylabel=met)
+        xl = sub["x_label"].iloc[0] if "x_label" in sub and sub["x_label"].iloc[0] else X_LABELS.get(proto, "x")
+        ax.set(title=f"{proto}: {met}", xlabel=xl, ylabel=met)
     if axes.flat[0].get_legend() is not None:
         axes.flat[0].legend(fontsize=7, ncol=2 if cur["method"].nunique() > 8 else 1)
     for ax in list(axes.flat)[len(panels):]:
@@ -296,7 +401,9 @@ def rank_heatmap(lb: pd.DataFrame, path: Path) -> Path | None:
     r = lb.dropna(subset=["rank"])
     if r.empty:
         return None
-    wide = r.assign(col=r["protocol"] + "/" + r["metric"]).pivot(index="method", columns="col", values="rank")
+    r = r.assign(col=r["column"] if "column" in r else r["protocol"] + "/" + r["metric"],
+                 lab=r["label"] if "label" in r else r["method"])
+    wide = r.pivot_table(index="lab", columns="col", values="rank", aggfunc="first")
     wide = wide.loc[wide.mean(axis=1).sort_values().index]
     fig, ax = plt.subplots(figsize=(max(3.0, 1.2 + 0.9 * wide.shape[1]), max(2.5, 1 + 0.4 * wide.shape[0])))
     sns.heatmap(wide, annot=True, fmt=".0f", cmap="viridis_r", cbar_kws={"label": "rank"}, ax=ax)

@@ -2,7 +2,12 @@
 
 Columns (SCHEMA): run_id, experiment, dataset, model, model_seed, method, method_hparams (JSON),
 protocol, metric, x (curve position; NaN for scalars), value, example (index; -1 for an
-aggregate), seed. Files are written atomically (temporary file + rename) and `run.json` is written
+aggregate), seed, and the metric's metadata as it was when the row was written: protocol_choices
+(JSON of the protocol's recorded choices), direction ("higher" / "lower" / "none" = not ranked),
+x_label, aggregation ("mean" over examples; "mean_over_seeds": the seed column is a replicate
+such as a ROAR retrain), version (the protocol's), flag (a warning on the row, "" if none). Results
+written before these columns existed load with them empty ("", -1 for version); the report then
+falls back to the registry's metadata. Files are written atomically (temporary file + rename) and `run.json` is written
 last with `"status": "complete"`, so a folder without it is an unfinished run, never read as done.
 """
 
@@ -36,17 +41,72 @@ SCHEMA = {
     "value": "float64",
     "example": "int64",
     "seed": "int64",
+    "protocol_choices": "string",
+    "direction": "string",
+    "x_label": "string",
+    "aggregation": "string",
+    "version": "int64",
+    "flag": "string",
 }
 COLUMNS = list(SCHEMA)
 ROWS_FILE, RUN_FILE = "rows.parquet", "run.json"
 
 
+def _json_default(v: Any) -> Any:
+    """Arrays (filled baselines, references, fitted patterns) as shape, dtype and content digest:
+    `str` would abbreviate them, and two different arrays could be recorded alike."""
+    if hasattr(v, "shape") and hasattr(v, "dtype"):
+        import hashlib
+
+        a = np.asarray(v)
+        return {"array": list(a.shape), "dtype": str(a.dtype), "sha1": hashlib.sha1(a.tobytes()).hexdigest()[:16]}
+    if isinstance(v, dict):
+        return {str(k): x for k, x in v.items()}
+    return str(v)
+
+
 def hparams_json(hp: dict[str, Any] | None) -> str:
-    return json.dumps(hp or {}, sort_keys=True, default=str)
+    return json.dumps(hp or {}, sort_keys=True, default=_json_default)
+
+
+#: Choices that are not the protocol's own (the method's identity, the run's data): not in
+#: `protocol_choices`, which identifies the protocol's setting in the leaderboard.
+RUN_SUPPLIED = ("method", "method_hparams", "method_key", "masks", "channel_mean", "train_set", "test_set",
+                "train_config", "progress", "model_seed", "cache", "key", "seed")
+
+
+def choices_json(choices: dict[str, Any] | None) -> str:
+    """JSON of a protocol's recorded choices without run-supplied values and arrays."""
+    keep = {k: v for k, v in (choices or {}).items()
+            if k not in RUN_SUPPLIED and not hasattr(v, "shape") and not callable(v)}
+    return hparams_json(keep)
+
+
+def direction_word(hib: bool | None) -> str:
+    return "higher" if hib is True else "lower" if hib is False else "none"
+
+
+def with_metadata(df: pd.DataFrame, protocol: str, choices: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Fill every row's metric metadata from protocol `protocol`'s registration and the run's
+    choices (`order="lerf"` inverts directions), and `protocol_choices`."""
+    from attrax.protocols import metric_meta
+
+    df = df.copy()
+    cj = choices_json(choices)
+    sub = df["protocol"] if "protocol" in df else pd.Series(protocol, index=df.index)
+    meta = {(p, m): metric_meta(protocol, m, choices, sub=p) for p, m in set(zip(sub, df["metric"], strict=True))}
+    pairs = list(zip(sub, df["metric"], strict=True))
+    df["protocol_choices"] = cj
+    df["direction"] = [direction_word(meta[k]["higher_is_better"]) for k in pairs]
+    df["x_label"] = [meta[k]["x_label"] for k in pairs]
+    df["aggregation"] = [meta[k]["aggregation"] for k in pairs]
+    df["version"] = [meta[k]["version"] for k in pairs]
+    return df
 
 
 def scores_to_rows(scores, *, example_index: Iterable[int], **ids: Any) -> pd.DataFrame:
-    """Tidy rows from a protocol's `Scores` (per-example scalars and curves)."""
+    """Tidy rows from a protocol's `Scores` (per-example scalars and curves); with `protocol` a
+    registered name, every row carries the metric's metadata and the protocol's choices."""
     ex = np.asarray(list(example_index), dtype=np.int64)
     frames = []
     for metric, v in scores.values.items():
@@ -68,6 +128,10 @@ def scores_to_rows(scores, *, example_index: Iterable[int], **ids: Any) -> pd.Da
     df = pd.concat(frames, ignore_index=True)
     for k, val in ids.items():
         df[k] = hparams_json(val) if k == "method_hparams" and not isinstance(val, str) else val
+    from attrax.protocols import PROTOCOLS
+
+    if ids.get("protocol") in PROTOCOLS:
+        df = with_metadata(df, ids["protocol"], getattr(scores, "choices", None))
     return conform(df)
 
 
@@ -77,6 +141,8 @@ def conform(df: pd.DataFrame) -> pd.DataFrame:
     for c, t in SCHEMA.items():
         if c not in df:
             df[c] = -1 if t == "int64" else (np.nan if t == "float64" else "")
+        elif t == "string":
+            df[c] = df[c].fillna("")
     return df[COLUMNS].astype(SCHEMA)
 
 

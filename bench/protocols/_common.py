@@ -128,6 +128,33 @@ def reexplainer(
     return run_named
 
 
+def example_keys(method_key: Any, n: int) -> Array:
+    """The n per-example keys `explain(..., key=method_key)` gives a batch of n: the map's own
+    keys (`None` = key 0, explain's default). Protocols that re-explain "the same explanation"
+    (a randomized model, another class, a perturbed or shifted copy of example i) pass these, so
+    a stochastic method draws the same noise as for the map."""
+    return per_example_keys(0 if method_key is None else method_key, n)
+
+
+def repeat_keys(keys: Array, k: int) -> Array:
+    """Per-example keys for a batch laid out as (n, k, ...): example i's key for each of its k copies."""
+    return jnp.repeat(keys, k, axis=0)
+
+
+def other_keys(keys: Array) -> Array:
+    """Per-example keys independent of `keys` (the noise ceiling's second draw)."""
+    return jax.vmap(lambda k: jax.random.fold_in(k, 0x5EED))(keys)
+
+
+def is_stochastic(method: Any) -> bool:
+    """A registered method's `stochastic` flag (unknown functions count as stochastic)."""
+    if isinstance(method, str):
+        from attrax.methods.combinators import resolve
+
+        return bool(resolve(method).meta.get("stochastic", True))
+    return True
+
+
 def method_label(method: Any) -> Any:
     """How a method argument is recorded in `Scores.choices`."""
     if method is None or isinstance(method, str):

@@ -25,8 +25,10 @@ from attrax.errors import AttraxError
 from attrax.protocols import PROTOCOLS, Scores
 from attrax.protocols._common import (
     aggregate_channels,
+    example_keys,
     method_label,
     reexplainer,
+    repeat_keys,
     repeat_targets,
     target_scores,
 )
@@ -86,7 +88,8 @@ def translate(x: Array, shifts: np.ndarray) -> Array:
 @PROTOCOLS.register(
     "continuity",
     category="continuity",
-    version=1,
+    version=2,
+    x_label="shift (px)",
     needs_method=True,
     higher_is_better={
         "max_ratio": False,
@@ -104,6 +107,7 @@ def continuity(
     key,
     method=None,
     method_hparams: dict | None = None,
+    method_key=None,
     max_shift: int = 20,
     score: str = "logit",
     aggregate: str = "sum",
@@ -113,6 +117,8 @@ def continuity(
     Scores: `max_ratio` (n,) = max over neighbouring shifts of ||R_s - R_s+1||_1 / ||x_s -
     x_s+1||_2 (lower = more continuous); curves over the shift: `score` (f_c) and
     `quadrant_<q>` (channel-aggregated relevance summed over each image quadrant).
+    `method_key`: the key the map was computed with; every shifted copy of image i is explained
+    with image i's key (a stochastic method draws the same noise along the path).
     """
     if x.ndim != 4:
         raise AttraxError(f"continuity needs NHWC images, got shape {x.shape}")
@@ -120,7 +126,8 @@ def continuity(
     path = translate(x, shifts)
     n, k = path.shape[:2]
     r = explain_path(
-        model, params, path, target, key=key, method=method, method_hparams=method_hparams
+        model, params, path, target, key=repeat_keys(example_keys(method_key, n), k), method=method,
+        method_hparams=method_hparams,
     )
     f = target_scores(
         model, params, path.reshape((n * k,) + x.shape[1:]), repeat_targets(target, k), score
@@ -155,17 +162,17 @@ def continuity(
 
 
 def _sensitivities(
-    model, params, x, target, relevance, key, method, method_hparams, radius, n_samples, protocol
+    model, params, x, target, relevance, key, method, method_hparams, radius, n_samples, protocol,
+    method_key=None,
 ) -> Array:
     n = x.shape[0]
-    k_noise, k_expl = jax.random.split(key)
-    d = jax.random.uniform(k_noise, (n, n_samples) + x.shape[1:], x.dtype, -radius, radius)
+    d = jax.random.uniform(key, (n, n_samples) + x.shape[1:], x.dtype, -radius, radius)
     r = explain_path(
         model,
         params,
         x[:, None] + d,
         target,
-        key=k_expl,
+        key=repeat_keys(example_keys(method_key, n), n_samples),
         method=method,
         method_hparams=method_hparams,
         protocol=protocol,
@@ -175,8 +182,9 @@ def _sensitivities(
     return num / jnp.where(den > 0, den, 1.0)[:, None]
 
 
-def _sens_choices(method, method_hparams, radius, n_samples):
+def _sens_choices(method, method_hparams, radius, n_samples, method_key=None):
     return dict(
+        method_key="the map's" if method_key is not None else "key 0",
         method=method_label(method),
         method_hparams=method_hparams or {},
         radius=radius,
@@ -190,7 +198,7 @@ def _sens_choices(method, method_hparams, radius, n_samples):
 @PROTOCOLS.register(
     "max_sensitivity",
     category="robustness",
-    version=1,
+    version=2,
     needs_method=True,
     higher_is_better={"max_sensitivity": False},
 )
@@ -204,12 +212,15 @@ def max_sensitivity(
     key,
     method=None,
     method_hparams: dict | None = None,
+    method_key=None,
     radius: float = 0.1,
     n_samples: int = 20,
 ) -> Scores:
     """Max-sensitivity (Yeh et al. 2019): max_d ||R(x + d) - R(x)|| / ||R(x)||, |d|_inf <= radius.
 
-    Defaults: radius 0.1, 20 uniform samples, Frobenius norm. Lower is better.
+    Defaults: radius 0.1, 20 uniform samples, Frobenius norm. Lower is better. Every perturbed
+    copy of image i is explained with the map's key for image i (`method_key`), so only the input
+    changes: at radius 0 the score is 0, for stochastic methods too.
     """
     s = _sensitivities(
         model,
@@ -223,17 +234,18 @@ def max_sensitivity(
         radius,
         n_samples,
         "max_sensitivity",
+        method_key,
     )
     return Scores(
         values={"max_sensitivity": s.max(axis=1)},
-        choices=_sens_choices(method, method_hparams, radius, n_samples),
+        choices=_sens_choices(method, method_hparams, radius, n_samples, method_key),
     )
 
 
 @PROTOCOLS.register(
     "avg_sensitivity",
     category="robustness",
-    version=1,
+    version=2,
     needs_method=True,
     higher_is_better={"avg_sensitivity": False},
 )
@@ -247,6 +259,7 @@ def avg_sensitivity(
     key,
     method=None,
     method_hparams: dict | None = None,
+    method_key=None,
     radius: float = 0.1,
     n_samples: int = 20,
 ) -> Scores:
@@ -263,8 +276,9 @@ def avg_sensitivity(
         radius,
         n_samples,
         "avg_sensitivity",
+        method_key,
     )
     return Scores(
         values={"avg_sensitivity": s.mean(axis=1)},
-        choices=_sens_choices(method, method_hparams, radius, n_samples),
+        choices=_sens_choices(method, method_hparams, radius, n_samples, method_key),
     )

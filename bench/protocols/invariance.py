@@ -25,7 +25,7 @@ from attrax.errors import AttraxError
 from attrax.harness import forward
 from attrax.models import Model, as_model
 from attrax.protocols import PROTOCOLS, Scores
-from attrax.protocols._common import method_label, reexplainer
+from attrax.protocols._common import example_keys, method_label, reexplainer
 
 
 def first_linear_layer(model: Model, params: Any, x: jax.Array) -> tuple[tuple[str, ...], str]:
@@ -86,7 +86,7 @@ def shifted_twin(model: Model, params: Any, x: jax.Array, shift: Any = -1.0) -> 
 @PROTOCOLS.register(
     "input_invariance",
     category="invariance",
-    version=1,
+    version=2,
     needs_method=True,
     higher_is_better={"passed": True, "distance": False, "twin_error": None},
 )
@@ -100,13 +100,15 @@ def input_invariance(
     key,
     method=None,
     method_hparams: dict | None = None,
+    method_key=None,
     shift: Any = -1.0,
     tol: float = 1e-3,
     twin_method_hparams: dict | None = None,
 ) -> Scores:
     """Kindermans et al. input invariance: does the method's map survive a compensated shift?
 
-    Both maps are recomputed with the same key (stochastic methods then share their noise):
+    Both maps are recomputed with the map's key (`method_key`; stochastic methods then share
+    their noise):
     R1 = E(f1, x), R2 = E(f2, x + m). Scores per image: `distance` = ||R1 - R2||_1 / ||R1||_1,
     `passed` = distance <= tol (1.0 / 0.0), `twin_error` = max |f1(x) - f2(x + m)|.
     Defaults: m = -1 per pixel (inputs in [0, 1] become [-1, 0]), tol = 1e-3.
@@ -117,9 +119,10 @@ def input_invariance(
     twin, kind = shifted_twin(model, params, x, shift)
     m = jnp.broadcast_to(jnp.asarray(shift, x.dtype), x.shape[1:])
     xs = x + m
-    r1 = reexplainer(method, method_hparams, model, params, "input_invariance")(x, target, key)
+    keys = example_keys(method_key, x.shape[0])
+    r1 = reexplainer(method, method_hparams, model, params, "input_invariance")(x, target, keys)
     hp2 = method_hparams if twin_method_hparams is None else twin_method_hparams
-    r2 = reexplainer(method, hp2, model, twin, "input_invariance")(xs, target, key)
+    r2 = reexplainer(method, hp2, model, twin, "input_invariance")(xs, target, keys)
     n = x.shape[0]
     diff = jnp.abs(r1 - r2).reshape(n, -1).sum(-1)
     norm = jnp.abs(r1).reshape(n, -1).sum(-1)

@@ -1,8 +1,9 @@
 """ROAR and KAR: remove (or keep) the most relevant inputs and retrain (Hooker et al. 2019).
 
 "A Benchmark for Interpretability Methods in Deep Neural Networks", Hooker, Erhan, Kindermans,
-Kim, NeurIPS 2019. These protocols retrain models, so they are not per-batch metrics: the API is
-a function, `run(method, model, train_set, test_set, ...) -> DataFrame` (tidy rows in the
+Kim, NeurIPS 2019. These protocols retrain models, so they are not per-batch metrics: they are
+registered (`roar`, `kar`, `roar_kar`) with `kind="retrain"` and declare what the run supplies
+(`needs`); the function is `run(method, model, train_set, test_set, ...) -> DataFrame` (tidy rows in the
 `attrax.results` schema; metric `test_accuracy`, x = fraction of inputs replaced), with the
 shortcuts `roar(...)` and `kar(...)`.
 
@@ -51,6 +52,7 @@ from attrax.errors import AttraxError
 from attrax.harness import explain, forward
 from attrax.methods import per_example_keys
 from attrax.models import as_model, init
+from attrax.protocols import PROTOCOLS
 from attrax.results import conform, hparams_json
 from attrax.train import (
     TrainConfig,
@@ -363,13 +365,24 @@ def run(
     df["model_seed"] = model_seed
     df["method"] = method
     df["method_hparams"] = hparams_json(hp)
-    df = conform(df)
+    choices = dict(rank=rank, tie=tie, key=key, mask_only=mask_only,
+                   replacement="0/1 mask images" if mask_only else "train channel mean",
+                   target="predicted", fractions=list(fractions), seeds=list(seeds),
+                   retrain_config=dataclasses.asdict(re_cfg))
+    from attrax.results import with_metadata
+
+    df = conform(with_metadata(df, "roar_kar", choices))
     df.attrs["timings"] = dict(timings, n_trained=len(jobs), n_cached=n_cached)
-    df.attrs["choices"] = dict(rank=rank, tie=tie, key=key, mask_only=mask_only,
-                               replacement="0/1 mask images" if mask_only else "train channel mean",
-                               target="predicted", fractions=list(fractions), seeds=list(seeds),
-                               retrain_config=dataclasses.asdict(re_cfg))
+    df.attrs["choices"] = choices
     return df
+
+
+RETRAIN_NEEDS = ("method", "method_hparams", "train_set", "test_set", "train_config", "model_seed", "progress")
+_REG = dict(kind="retrain", category="retraining", version=VERSION, needs=RETRAIN_NEEDS,
+            aggregation="mean_over_seeds", x_label="fraction replaced")
+PROTOCOLS.register("roar_kar", run, higher_is_better={
+    "roar/test_accuracy": False, "kar/test_accuracy": True, "roar_mask/test_accuracy": False,
+    "kar_mask/test_accuracy": False}, **_REG)
 
 
 def roar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[float] = FRACTIONS,
@@ -385,6 +398,10 @@ def roar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[fl
                mode=mode, cache=cache, progress=progress, mask_only=mask_only)
 
 
+PROTOCOLS.register("roar", roar, higher_is_better={"test_accuracy": False, "roar_mask/test_accuracy": False},
+                   **_REG)
+
+
 def kar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[float] = FRACTIONS,
         seeds: Sequence[int] = (0, 1, 2), rank: str = "value", tie: str = "random", key: int = 0,
         method_hparams: dict[str, Any] | None = None, model_seed: int = 0,
@@ -396,3 +413,7 @@ def kar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[flo
                seeds=seeds, rank=rank, tie=tie, key=key, method_hparams=method_hparams,
                model_seed=model_seed, train_config=train_config, retrain_config=retrain_config,
                mode=mode, cache=cache, progress=progress, mask_only=mask_only)
+
+
+PROTOCOLS.register("kar", kar, higher_is_better={"test_accuracy": True, "kar_mask/test_accuracy": False},
+                   **_REG)

@@ -140,8 +140,8 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _ssim_one(a: np.ndarray, b: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
-    # Gaussian window radius int(3.5 sigma + 0.5) must fit the image
-    sigma = min(1.5, (min(a.shape) // 2 - 0.5) / 3.5)
+    # the Gaussian window 2 * int(3.5 sigma + 0.5) + 1 must fit the image (sigma 1.5 from 23 px up)
+    sigma = min(1.5, ((min(a.shape) - 1) // 2) / 3.5)
     return float(structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=sigma,
                                        use_sample_covariance=False))
 
@@ -194,13 +194,30 @@ def _explainer(method: str | Callable, method_hparams: dict | None, model) -> Ca
     return lambda p, x, t, k: explain(method, model, p, x, t, key=k, **hp)
 
 
+def noise_ceiling(method, run, params, x, target, keys, *, metrics, hog_cell=None, maps=None,
+                  ) -> dict[str, np.ndarray]:
+    """The method's own noise ceiling: per-image similarity of two runs of the same method with the
+    same settings on the same model, with two different keys (nothing randomized). A deterministic
+    registered method gets 1 (its two runs are the same map). A similarity below it is not evidence
+    that the model or the class mattered."""
+    from attrax.protocols._common import is_stochastic, other_keys
+
+    n = x.shape[0]
+    if not is_stochastic(method):
+        return {m: np.ones(n) for m in metrics}
+    r_a = run(params, x, target, keys) if maps is None else maps
+    r_b = run(params, x, target, other_keys(keys))
+    return similarity(r_a, r_b, metrics=metrics, hog_cell=hog_cell)
+
+
 @PROTOCOLS.register(
-    "sanity_model_randomization", category="randomization", version=1, needs_method=True,
+    "sanity_model_randomization", category="randomization", version=2, needs_method=True,
     higher_is_better={f"{m}_{s}": False for m in MODES for s in SIMILARITIES},
+    x_label="randomized layer",
 )
 def sanity_model_randomization(
     model, params, x, target, relevance, *, key, method=None, method_hparams: dict | None = None,
-    method_key: int = 0, modes: Sequence[str] = MODES, layers: Sequence[str] | None = None,
+    method_key=None, modes: Sequence[str] = MODES, layers: Sequence[str] | None = None,
     metrics: Sequence[str] = SIMILARITIES, hog_cell: int | None = None,
 ) -> Scores:
     """Similarity of the trained model's maps (`relevance`) and the randomized models' maps.
@@ -208,29 +225,46 @@ def sanity_model_randomization(
     Metrics `<mode>_<similarity>` (e.g. `cascading_spearman_abs`) are (n, L) curves over the
     steps x = 1..L (step j: cascading - the top j layers re-initialized; independent - only the
     j-th layer from the top). `key` draws the re-initialization; the maps of every randomized
-    model use `method_key`, which should be the key `relevance` was computed with (it matters
-    only for stochastic methods). Lower similarity = the method depends on the weights (passes).
+    model use `method_key`, the key `relevance` was computed with (`None`: key 0, `explain`'s
+    default), so a stochastic method draws the same noise and only the weights differ. Lower
+    similarity = the method depends on the weights (passes).
+
+    Beside the curves, per image: `unrandomized_<similarity>` - the map re-explained with nothing
+    randomized (1 when the re-explanation reproduces `relevance`, i.e. it ran the same method
+    with the same hyperparameters and key), and `noise_ceiling_<similarity>` - two keys, nothing
+    randomized (`noise_ceiling`; 1 for deterministic methods).
     """
     if method is None:
         raise AttraxError("sanity_model_randomization re-explains: pass method=<name> (and "
                           "method_hparams) of the method being checked")
+    from attrax.protocols._common import example_keys
+
     model = as_model(model)
     x, target = check_batch(x, target)
     run = _explainer(method, method_hparams, model)
+    keys = example_keys(method_key, x.shape[0])
     values, xs, order = {}, {}, {}
     for mode in modes:
         names, steps = randomized_variables(model, params, x, key=key, mode=mode, layers=layers)
         order[mode] = names
-        sims = [similarity(relevance, run(v, x, target, method_key), metrics=metrics,
+        sims = [similarity(relevance, run(v, x, target, keys), metrics=metrics,
                            hog_cell=hog_cell) for v in steps]
         for m in metrics:
             values[f"{mode}_{m}"] = np.stack([s[m] for s in sims], axis=1)
             xs[f"{mode}_{m}"] = np.arange(1, len(names) + 1, dtype=np.float64)
+    r_same = run(params, x, target, keys)
+    same = similarity(relevance, r_same, metrics=metrics, hog_cell=hog_cell)
+    ceiling = noise_ceiling(method, run, params, x, target, keys, metrics=metrics, hog_cell=hog_cell,
+                            maps=r_same)
+    for m in metrics:
+        values[f"unrandomized_{m}"] = same[m]
+        values[f"noise_ceiling_{m}"] = ceiling[m]
     label = method if isinstance(method, str) else getattr(method, "__name__", repr(method))
     return Scores(values=values, x=xs, choices=dict(
         method=label, method_hparams=method_hparams or {}, method_key=method_key,
         modes=list(modes), layers=order, metrics=list(metrics), hog_cell=hog_cell,
-        reinit="module.init with a fresh key, layer subtree swapped", abs_normalization="p99"))
+        reinit="module.init with a fresh key, layer subtree swapped", abs_normalization="p99",
+        noise_ceiling="same method and settings, a second key, nothing randomized"))
 
 
 def model_randomization(
@@ -297,7 +331,7 @@ def fit_until(model, x, y, *, seed: int, cfg: TrainConfig, fit_accuracy: float, 
 
 
 def sanity_data_randomization(
-    method: str, model, train_set, test_set, *, seed: int = 0, label_seed: int = 0,
+    method: str, model, train_set, test_set, *, model_seed: int = 0, label_seed: int = 0,
     train_config: TrainConfig | dict | None = None, round_epochs: int = 5, max_epochs: int = 100,
     fit_accuracy: float = 0.95, n_explain: int = 100, target: str = "label",
     method_hparams: dict | None = None, key: int = 0, metrics: Sequence[str] = SIMILARITIES,
@@ -306,19 +340,29 @@ def sanity_data_randomization(
     """Maps of a true-label model vs a model trained on permuted labels (Adebayo 2018, sec. 5).
 
     The random-label model trains in rounds of `round_epochs` until its train accuracy reaches
-    `fit_accuracy` (or `max_epochs`); both models are cached. Maps of the first `n_explain` test
-    images, target = the true `label` (or each model's `predicted` class). Rows: per-image
-    similarities (protocol `sanity_data_randomization`) and scalars `train_accuracy_true`,
-    `train_accuracy_random`, `epochs_random`, `test_accuracy_true`, `test_accuracy_random`.
+    `fit_accuracy` (or `max_epochs`); both models (seed `model_seed`) are cached. Maps of the
+    first `n_explain` test images, target = the true `label` (or each model's `predicted`
+    class), both with the same `key` and `method_hparams` (filled hyperparameters such as
+    baselines or fitted patterns are used as given for both models). Rows: per-image
+    similarities (protocol `sanity_data_randomization`), the method's noise ceiling per image
+    (`noise_ceiling_<similarity>`: the true-label model's maps with two keys; 1 for deterministic
+    methods) and scalars `train_accuracy_true`, `train_accuracy_random`, `epochs_random`,
+    `test_accuracy_true`, `test_accuracy_random`, `fit_reached` (1/0). When the permuted-label
+    model did not reach `fit_accuracy`, every row carries a `flag` saying so: its similarities do
+    not compare with a model that memorized the labels.
     """
+    from attrax.protocols._common import example_keys
+
+    if target not in ("label", "predicted"):
+        raise AttraxError(f"unknown target {target!r}: use label or predicted")
     cfg = TrainConfig(**train_config) if isinstance(train_config, dict) else train_config
     cfg = cfg or TrainConfig()
-    model, v_true, info_true = train(model, train_set, seed=seed, cfg=cfg, cache=cache,
+    model, v_true, info_true = train(model, train_set, seed=model_seed, cfg=cfg, cache=cache,
                                      progress=False)
     perm = np.random.default_rng(label_seed).permutation(len(train_set))
     shuffled = train_set.replace(y=np.asarray(train_set.y)[perm])
     round_cfg = dataclasses.replace(cfg, epochs=round_epochs)
-    ck = cache_key(model, shuffled.fingerprint(), round_cfg, seed,
+    ck = cache_key(model, shuffled.fingerprint(), round_cfg, model_seed,
                    extra={"fit_accuracy": fit_accuracy, "max_epochs": max_epochs})
     template = init(model, jax.random.key(0), jnp.asarray(train_set.x[:1]))
     hit = load_cached(ck, template) if cache else None
@@ -326,25 +370,29 @@ def sanity_data_randomization(
         v_rand, meta = hit
         epochs, acc_rand = int(meta["epochs"]), float(meta["train_accuracy"])
     else:
-        v_rand, epochs, acc_rand = fit_until(model, shuffled.x, shuffled.y, seed=seed,
+        v_rand, epochs, acc_rand = fit_until(model, shuffled.x, shuffled.y, seed=model_seed,
                                              cfg=round_cfg, fit_accuracy=fit_accuracy,
                                              max_epochs=max_epochs)
         if cache:
-            save_cached(ck, v_rand, {"model": model.name, "seed": seed, "epochs": epochs,
+            save_cached(ck, v_rand, {"model": model.name, "seed": model_seed, "epochs": epochs,
                                      "train_accuracy": acc_rand, "purpose": "random labels"})
     sub = test_set.take(n_explain)
     x = jnp.asarray(sub.x)
     run = _explainer(method, method_hparams, model)
-    maps = []
+    keys = example_keys(key, len(sub))
+    maps, targets = [], []
     for v in (v_true, v_rand):
         t = jnp.asarray(sub.y) if target == "label" else jnp.argmax(forward(model, v, x), -1)
-        if target not in ("label", "predicted"):
-            raise AttraxError(f"unknown target {target!r}: use label or predicted")
-        maps.append(run(v, x, t.astype(jnp.int32), key))
+        targets.append(t.astype(jnp.int32))
+        maps.append(run(v, x, targets[-1], keys))
     sims = similarity(maps[0], maps[1], metrics=metrics)
+    ceiling = noise_ceiling(method, run, v_true, x, targets[0], keys, metrics=metrics, maps=maps[0])
     n = len(sub)
     frames = [pd.DataFrame({"metric": m, "value": v, "example": np.arange(n)})
               for m, v in sims.items()]
+    frames += [pd.DataFrame({"metric": f"noise_ceiling_{m}", "value": v, "example": np.arange(n)})
+               for m, v in ceiling.items()]
+    reached = acc_rand >= fit_accuracy
     scalars = {
         "train_accuracy_true": info_true.get("train_accuracy",
                                              accuracy(model, v_true, train_set.x, train_set.y)),
@@ -352,11 +400,24 @@ def sanity_data_randomization(
         "epochs_random": epochs,
         "test_accuracy_true": accuracy(model, v_true, test_set.x, test_set.y),
         "test_accuracy_random": accuracy(model, v_rand, test_set.x, test_set.y),
+        "fit_reached": float(reached),
     }
     frames.append(pd.DataFrame({"metric": list(scalars), "value": list(scalars.values()),
                                 "example": -1}))
+    flag = "" if reached else (f"permuted-label model did not reach fit_accuracy {fit_accuracy:g} "
+                               f"(train accuracy {acc_rand:.3f} after {epochs} epochs)")
     df = pd.concat(frames, ignore_index=True).assign(
         protocol="sanity_data_randomization", dataset=str(train_set.meta.get("name", "")),
-        model=model.name, model_seed=seed, method=method,
-        method_hparams=hparams_json(method_hparams), seed=label_seed)
-    return conform(df)
+        model=model.name, model_seed=model_seed, method=method,
+        method_hparams=hparams_json(method_hparams), seed=label_seed, flag=flag)
+    choices = dict(label_seed=label_seed, round_epochs=round_epochs, max_epochs=max_epochs,
+                   fit_accuracy=fit_accuracy, n_explain=n_explain, target=target, metrics=list(metrics))
+    from attrax.results import with_metadata
+
+    return conform(with_metadata(df, "sanity_data_randomization", choices))
+
+
+PROTOCOLS.register(
+    "sanity_data_randomization", sanity_data_randomization, kind="retrain", category="randomization",
+    version=2, needs=("method", "method_hparams", "train_set", "test_set", "train_config", "model_seed"),
+    higher_is_better={m: False for m in SIMILARITIES})

@@ -19,6 +19,7 @@ from attrax.errors import AttraxError
 from attrax.protocols import PROTOCOLS, Scores
 from attrax.protocols._common import (
     aggregate_channels,
+    example_keys,
     method_label,
     reexplainer,
     repeat_targets,
@@ -83,7 +84,8 @@ _DIRS = {"curve": None, "auc": False, "drop": True}
 
 
 @PROTOCOLS.register(
-    "selectivity", category="selectivity", higher_is_better=_DIRS, version=1, needs_method=True
+    "selectivity", category="selectivity", higher_is_better=_DIRS, version=2, needs_method=True,
+    x_label="step",
 )
 def selectivity(
     model,
@@ -95,6 +97,7 @@ def selectivity(
     key,
     method=None,
     method_hparams: dict | None = None,
+    method_key=None,
     steps: int = 20,
     window: int = 4,
     score: str = "logit",
@@ -106,16 +109,18 @@ def selectivity(
     with the method contract); `relevance` is used for the first step. Defaults: T = 20 steps,
     4x4 windows at stride 1 without overlap, zero fill, logit score, channel sum. Scores:
     `curve` (n, T+1) of f_c over the step, `auc` (trapezoid, step axis scaled to [0, 1]; lower
-    is better) and `drop` = f(x_0) - f(x_T).
+    is better) and `drop` = f(x_0) - f(x_T). Every re-explanation of image i uses the map's key for
+    image i (`method_key`): the same method, only the image changes.
     """
     _check(x, window)
     run = reexplainer(method, method_hparams, model, params, "selectivity")
+    keys = example_keys(method_key, x.shape[0])
     warr = jnp.zeros((window,))
     removed = jnp.zeros(x.shape[:3], bool)
     states, cur, r = [x], x, relevance
     for t in range(steps):
         if t > 0:
-            r = run(cur, target, jax.random.fold_in(key, t))
+            r = run(cur, target, keys)
         cur, removed = _remove_best(cur, removed, aggregate_channels(r, aggregate), warr)
         states.append(cur)
     values, ts = _scores(_curve_scores(model, params, states, target, score), steps)
@@ -138,7 +143,7 @@ def selectivity(
 
 
 @PROTOCOLS.register(
-    "selectivity_oneshot", category="selectivity", higher_is_better=_DIRS, version=1
+    "selectivity_oneshot", category="selectivity", higher_is_better=_DIRS, version=1, x_label="step",
 )
 def selectivity_oneshot(
     model,

@@ -217,6 +217,7 @@ _INSERTION_DIRS = {
 @PROTOCOLS.register(
     "pixel_flipping",
     category="faithfulness",
+    x_label="fraction of pixels removed",
     higher_is_better=_DELETION_DIRS,
     version=2,
     directions_for="morf",
@@ -271,6 +272,7 @@ def pixel_flipping(
 @PROTOCOLS.register(
     "region_perturbation",
     category="faithfulness",
+    x_label="fraction of regions removed",
     higher_is_better=_DELETION_DIRS,
     version=1,
     directions_for="morf",
@@ -319,6 +321,7 @@ def region_perturbation(
 @PROTOCOLS.register(
     "deletion",
     category="faithfulness",
+    x_label="fraction removed",
     higher_is_better=_DELETION_DIRS,
     version=1,
     directions_for="morf",
@@ -366,6 +369,7 @@ def deletion(
 @PROTOCOLS.register(
     "insertion",
     category="faithfulness",
+    x_label="fraction inserted",
     higher_is_better=_INSERTION_DIRS,
     version=1,
     directions_for="morf",
