@@ -25,13 +25,23 @@ def group_options(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".yaml"))
 
 
+#: Top-level counts that must be positive integers (checked before Hydra starts).
+POSITIVE_INTS = ("n_images", "heatmap_images", "chunk_evals", "retrain_train_per_class")
+
+
 def check_overrides(argv: list[str]) -> None:
-    """Unknown config-group choices get a one-line "did you mean" before Hydra starts."""
+    """Unknown config-group choices get a one-line "did you mean" before Hydra starts, and
+    counts such as `n_images` must be positive integers."""
     for arg in argv:
         if "=" not in arg or arg.startswith(("-", "hydra")):
             continue
         k, v = arg.split("=", 1)
         k = k.lstrip("+~")
+        if k in POSITIVE_INTS and v not in ("null", ""):
+            for value in v.split(","):
+                if not value.strip().isdigit() or int(value) < (0 if k == "heatmap_images" else 1):
+                    least = "a non-negative" if k == "heatmap_images" else "a positive"
+                    raise AttraxError(f"{k} must be {least} integer, got {value!r}")
         if k in GROUPS and v not in ("null", ""):
             opts = group_options(k)
             for choice in v.split(","):

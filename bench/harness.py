@@ -47,6 +47,8 @@ def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise AttraxError(f"x must be a batch with a leading axis (e.g. NHWC), got shape {x.shape}")
+    if x.shape[0] == 0:
+        raise AttraxError(f"empty batch: x has shape {x.shape} (no examples to explain or score)")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise AttraxError(f"x must be floating point (float32 in [0, 1]), got {x.dtype}")
     if target is None:
@@ -59,6 +61,52 @@ def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]
             f"target must be int class indices of shape ({x.shape[0]},), got {target.dtype} {target.shape}"
         )
     return x, target.astype(jnp.int32)
+
+
+def _concrete(*arrays: Any) -> bool:
+    return not any(isinstance(a, jax.core.Tracer) for a in arrays)
+
+
+def check_target_range(model: Model, params: Any, x: Array, target: Array) -> None:
+    """Every target must index one of the model's outputs (read from the output's shape)."""
+    if target is None or not _concrete(target):
+        return
+    def out_shape():
+        try:
+            probe = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+            return jax.eval_shape(lambda p, xx: model(p, xx), params, probe).shape
+        except Exception:  # noqa: BLE001 - the method itself reports a model that cannot run
+            return None
+
+    shape = model.cached(("output_shape", x.shape[1:], str(x.dtype)), out_shape)
+    if shape is None or len(shape) != 2:
+        return
+    classes = shape[1]
+    bad = np.asarray((target < 0) | (target >= classes))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise AttraxError(
+            f"target {int(target[i])} (example {i}) is outside the model's {classes} outputs "
+            f"(valid: 0..{classes - 1}); {int(bad.sum())} of {bad.size} targets are out of range"
+        )
+
+
+def check_output_finite(r: Array, method: str, model: Model, params: Any, x: Array) -> Array:
+    """A method's maps must be finite; name the model as the cause when its logits are not."""
+    if not _concrete(r, x):
+        return r
+    finite = jnp.isfinite(r).reshape(r.shape[0], -1).all(axis=1)
+    if bool(finite.all()):
+        return r
+    bad = int((~finite).sum())
+    logits = forward(model, params, x[~np.asarray(finite)])
+    nan_logits = int((~jnp.isfinite(logits).reshape(logits.shape[0], -1).all(axis=1)).sum())
+    if nan_logits:
+        raise AttraxError(
+            f"the model returns NaN/inf logits for {nan_logits} of {r.shape[0]} images, so method "
+            f"{method!r} gives NaN/inf relevance: check the model's parameters and inputs"
+        )
+    raise AttraxError(f"method {method!r} gave NaN/inf relevance for {bad} of {r.shape[0]} images")
 
 
 def check_relevance(r: Any, x: Array, name: str = "relevance") -> Array:
@@ -254,6 +302,7 @@ def explain(
             f"method {method!r} needs the model's layer structure ({needs}); a plain apply_fn has none. "
             "Pass the Flax module instead."
         )
+    check_target_range(model, params, x, target)
     n = x.shape[0]
     base = key if key is not None else 0
     if isinstance(base, int):
@@ -280,8 +329,9 @@ def explain(
     if jit:
         cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given)
         run = model.cached(cache_key, lambda: jax.jit(run))
-    return map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x, target,
-                      chunked_keys, *sliced)
+    out = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x, target,
+                     chunked_keys, *sliced)
+    return check_output_finite(out, method, model, params, x)
 
 
 def evaluate(
@@ -305,6 +355,7 @@ def evaluate(
                           f"or run it with `attrax protocol={protocol}`")
     model = as_model(model)
     x, target = check_batch(x, target)
+    check_target_range(model, params, x, target)
     relevance = check_relevance(relevance, x)
     allowed = entry.hparams()
     unknown = set(hparams) - set(allowed)
