@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attrax.errors import AttraxError
@@ -170,16 +171,16 @@ class ViT(nn.Module):
 # Plain jax.numpy and flax.nnx
 
 
-def jnp_mlp_init(key: Array, n_in: int, hidden: tuple[int, ...] = (32, 16), num_classes: int = 10,
+def jnp_mlp_init(seed: int, n_in: int, hidden: tuple[int, ...] = (32, 16), num_classes: int = 10,
                  use_bias: bool = True) -> dict[str, Array]:
-    """He-initialized weights {"w0", "b0", ...} of a plain MLP."""
+    """He-initialized weights {"w0", "b0", ...} of a plain MLP (NumPy draws)."""
+    rng = np.random.default_rng(seed)
     sizes = (n_in, *hidden, num_classes)
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        key, kw, kb = jax.random.split(key, 3)
-        params[f"w{i}"] = jax.random.normal(kw, (a, b)) * math.sqrt(2.0 / a)
+        params[f"w{i}"] = jnp.asarray(rng.standard_normal((a, b)) * math.sqrt(2.0 / a), jnp.float32)
         if use_bias:
-            params[f"b{i}"] = 0.1 * jax.random.normal(kb, (b,))
+            params[f"b{i}"] = jnp.asarray(0.1 * rng.standard_normal(b), jnp.float32)
     return params
 
 
@@ -225,24 +226,58 @@ def nnx_apply(module: nnx.Module) -> tuple[Callable[[Any, Array], Array], Any]:
 # Building
 
 
-def _perturb_batchnorm(variables: dict, key: Array) -> dict:
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are mean 0, var 1)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables)
-    keys = iter(jax.random.split(key, len(leaves)))
-    out = []
-    for path, v in leaves:
-        names = [getattr(p, "key", "") for p in path]
-        k = next(keys)
+def _perturb_batchnorm(variables: dict, seed: int) -> dict:
+    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are mean 0, var 1).
+
+    NumPy draws: no small XLA compilations per parameter shape."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, v):
+        names = [str(getattr(p, "key", "")) for p in path]
+        bn = any(n.startswith(("bn", "short_bn")) for n in names)
         if names[0] == "batch_stats" and names[-1] == "mean":
-            v = 0.3 * jax.random.normal(k, v.shape)
-        elif names[0] == "batch_stats" and names[-1] == "var":
-            v = jax.random.uniform(k, v.shape, minval=0.5, maxval=2.0)
-        elif any(n.startswith(("bn", "short_bn")) for n in names) and names[-1] == "scale":
-            v = jax.random.uniform(k, v.shape, minval=0.5, maxval=1.5)
-        elif any(n.startswith(("bn", "short_bn")) for n in names) and names[-1] == "bias":
-            v = 0.1 * jax.random.normal(k, v.shape)
-        out.append(v)
-    return jax.tree_util.tree_unflatten(treedef, out)
+            return jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
+        if names[0] == "batch_stats" and names[-1] == "var":
+            return jnp.asarray(rng.uniform(0.5, 2.0, v.shape), v.dtype)
+        if bn and names[-1] == "scale":
+            return jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+        if bn and names[-1] == "bias":
+            return jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype)
+        return v
+
+    return jax.tree_util.tree_map_with_path(draw, variables)
+
+
+def _fill(path, leaf, rng: np.random.Generator) -> Array:
+    """A value for an abstract parameter: LeCun-normal kernels, zero biases, unit scales/variances."""
+    names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    name = names[-2] if names[-1] == "value" and len(names) > 1 else names[-1]  # nnx: Param.value
+    shape = leaf.shape
+    if name == "kernel":
+        v = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+    elif name in ("scale", "var"):
+        v = np.ones(shape)
+    elif name in ("cls_token", "pos_embed"):
+        v = 0.02 * rng.standard_normal(shape)
+    else:  # bias, mean
+        v = np.zeros(shape)
+    return jnp.asarray(v, leaf.dtype)
+
+
+def init_variables(module: nn.Module, seed: int, sample_x: Array) -> Any:
+    """Variables of a linen module drawn with NumPy from `jax.eval_shape(module.init)`: no XLA
+    compilation of JAX's random-bit generator (seconds per shape on a loaded CPU)."""
+    rng = np.random.default_rng(seed)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), sample_x)
+    return jax.tree_util.tree_map_with_path(lambda p, leaf: _fill(p, leaf, rng), shapes)
+
+
+def _init_nnx(make_module: Callable[[nnx.Rngs], nnx.Module], seed: int) -> nnx.Module:
+    """An nnx module with NumPy-drawn parameters (same reason as `init_variables`)."""
+    rng = np.random.default_rng(seed)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: make_module(nnx.Rngs(0))))
+    state = jax.tree_util.tree_map_with_path(lambda p, leaf: _fill(p, leaf, rng), abstract)
+    return nnx.merge(graphdef, state)
 
 
 FAMILIES = ("nonzoo_cnn", "nonzoo_resnet", "vit_tiny", "jnp_mlp", "nnx_cnn")
@@ -254,23 +289,21 @@ def names() -> list[str]:
 
 def build(name: str, key: Array | int, sample_x: Array, num_classes: int = 10, **kwargs: Any) -> tuple[Any, Any]:
     """(model, params) of an example family for inputs shaped like `sample_x` (NHWC)."""
-    if isinstance(key, int):
-        key = jax.random.key(key)
-    k_init, k_extra = jax.random.split(key)
+    seed = int(key) if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
     sample_x = jnp.asarray(sample_x)[:1]
     if name == "nonzoo_cnn":
         module = PlainCNN(num_classes=num_classes, **kwargs)
-        return module, module.init(k_init, sample_x)
+        return module, init_variables(module, seed, sample_x)
     if name == "nonzoo_resnet":
         module = BNResNet(num_classes=num_classes, **kwargs)
-        variables = module.init(k_init, sample_x)
-        return module, (_perturb_batchnorm(variables, k_extra) if "batch_stats" in variables else variables)
+        variables = init_variables(module, seed, sample_x)
+        return module, (_perturb_batchnorm(variables, seed + 1) if "batch_stats" in variables else variables)
     if name == "vit_tiny":
         module = ViT(num_classes=num_classes, **kwargs)
-        return module, module.init(k_init, sample_x)
+        return module, init_variables(module, seed, sample_x)
     if name == "jnp_mlp":
-        return jnp_mlp_apply, jnp_mlp_init(k_init, math.prod(sample_x.shape[1:]), num_classes=num_classes, **kwargs)
+        return jnp_mlp_apply, jnp_mlp_init(seed, math.prod(sample_x.shape[1:]), num_classes=num_classes, **kwargs)
     if name == "nnx_cnn":
-        seed = int(jax.random.randint(k_init, (), 0, 2**31 - 1))
-        return nnx_apply(NNXCNN(sample_x.shape[-1], num_classes=num_classes, rngs=nnx.Rngs(seed), **kwargs))
+        c = sample_x.shape[-1]
+        return nnx_apply(_init_nnx(lambda rngs: NNXCNN(c, num_classes=num_classes, rngs=rngs, **kwargs), seed))
     raise AttraxError(f"unknown example model {name!r}: use one of {', '.join(FAMILIES)}")

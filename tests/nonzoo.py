@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import attrax
 from attrax import examples
@@ -33,23 +34,23 @@ class Family(NamedTuple):
     raw: object  # what the user handed over (linen module or apply_fn)
 
 
-def nonzero_biases(params, key, scale: float = 0.05):
+def nonzero_biases(params, seed: int, scale: float = 0.05):
     """Add noise to every 1-D parameter except BatchNorm statistics: zero-initialized biases hide
-    bugs (e.g. positive-homogeneity shortcuts)."""
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
-    keys = iter(jax.random.split(key, len(leaves)))
-    out = []
-    for path, v in leaves:
-        k = next(keys)
-        stats = any(getattr(p, "key", None) == "batch_stats" for p in path)
-        out.append(v + scale * jax.random.normal(k, v.shape) if v.ndim == 1 and not stats else v)
-    return jax.tree_util.tree_unflatten(treedef, out)
+    bugs (e.g. positive-homogeneity shortcuts). NumPy draws: no per-shape XLA compiles."""
+    rng = np.random.default_rng(seed)
+
+    def perturb(path, v):
+        if v.ndim != 1 or any(getattr(p, "key", None) == "batch_stats" for p in path):
+            return v
+        return v + jnp.asarray(scale * rng.standard_normal(v.shape), v.dtype)
+
+    return jax.tree_util.tree_map_with_path(perturb, params)
 
 
 @functools.cache
 def make(name: str, shape: tuple[int, ...] = SHAPE, **kwargs) -> Family:
-    x = jax.random.uniform(jax.random.key(0), shape)
+    x = jnp.asarray(np.random.default_rng(0).uniform(size=shape), jnp.float32)
     raw, params = examples.build(name, 1, x, num_classes=NUM_CLASSES, **kwargs)
-    params = nonzero_biases(params, jax.random.key(2))
+    params = nonzero_biases(params, 2)
     target = jnp.arange(shape[0], dtype=jnp.int32) % NUM_CLASSES
     return Family(name, attrax.as_model(raw), params, x, target, raw)

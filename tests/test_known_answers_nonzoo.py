@@ -34,6 +34,11 @@ def _f(fam, x=None, t=None):
     return attrax.methods.class_score(attrax.forward(fam.model, fam.params, x), t)
 
 
+def _uniform(seed, shape):
+    """NumPy draws: JAX's random-bit generator compiles for seconds per shape on a loaded CPU."""
+    return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
+
+
 def _rel(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
@@ -147,7 +152,7 @@ def test_guided_backprop_equals_gradient_when_all_relus_are_active(family, metho
 def test_deeplift_summation_to_delta_on_bn_resnet():
     fam = make("nonzoo_resnet")
     x, t = fam.x, fam.target
-    for ref in (jnp.zeros_like(x), jax.random.uniform(jax.random.key(7), x.shape), 0.5):
+    for ref in (jnp.zeros_like(x), _uniform(7, x.shape), 0.5):
         c = attrax.explain("deeplift", fam.model, fam.params, x, t, reference=ref)
         delta = _f(fam, x, t) - _f(fam, jnp.broadcast_to(jnp.asarray(ref, x.dtype), x.shape), t)
         np.testing.assert_allclose(c.sum((1, 2, 3)), delta, atol=1e-5 * max(1.0, float(jnp.abs(delta).max())))
@@ -170,9 +175,9 @@ class SortCNN(nn.Module):
 
 @pytest.mark.parametrize("method", ["lrp_epsilon", "deeplift", "guided_backprop"])
 def test_unsupported_primitive_gets_one_line_error(method):
-    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
+    x = _uniform(0, (2, 8, 8, 3))
     model = attrax.as_model(SortCNN())
-    params = model.module.init(jax.random.key(1), x)
+    params = examples.init_variables(model.module, 1, x)
     t = jnp.array([0, 1], jnp.int32)
     with pytest.raises(AttraxError) as err:
         jax.block_until_ready(attrax.explain(method, model, params, x, t))
@@ -200,17 +205,17 @@ def _counting_models():
         box_mlp.append(1)
         return examples.jnp_mlp_apply(params, x)
 
-    x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 3))
-    mlp_params = examples.jnp_mlp_init(jax.random.key(1), 8 * 8 * 3, num_classes=3)
+    x = _uniform(0, (2, 8, 8, 3))
+    mlp_params = examples.jnp_mlp_init(1, 8 * 8 * 3, num_classes=3)
     cnn = CountingCNN(num_classes=3, counter=box_cnn)
-    cnn_params = examples.PlainCNN(num_classes=3).init(jax.random.key(1), x)
+    cnn_params = examples.init_variables(examples.PlainCNN(num_classes=3), 1, x)
     return x, [("jnp_mlp", apply_fn, mlp_params, box_mlp), ("nonzoo_cnn", cnn, cnn_params, box_cnn)]
 
 
 @pytest.mark.parametrize("method", ["lrp_epsilon", "deeplift", "guided_backprop", "gradient"])
 def test_second_batch_neither_retraces_nor_recompiles(method):
     x, models = _counting_models()
-    x2 = jax.random.uniform(jax.random.key(9), x.shape)
+    x2 = _uniform(9, x.shape)
     t = jnp.array([0, 1], jnp.int32)
     for family, raw, params, box in models:
         model = attrax.as_model(raw)

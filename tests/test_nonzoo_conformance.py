@@ -6,6 +6,9 @@ key, stochastic methods change with the key.
 
 A (method, family) pair where the method is not defined gets a one-line `AttraxError`; those
 pairs are listed in UNDEFINED with the reason, never skipped.
+
+Speed: the default suite runs the CORE methods on every family and each other method on one
+family (round-robin); `pytest -m slow` runs every method on every family.
 """
 
 from __future__ import annotations
@@ -27,14 +30,38 @@ UNDEFINED = {
     ("cam", "vit_tiny"): "CAM needs a global-average-pool -> linear head; the ViT's head reads the class token",
 }
 
+#: further shrunk sample/step counts (on top of test_conformance's SMALL): five families, tiny inputs
+TINY = {"steps": 2, "n_samples": 8, "n_masks": 4, "iterations": 2, "n_iter": 2, "n_steps": 2, "samples": 4}
+
+
+def tiny_hparams(name: str) -> dict:
+    return {k: min(v, TINY.get(k, v)) for k, v in small_hparams(name).items()}
+
+
 #: (method, family) -> reason, for known gaps marked xfail(strict=True) at the deadline (issue 13)
 XFAIL: dict[tuple[str, str], str] = {}
+
+
+#: run on every family in the default (fast) suite: one method per mechanism of the rule engine
+CORE = ["guided_backprop", "deconvnet", "deeplift", "lrp", "lrp_epsilon_plus_flat", "grad_cam", "fullgrad",
+        "pattern_attribution"]
+
+
+def _fast(fam: str, name: str) -> bool:
+    """CORE methods on every family; every other method (and composite) on one family where it is
+    defined, assigned round-robin so that each family sees a share of them; the undefined pairs
+    everywhere. The full product is marked slow."""
+    if name in CORE or (name, fam) in UNDEFINED:  # the undefined pairs fail fast: always checked
+        return True
+    others = [n for n in NAMES + COMPOSITES if n not in CORE]
+    defined = [f for f in FAMILIES if (name, f) not in UNDEFINED]
+    return defined[others.index(name) % len(defined)] == fam
 
 
 def _cases():
     for fam in FAMILIES:
         for name in NAMES + COMPOSITES:
-            marks = []
+            marks = [] if _fast(fam, name) else [pytest.mark.slow]
             if (name, fam) in XFAIL:
                 marks.append(pytest.mark.xfail(strict=True, reason=f"issue 13: {XFAIL[name, fam]}"))
             yield pytest.param(fam, name, marks=marks, id=f"{fam}-{name}")
@@ -49,7 +76,7 @@ def families():
 def test_method_conformance_nonzoo(families, family, name):
     fam = families[family]
     model, params, x, target = fam.model, fam.params, fam.x, fam.target
-    hp = small_hparams(name)
+    hp = tiny_hparams(name)
     if (name, family) in UNDEFINED:
         with pytest.raises(AttraxError) as err:
             attrax.explain(name, model, params, x, target, key=5, **hp)
@@ -72,6 +99,10 @@ def test_method_conformance_nonzoo(families, family, name):
 
 
 def test_undefined_pairs_are_real_pairs():
-    """Guards UNDEFINED/XFAIL against typos that would silently test nothing."""
+    """Guards UNDEFINED/XFAIL/CORE against typos that would silently test nothing, and checks that
+    the fast suite still runs every method somewhere and every CORE method everywhere."""
     for name, fam in [*UNDEFINED, *XFAIL]:
         assert fam in FAMILIES and (name in NAMES or name in COMPOSITES), (name, fam)
+    assert set(CORE) <= set(NAMES)
+    for name in NAMES + COMPOSITES:
+        assert any(_fast(f, name) for f in FAMILIES), name

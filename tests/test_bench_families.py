@@ -1,0 +1,45 @@
+"""`attrax-bench --model` takes the non-zoo example families (issue 13) and reports, per family,
+LRP / DeepLIFT / guided backprop relative to one gradient of the same batch, measured in the same run."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_families_section_reports_ratio_to_one_gradient(tmp_path):
+    import attrax
+    from attrax import perf
+
+    out = tmp_path / "bench"
+    code = perf.main(["--families-only", "--model", "nonzoo_cnn,jnp_mlp", "--batch", "4", "--repeats", "2",
+                      "--train-epochs", "0", "--out", str(out), "--quiet"])
+    assert code == 0
+    df = attrax.results.load(out)
+    ratios = df[df.metric == "gradient_ratio"].set_index(["model", "method"]).value
+    for model in ("nonzoo_cnn", "jnp_mlp"):
+        for method in ("gradient", "lrp_epsilon", "deeplift", "guided_backprop"):
+            assert ratios.get((model, method), 0) > 0, f"{method} on {model}: no ratio to the gradient"
+    md = (out / "performance.md").read_text()
+    assert "## Model families" in md and "| jnp_mlp | deeplift |" in md
+
+
+def test_unknown_model_gets_did_you_mean(capsys):
+    from attrax import perf
+
+    assert perf.main(["--families-only", "--model", "nonzoo_cnm", "--quiet"]) == 2
+    assert "did you mean" in capsys.readouterr().err.lower()
+
+
+@pytest.mark.parametrize("name", ["nonzoo_cnn", "nonzoo_resnet", "vit_tiny", "jnp_mlp", "nnx_cnn"])
+def test_examples_build_on_mnist_shapes(name):
+    """The benchmark builds every family for 28x28x1 digits with 10 classes."""
+    import jax
+    import jax.numpy as jnp
+
+    import attrax
+    from attrax import examples
+
+    x = jnp.zeros((3, 28, 28, 1))
+    raw, params = examples.build(name, 0, x, num_classes=10)
+    logits = attrax.forward(attrax.as_model(raw), params, x)
+    assert logits.shape == (3, 10) and bool(jax.numpy.isfinite(logits).all())
