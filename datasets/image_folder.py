@@ -17,9 +17,11 @@ Layouts (`layout="auto"` detects them, in this order; `split="test"` is ImageNet
 - `imagenet`: `train/<synset>/*.JPEG` (synsets `n01440764`, ...; also under `ILSVRC/Data/CLS-LOC/`, the
   Kaggle layout) and `val/` either in synset folders or flat with a label file: `LOC_val_solution.csv`
   (Kaggle: `ImageId,PredictionString` whose first word is the synset), or `val_labels.txt` / `val.txt`
-  lines `<file> <synset or 0-based index>`, or `val_labels=PATH`. The label map `LOC_synset_mapping.txt`
-  / `synset_words.txt` (lines `n01440764 tench, Tinca tinca`) gives the class names. Classes are the
-  sorted synsets: torchvision's `ImageFolder` order, the order of the published 1000-class weights.
+  lines `<file> <synset or 0-based index>`, or `val_labels=PATH`, or the official devkit
+  (`ILSVRC2012_devkit_t12/data/meta.mat` + `ILSVRC2012_validation_ground_truth.txt`). The label map
+  `LOC_synset_mapping.txt` / `synset_words.txt` (lines `n01440764 tench, Tinca tinca`) gives the class
+  names. Classes are the sorted synsets: torchvision's `ImageFolder` order, the order of the
+  published 1000-class weights.
 - `tree`: `<class>/*.jpg` under `train/` and `test/` (or `val/`), or directly under `root`, then split
   by a seeded class-stratified draw of `test_fraction` (default 0.2) of every class.
 
@@ -345,10 +347,15 @@ def _imagenet_flat_val(root: Path, base: Path, val: Path, classes: list[str], va
         b / n for b in (root, base, val, root / "LOC") for n in
         ("LOC_val_solution.csv", "val_labels.txt", "val.txt", "ILSVRC2012_val_labels.txt")]
     label_file = next((p for p in cands if p.is_file()), None)
+    if label_file is None and not val_labels:
+        devkit = _devkit_labels(root, base, classes)
+        if devkit is not None:
+            return _match_val(val, devkit, "the ImageNet devkit", classes)
     if label_file is None:
         raise AttraxError(
-            f"image_folder: {val} holds flat images without a label file: put LOC_val_solution.csv (Kaggle) or "
-            "val_labels.txt ('<file> <synset>' lines) in the ImageNet root, or pass val_labels=PATH"
+            f"image_folder: {val} holds flat images without a label file: put LOC_val_solution.csv (Kaggle), "
+            "val_labels.txt ('<file> <synset>' lines) or the devkit (ILSVRC2012_devkit_t12/) in the ImageNet root, "
+            "or pass val_labels=PATH"
         )
     by_name: dict[str, str] = {}
     text = label_file.read_text().splitlines()
@@ -367,16 +374,40 @@ def _imagenet_flat_val(root: Path, base: Path, val: Path, classes: list[str], va
                         raise AttraxError(f"image_folder: {label_file}: label {i} outside 0..{len(classes) - 1}")
                     lab = classes[i]
                 by_name[os.path.splitext(os.path.basename(parts[0]))[0]] = lab
+    return _match_val(val, by_name, str(label_file), classes)
+
+
+def _match_val(val: Path, by_name: dict[str, str], source: str, classes: list[str]) -> list[tuple[str, str]]:
     known = set(classes)
     out = []
     for f in sorted(e.path for e in os.scandir(val) if e.is_file() and _is_image(e.name)):
         stem = os.path.splitext(os.path.basename(f))[0]
         if stem not in by_name:
-            raise AttraxError(f"image_folder: {f} has no label in {label_file}")
+            raise AttraxError(f"image_folder: {f} has no label in {source}")
         if by_name[stem] not in known:
-            raise AttraxError(f"image_folder: {label_file}: synset {by_name[stem]!r} of {stem} is not a train class")
+            raise AttraxError(f"image_folder: {source}: synset {by_name[stem]!r} of {stem} is not a train class")
         out.append((f, by_name[stem]))
     return out
+
+
+def _devkit_labels(root: Path, base: Path, classes: list[str]) -> dict[str, str] | None:
+    """The official devkit (ILSVRC2012_devkit_t12/data/): meta.mat maps ILSVRC2012_ID -> synset, and
+    ILSVRC2012_validation_ground_truth.txt holds one ID per val image, ILSVRC2012_val_00000001 first."""
+    for d in (root / "ILSVRC2012_devkit_t12" / "data", base / "ILSVRC2012_devkit_t12" / "data", root):
+        gt, meta = d / "ILSVRC2012_validation_ground_truth.txt", d / "meta.mat"
+        if gt.is_file() and meta.is_file():
+            from scipy.io import loadmat
+
+            try:
+                syn = loadmat(str(meta), squeeze_me=True)["synsets"]
+                wnid = {int(r["ILSVRC2012_ID"]): str(r["WNID"]) for r in np.atleast_1d(syn)}
+            except Exception as e:  # noqa: BLE001
+                raise AttraxError(f"image_folder: cannot read {meta} ({type(e).__name__}: {e})") from None
+            ids = [int(t) for t in gt.read_text().split()]
+            if any(i not in wnid for i in ids):
+                raise AttraxError(f"image_folder: {gt} holds IDs missing from {meta}")
+            return {f"ILSVRC2012_val_{k + 1:08d}": wnid[i] for k, i in enumerate(ids)}
+    return None
 
 
 def _food101(root: Path) -> Listing:

@@ -178,6 +178,25 @@ def test_imagenet_val_in_synset_folders_and_subsets(tmp_path):
     assert isinstance(sub.take(per_class=1).x, imf.LazyImages) and len(sub.take(per_class=1)) == 2
 
 
+def test_imagenet_kaggle_nesting_and_devkit_labels(tmp_path):
+    import scipy.io
+
+    outer = tmp_path / "kaggle"
+    root = make_imagenet(outer / "ILSVRC" / "Data" / "CLS-LOC")
+    (root / "LOC_val_solution.csv").unlink()  # labels from the official devkit instead
+    (root / "val" / "ILSVRC2012_val_00000010.JPEG").unlink()
+    data = outer / "ILSVRC2012_devkit_t12" / "data"
+    data.mkdir(parents=True)
+    ids = {SYN[1]: 1, SYN[2]: 2, SYN[0]: 3}  # ILSVRC2012 IDs are not in sorted-synset order
+    syn = np.zeros(3, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
+    for i, (w, k) in enumerate(ids.items()):
+        syn[i] = (k, w, 0)
+    scipy.io.savemat(data / "meta.mat", {"synsets": syn})
+    (data / "ILSVRC2012_validation_ground_truth.txt").write_text("\n".join(str(ids[SYN[k % 3]]) for k in range(9)))
+    te = _load(outer, "test")
+    assert te.meta["layout"] == "imagenet" and list(te.y) == [0, 1, 2] * 3
+
+
 def test_food101_layout(tmp_path):
     root = make_food101(tmp_path / "food-101")
     with pytest.raises(AttraxError, match="999.jpg"):

@@ -146,12 +146,13 @@ def test_flax_checkpoint_round_trip(tmp_path):
         weights.import_weights("vit", tmp_path / "ck.msgpack")
 
 
-@pytest.mark.parametrize("arch,layout", [("vgg16", "torchvision_vgg"), ("resnet50", "torchvision_resnet")])
-def test_torch_layout_round_trip_infers_sizes(tmp_path, arch, layout):
-    module = zoo_large.tiny(arch, num_classes=5, **({"batch_norm": True} if arch == "vgg16" else {}))
+@pytest.mark.parametrize("arch,layout,bn", [("vgg16", "torchvision_vgg", True), ("vgg16", "torchvision_vgg", False),
+                                            ("resnet50", "torchvision_resnet", True)])
+def test_torch_layout_round_trip_infers_sizes(tmp_path, arch, layout, bn):
+    module = zoo_large.tiny(arch, num_classes=5, **({"batch_norm": bn} if arch == "vgg16" else {}))
     variables = random_variables(module, (1, 32, 32, 3))
-    if arch == "vgg16":  # torchvision indices: conv, bn, relu per conv; a pool after each stage
-        hints = {"conv_index": {0: 0, 1: 4, 2: 8}}
+    if arch == "vgg16":  # torchvision indices: conv (, bn), relu per conv; a pool after each stage
+        hints = {"conv_index": {0: 0, 1: 4, 2: 8} if bn else {0: 0, 1: 3, 2: 6}}
         sd = to_torch_layout(variables, layout, hints)
         w = sd["classifier.0.weight"]  # rows in torch's C,H,W flatten order
         hidden, c, p = w.shape[0], 16, 2
@@ -159,8 +160,9 @@ def test_torch_layout_round_trip_infers_sizes(tmp_path, arch, layout):
     else:
         sd = to_torch_layout(variables, layout)
     p_ = tmp_path / f"{arch}.safetensors"
-    save_file({**sd, "bn1.num_batches_tracked" if arch != "vgg16" else "features.1.num_batches_tracked":
-               np.zeros((), np.int64)}, str(p_))
+    if bn:
+        sd["bn1.num_batches_tracked" if arch != "vgg16" else "features.1.num_batches_tracked"] = np.zeros((), np.int64)
+    save_file(sd, str(p_))
     model, v2 = weights.import_weights(arch, p_)
     assert weights._config_to_json(model.module) == weights._config_to_json(module)  # every size inferred
     _same_variables(v2, variables)
