@@ -1,146 +1,129 @@
 """Expected findings of the paper presets (PROTOCOLS.md), checked on a results table.
 
-Each check looks at the rows of one experiment and returns "agrees", "differs" or "n/a" (when
-the methods or metrics it needs are missing) together with the numbers it compared, so a report
-states plainly whether a small-scale reproduction shows the published ordering.
+What each preset's check compares is written in the preset itself (`conf/experiment/<name>.yaml`,
+key `finding`), not here, so the comparison a verdict rests on is visible beside the command:
+
+    finding:
+      claim: "AOPC: LRP > deconvnet > sensitivity > random (Samek 2016)"
+      compare:                      # every comparison must hold
+        - protocol: region_perturbation
+          metric: aopc
+          better: higher            # higher | lower
+          chain: [lrp_epsilon, deconvnet, gradient, random]
+      why_differs: "..."            # optional: what is known about a differing result
+
+A `chain` is an ordered list of methods (the `method` column of the rows) or groups of methods
+(`[a, b]`): every method of a group must beat every method of the next group (optionally by
+`margin`). `x: min | max` picks the rows at the smallest / largest x (a layer, a fraction) instead
+of the scalar rows. Instead of a chain, `at_least: v` / `below: v` with `methods: [...]` require
+each method's mean to lie on that side of v (methods without rows are listed as not run). A check returns "agrees", "differs" or "n/a" (a
+method it names has no rows), with the numbers it compared and, when it differs, the preset's
+`why_differs`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from importlib import resources
+from typing import Any
 
-import numpy as np
 import pandas as pd
+import yaml
 
-LRP_LIKE = ("lrp_epsilon", "lrp_alpha2beta1", "lrp_alpha1beta0", "lrp_epsilon_plus", "lrp", "deep_taylor",
-            "lrp_0", "lrp_epsilon_plus_flat", "lrp_zplus", "lrp_gamma")
+CONF_MODULE = "attrax.conf"
 
 
-def _means(df: pd.DataFrame, protocol: str, metric: str) -> dict[str, float]:
-    sub = df[(df["protocol"] == protocol) & (df["metric"] == metric) & df["x"].isna() & (df["example"] >= 0)]
+def preset_finding(experiment: str) -> dict | None:
+    """The `finding` block of the shipped preset `conf/experiment/<experiment>.yaml`, or None."""
+    f = resources.files(CONF_MODULE) / "experiment" / f"{experiment}.yaml"
+    if not f.is_file():
+        return None
+    spec = (yaml.safe_load(f.read_text()) or {}).get("finding")
+    return spec or None
+
+
+def _means(df: pd.DataFrame, c: dict) -> dict[str, float]:
+    sub = df[(df["protocol"] == c["protocol"]) & (df["metric"] == c["metric"]) & (df["example"] >= 0)]
+    where = c.get("x")
+    if where is None:
+        sub = sub[sub["x"].isna()]
+    else:
+        sub = sub[sub["x"].notna()]
+        if not sub.empty:
+            sub = sub[sub["x"] == (sub["x"].min() if where == "min" else sub["x"].max())]
     return sub.groupby("method")["value"].mean().to_dict()
 
 
-def _fmt(d: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in sorted(d.items(), key=lambda kv: kv[1]))
+def _groups(chain: list) -> list[list[str]]:
+    return [list(g) if isinstance(g, list | tuple) else [g] for g in chain]
 
 
-def _best(m: dict[str, float], names, higher: bool) -> tuple[str, float] | None:
-    have = {k: m[k] for k in names if k in m}
-    if not have:
-        return None
-    k = max(have, key=have.get) if higher else min(have, key=have.get)
-    return k, have[k]
-
-
-def _chain(m: dict[str, float], groups: list[tuple[str, tuple[str, ...]]], higher: bool) -> tuple[str, str]:
-    """Each group's best member must beat the next group's best member."""
-    picks = [(label, _best(m, names, higher)) for label, names in groups]
-    picks = [(label, p) for label, p in picks if p is not None]
-    if len(picks) < 2:
-        return "n/a", "methods missing"
-    ok = all((a[1][1] > b[1][1]) if higher else (a[1][1] < b[1][1]) for a, b in zip(picks, picks[1:], strict=False))
+def _compare(df: pd.DataFrame, c: dict) -> tuple[str, str]:
+    """(verdict, numbers) of one comparison of a finding."""
+    m = _means(df, c)
+    higher = c.get("better", "higher") == "higher"
+    label = f"{c['protocol']} {c['metric']}" + (f" at x={c['x']}" if c.get("x") else "")
+    if "chain" in c:
+        groups = _groups(c["chain"])
+        names = [n for g in groups for n in g]
+    else:
+        names = list(c["methods"])
+    missing = [n for n in names if n not in m]
+    if "chain" not in c:  # a per-method property: methods without rows are listed, not compared
+        names = [n for n in names if n in m]
+    if missing and ("chain" in c or not names):
+        return "n/a", f"{label}: no rows for {', '.join(missing)}"
+    fmt = lambda n: f"{n} {m[n]:.4g}"  # noqa: E731
+    if "chain" not in c:
+        if "at_least" in c:
+            bound, ok = c["at_least"], [m[n] >= c["at_least"] for n in names]
+            side = ">="
+        else:
+            bound, ok = c["below"], [m[n] < c["below"] for n in names]
+            side = "<"
+        wrong = [n for n, o in zip(names, ok, strict=True) if not o]
+        text = f"{label} {side} {bound:g}: " + ", ".join(fmt(n) for n in names)
+        if wrong:
+            text += f" (not {side} {bound:g}: {', '.join(wrong)})"
+        if missing:
+            text += f" (not run: {', '.join(missing)})"
+        return ("differs" if wrong else "agrees"), text
+    margin = float(c.get("margin", 0.0))
     sign = " > " if higher else " < "
-    return ("agrees" if ok else "differs"), sign.join(f"{lab} ({p[0]} {p[1]:.4g})" for lab, p in picks)
+    links, ok = [], True
+    for a, b in zip(groups, groups[1:], strict=False):
+        worst_a = min(m[n] for n in a) if higher else max(m[n] for n in a)
+        best_b = max(m[n] for n in b) if higher else min(m[n] for n in b)
+        holds = (worst_a - best_b > margin) if higher else (best_b - worst_a > margin)
+        ok &= holds
+        links.append(f"{'/'.join(fmt(n) for n in a)}{sign}{'/'.join(fmt(n) for n in b)}"
+                     f" ({'holds' if holds else 'fails'})")
+    better = "higher" if higher else "lower"
+    extra = f", margin {margin:g}" if margin else ""
+    return ("agrees" if ok else "differs"), f"{label} ({better} is better{extra}): " + "; ".join(links)
 
 
-def samek2016(df):
-    m = _means(df, "region_perturbation", "aopc")
-    v, nums = _chain(m, [("LRP", LRP_LIKE), ("deconvnet", ("deconvnet",)), ("sensitivity", ("gradient",)),
-                         ("random", ("random",))], higher=True)
-    return "AOPC: LRP > deconvnet > sensitivity > random (Samek 2016)", v, nums
+def evaluate_finding(df: pd.DataFrame, spec: dict) -> tuple[str, str, str]:
+    """(claim, verdict, numbers) of a preset's finding on that preset's rows."""
+    parts = [_compare(df, c) for c in spec["compare"]]
+    verdicts = {v for v, _ in parts}
+    verdict = "n/a" if "n/a" in verdicts else ("differs" if "differs" in verdicts else "agrees")
+    numbers = "; ".join(n for _, n in parts)
+    if verdict == "differs" and spec.get("why_differs"):
+        numbers += f". Why it differs: {spec['why_differs'].strip()}"
+    return spec["claim"], verdict, numbers
 
 
-def montavon_selectivity(df):
-    m = _means(df, "selectivity", "auc")
-    v, nums = _chain(m, [("deep Taylor/LRP", ("deep_taylor", "lrp_alpha1beta0")), ("sensitivity", ("gradient",))],
-                     higher=False)
-    return "selectivity AUC: deep Taylor/LRP below sensitivity (Montavon 2018)", v, nums
+def check(df: pd.DataFrame, specs: dict[str, Any] | None = None) -> list[dict[str, str]]:
+    """Run the finding of every preset present in the table (by its `experiment` column).
 
-
-def montavon_continuity(df):
-    m = _means(df, "continuity", "max_ratio")
-    v, nums = _chain(m, [("deep Taylor", ("deep_taylor",)),
-                         ("gradient / simple Taylor", ("gradient", "input_x_gradient"))],
-                     higher=False)
-    return "continuity: deep Taylor's max neighbour ratio below gradient/simple Taylor (Montavon 2018)", v, nums
-
-
-def kindermans2017(df):
-    m = _means(df, "input_invariance", "passed")
-    should_pass = ("gradient", "smoothgrad", "deconvnet", "guided_backprop", "pattern_net", "pattern_attribution")
-    should_fail = ("input_x_gradient", "lrp_epsilon", "lrp_0", "integrated_gradients", "deep_taylor")
-    seen = {k: v for k, v in m.items() if k in should_pass + should_fail}
-    if not seen:
-        return "input invariance (Kindermans 2017)", "n/a", "methods missing"
-    wrong = [k for k in seen if (k in should_pass) != (seen[k] >= 0.5)]
-    nums = "pass rate: " + _fmt(seen)
-    if wrong:
-        nums += f"; unexpected: {', '.join(wrong)}"
-    return ("input invariance: gradient/SmoothGrad/deconvnet/guided BP/Pattern* pass, IxG/LRP/IG/deep Taylor fail "
-            "(Kindermans 2017)"), ("agrees" if not wrong else "differs"), nums
-
-
-def adebayo2018(df):
-    sub = df[(df["protocol"] == "sanity_model_randomization") & (df["metric"] == "cascading_spearman_abs")]
-    if sub.empty:
-        return "model randomization (Adebayo 2018)", "n/a", "no cascading_spearman_abs rows"
-    last = sub[sub["x"] == sub["x"].max()].groupby("method")["value"].mean().to_dict()
-    first = sub[sub["x"] == sub["x"].min()].groupby("method")["value"].mean().to_dict()
-    passers = [k for k in ("gradient", "grad_cam") if k in first]
-    failers = [k for k in ("guided_backprop", "guided_grad_cam") if k in first]
-    if not passers or not failers:
-        return "model randomization (Adebayo 2018)", "n/a", "methods missing"
-    ok = max(first[k] for k in passers) < min(first[k] for k in failers)
-    nums = f"similarity after the top layer: {_fmt({k: first[k] for k in passers + failers})}; all layers: {_fmt(last)}"
-    return ("model randomization: gradient/Grad-CAM lose similarity faster than guided BP/guided Grad-CAM "
-            "(Adebayo 2018)"), ("agrees" if ok else "differs"), nums
-
-
-def hooker2019(df):
-    sub = df[(df["protocol"] == "roar") & (df["metric"] == "test_accuracy")]
-    if sub.empty:
-        return "ROAR (Hooker 2019)", "n/a", "no roar rows"
-    hi = sub[sub["x"] == sub["x"].max()].groupby("method")["value"].mean().to_dict()
-    if "random" not in hi:
-        return "ROAR (Hooker 2019)", "n/a", "random control missing"
-    beat = [k for k in ("smoothgrad_sq", "vargrad") if k in hi]
-    plain = [k for k in ("gradient", "integrated_gradients", "guided_backprop") if k in hi]
-    margin = 0.01
-    ok = all(hi[k] < hi["random"] - margin for k in beat) and all(hi[k] >= hi["random"] - margin for k in plain)
-    return ("ROAR: SmoothGrad^2 and VarGrad degrade accuracy more than random; gradient, IG, guided BP do not "
-            "(Hooker 2019)"), ("agrees" if ok else "differs") if beat or plain else "n/a", \
-        f"accuracy at fraction {sub['x'].max():g}: {_fmt(hi)}"
-
-
-def petsiuk2018(df):
-    d, i = _means(df, "deletion", "auc"), _means(df, "insertion", "auc")
-    if not all(k in d and k in i for k in ("rise", "grad_cam")):
-        return "deletion/insertion (Petsiuk 2018)", "n/a", "rise or grad_cam missing"
-    ok = d["rise"] < d["grad_cam"] and i["rise"] > i["grad_cam"]
-    return ("deletion/insertion: RISE has lower deletion and higher insertion AUC than Grad-CAM (Petsiuk 2018)",
-            "agrees" if ok else "differs",
-            f"deletion AUC rise {d['rise']:.4g} vs grad_cam {d['grad_cam']:.4g}; "
-            f"insertion AUC rise {i['rise']:.4g} vs grad_cam {i['grad_cam']:.4g}")
-
-
-CHECKS: dict[str, Callable[[pd.DataFrame], tuple[str, str, str]]] = {
-    "samek2016_aopc": samek2016,
-    "montavon2018_selectivity": montavon_selectivity,
-    "montavon2018_continuity": montavon_continuity,
-    "kindermans2017_invariance": kindermans2017,
-    "adebayo2018_sanity": adebayo2018,
-    "hooker2019_roar": hooker2019,
-    "petsiuk2018_deletion_insertion": petsiuk2018,
-}
-
-
-def check(df: pd.DataFrame) -> list[dict[str, str]]:
-    """Run the check of every preset present in the table (by its `experiment` column)."""
+    `specs` maps experiment names to `finding` blocks (e.g. from the runs' recorded configs); by
+    default each is read from the shipped preset of that name.
+    """
     out = []
     for exp in sorted(df["experiment"].dropna().unique()):
-        if exp in CHECKS:
-            claim, verdict, numbers = CHECKS[exp](df[df["experiment"] == exp])
+        spec = (specs or {}).get(exp) or preset_finding(exp)
+        if spec:
+            claim, verdict, numbers = evaluate_finding(df[df["experiment"] == exp], spec)
             out.append({"experiment": exp, "claim": claim, "verdict": verdict, "numbers": numbers})
     return out
 
@@ -149,4 +132,4 @@ def format(checks: list[dict[str, str]]) -> str:  # noqa: A001 - mirrors report.
     return "\n".join(f"- {c['experiment']}: **{c['verdict']}** - {c['claim']}. {c['numbers']}" for c in checks)
 
 
-__all__ = ["CHECKS", "check", "format", "np"]
+__all__ = ["check", "evaluate_finding", "format", "preset_finding"]
