@@ -412,8 +412,11 @@ def _classify(b: _Builder, invars, outvars, n_params, strip_root: bool) -> Graph
         if any(m in used for m in members):
             continue
         used.update(members)
-        nodes.append(Node("softmax", [ops[pe].ins[0]], op.outs[0], [ops[m] for m in members], k,
-                          extra={"axes": tuple(ops[rs].params["axes"])}))
+        extra = {"axes": tuple(ops[rs].params["axes"])}
+        pu = producer.get(ops[pe].ins[0])
+        if pu is not None and ops[pu].pname == "sub" and is_act(ops[pu].ins[0]) and not is_act(ops[pu].ins[1]):
+            extra["pre"], extra["shift"] = ops[pu].ins  # u = c - stop_gradient(max c)
+        nodes.append(Node("softmax", [ops[pe].ins[0]], op.outs[0], [ops[m] for m in members], k, extra=extra))
 
     # --- relu
     for k, op in enumerate(ops):
@@ -531,7 +534,21 @@ def _classify(b: _Builder, invars, outvars, n_params, strip_root: bool) -> Graph
         mset = set(members)
         produced = {ops[m].outs[0] for m in members}
         outside = [v for v in produced if v in out_set or any(u not in mset for u in users.get(v, []))]
-        if len(outside) != 1 or all(ops[m].pname in AFFINE for m in members):
+        if all(ops[m].pname in AFFINE for m in members):
+            continue
+        if len(outside) != 1:  # several outputs: each nonlinear equation is its own node
+            for m in members:
+                op = ops[m]
+                acts_in = [i for i in op.ins if is_act(i)]
+                if op.pname in AFFINE and not (op.pname in ("mul", "div") and len(acts_in) == 2):
+                    continue
+                if len(set(acts_in)) == 1:
+                    kind = "norm" if op.pname in ("rsqrt", "sqrt") else "activation"
+                    used.add(m)
+                    nodes.append(Node(kind, [acts_in[0]], op.outs[0], [op], m))
+                elif op.pname == "mul":
+                    used.add(m)
+                    nodes.append(Node("bilinear", list(op.ins), op.outs[0], [op], m))
             continue
         if any(ops[m].pname in ("mul", "div") and all(is_act(i) for i in ops[m].ins) for m in members) or \
                 any(ops[m].pname not in AFFINE for m in members):
@@ -829,3 +846,18 @@ def region_fn(node: Node, env: dict) -> Callable[[Array], Array]:
 
 def node_inputs(node: Node, env: dict) -> list:
     return [read(env, i) for i in node.ins]
+
+
+def canonized_forward(model, params: Any, x: Array) -> Array:
+    """The logits with every foldable affine chain (BatchNorm in inference mode) merged into
+    its linear layer: equal to `model(params, x)` up to float rounding."""
+    graph = graph_of(model, params, x)
+
+    def handle(node, env):
+        if node.kind != "linear":
+            return None
+        a = env[node.ins[0]]
+        k, b, rest = linear_parts(node, env, True)
+        return make_linear(node, a, k, b)(a)
+
+    return evaluate(graph, params, x, handle)

@@ -475,7 +475,7 @@ def lrp_handler(rule_for, *, pooling: str = "winner", canonize: bool = True, ker
             return None
         if kind == "norm" or (kind == "softmax" and transformer == "cp_lrp"):
             return jax.lax.stop_gradient(_engine.region_fn(node, env)(env[node.ins[0]]))
-        if kind == "activation" and transformer == "attn_lrp":
+        if kind == "activation":
             return _identity_rule(_engine.region_fn(node, env), env[node.ins[0]], eps)
         if kind == "bilinear" and transformer == "attn_lrp":
             detached = [f == "norm" for f in node.extra.get("factors", [])]
@@ -515,9 +515,11 @@ def propagate(
     backward pass the plain transpose with kernel' (PatternNet/PatternAttribution, where the
     cotangent is the signal itself). `transformer`: "attn_lrp" (default; AttnLRP, Achtibat et
     al. 2024: normalization scaling constant, softmax by its gradient x input, products of two
-    activations split half-half, other elementwise nonlinearities pass relevance unchanged),
-    "cp_lrp" (Ali et al. 2022: normalization scaling and softmax constant, gradient elsewhere)
-    or "gradient" (no transformer rules). The forward pass and logits are the model's own.
+    activations split half-half by the epsilon rule), "cp_lrp" (Ali et al. 2022: normalization
+    scaling and softmax constant in the backward pass, products then linear in the other
+    factor) or "gradient" (every such equation keeps its gradient). With both transformer rule
+    sets, elementwise nonlinearities other than ReLU (gelu, tanh, silu...) pass relevance
+    unchanged (identity rule). The forward pass and logits are the model's own.
     """
     graph = _engine.graph_of(model, params, x)
     _engine.check_unknown(graph, unknown)

@@ -53,9 +53,10 @@ def _deconv_bwd(_, g):
 deconv_relu.defvjp(_deconv_fwd, _deconv_bwd)
 
 
-def _relu_swapped(model, params, x, relu):
+def _relu_swapped(model, params, x, relu, unknown: str = "error"):
     """x -> logits with every ReLU of the trace replaced by `relu`."""
     graph = _engine.graph_of(model, params, x)
+    _engine.check_unknown(graph, unknown)
 
     def handle(node, env):
         return relu(env[node.ins[0]]) if node.kind == "relu" else None
@@ -64,16 +65,18 @@ def _relu_swapped(model, params, x, relu):
 
 
 @METHODS.register("guided_backprop", family="backprop", needs="apply", stochastic=False, cost=lambda hp: 1)
-def guided_backprop(model, params, x, target, *, key=None, score: str = "logit") -> Array:
+def guided_backprop(model, params, x, target, *, key=None, score: str = "logit", unknown: str = "error") -> Array:
     """Guided backpropagation (Springenberg et al. 2015): at each ReLU the backward signal is
-    g_in = g_out * [g_out > 0] * [z > 0]. Default target: the class logit."""
-    _, g = input_gradient(_relu_swapped(model, params, x, guided_relu), x, target, score)
+    g_in = g_out * [g_out > 0] * [z > 0]. Default target: the class logit. `unknown`: "error"
+    (default) or "gradient" for primitives the engine does not know."""
+    _, g = input_gradient(_relu_swapped(model, params, x, guided_relu, unknown), x, target, score)
     return g
 
 
 @METHODS.register("deconvnet", family="backprop", needs="apply", stochastic=False, cost=lambda hp: 1)
-def deconvnet(model, params, x, target, *, key=None, score: str = "logit") -> Array:
+def deconvnet(model, params, x, target, *, key=None, score: str = "logit", unknown: str = "error") -> Array:
     """Deconvnet (Zeiler & Fergus 2014): at each ReLU the backward signal is g_in = max(g_out, 0),
-    ignoring the forward mask; max-pool switches are kept. Default target: the class logit."""
-    _, g = input_gradient(_relu_swapped(model, params, x, deconv_relu), x, target, score)
+    ignoring the forward mask; max-pool switches are kept. Default target: the class logit.
+    `unknown`: "error" (default) or "gradient" for primitives the engine does not know."""
+    _, g = input_gradient(_relu_swapped(model, params, x, deconv_relu, unknown), x, target, score)
     return g

@@ -115,6 +115,60 @@ def _shapley_product(op_fn, u: Array, v: Array, ur: Array, vr: Array) -> Array:
     return f(u, v, ur, vr)
 
 
+def _shapley_ratio(u: Array, v: Array, ur: Array, vr: Array, tol: float) -> Array:
+    """u / v with the exact two-player Shapley split of Delta(u / v) as multipliers."""
+
+    @jax.custom_vjp
+    def f(a, b, ar, br):
+        return a / b
+
+    def fwd(a, b, ar, br):
+        return a / b, (a, b, ar, br)
+
+    def bwd(res, g):
+        a, b, ar, br = res
+        phi_a = 0.5 * ((a / br - ar / br) + (a / b - ar / b))
+        phi_b = 0.5 * ((ar / b - ar / br) + (a / b - a / br))
+        da, db = a - ar, b - br
+        big_a, big_b = jnp.abs(da) > tol, jnp.abs(db) > tol
+        ma = jnp.where(big_a, phi_a / jnp.where(big_a, da, 1.0), 1.0 / b)
+        mb = jnp.where(big_b, phi_b / jnp.where(big_b, db, 1.0), -a / (b * b))
+        ga = g * ma
+        gb = g * mb
+        # the denominator is broadcast: sum the cotangent over the broadcast axes
+        gb = jnp.sum(gb, axis=tuple(i for i, d in enumerate(b.shape) if d == 1 and gb.shape[i] != 1), keepdims=True)
+        return ga, gb, jnp.zeros_like(ar), jnp.zeros_like(br)
+
+    f.defvjp(fwd, bwd)
+    return f(u, v, ur, vr)
+
+
+def _softmax(node, env, refs: list, tol: float) -> Array:
+    """softmax = exp (rescale) -> sum (linear) -> ratio (Shapley): exact summation-to-delta.
+
+    The max-shift of a stable softmax is taken common to input and reference (the larger of
+    the two), so that Delta exp is the rescaled Delta of the logits themselves."""
+    local, local_r = dict(env), dict(env)
+    u, ur = env[node.ins[0]], refs[0]
+    local_r[node.ins[0]] = ur
+    pre = node.extra.get("pre")
+    for op in node.ops:
+        if op.pname == "exp" and pre is not None:
+            m = jnp.maximum(_engine.read(env, node.extra["shift"]), refs[2])
+            local[op.outs[0]] = _rescale(lambda t: jnp.exp(t - m), _engine.read(env, pre), refs[1], tol)
+            local_r[op.outs[0]] = jnp.exp(refs[1] - m)
+        elif op.pname == "exp":
+            local[op.outs[0]] = _rescale(jnp.exp, u, ur, tol)
+            local_r[op.outs[0]] = jnp.exp(ur)
+        elif op.pname == "div":
+            a, b = op.ins
+            local[op.outs[0]] = _shapley_ratio(local[a], local[b], local_r[a], local_r[b], tol)
+        else:
+            _engine.run_ops([op], local)
+            _engine.run_ops([op], local_r)
+    return local[node.out]
+
+
 def multipliers(model, params, x: Array, ref: Array, target: Array, *, tol: float = 1e-7,
                 score: str = "logit", max_pool: str = "rescale", unknown: str = "error") -> Array:
     """DeepLIFT rescale multipliers of the target score w.r.t. the input, vs reference `ref`.
@@ -129,8 +183,9 @@ def multipliers(model, params, x: Array, ref: Array, target: Array, *, tol: floa
     recorded: dict[int, list] = {}
 
     def record(node, env):
-        if node.kind in ("relu", "activation", "norm", "maxpool", "bilinear"):
-            recorded[id(node)] = [jax.lax.stop_gradient(_engine.read(env, i)) for i in node.ins]
+        if node.kind in ("relu", "activation", "norm", "maxpool", "bilinear", "softmax"):
+            ids = list(node.ins) + [node.extra[k] for k in ("pre", "shift") if k in node.extra]
+            recorded[id(node)] = [jax.lax.stop_gradient(_engine.read(env, i)) for i in ids]
         return None
 
     _engine.evaluate(graph, params, ref, record)
@@ -148,6 +203,8 @@ def multipliers(model, params, x: Array, ref: Array, target: Array, *, tol: floa
             return _rescale_max_pool(_engine.to6(node, ins[0]), _engine.to6(node, refs[0]), tol, max_pool)
         if node.kind == "bilinear":
             return _shapley_product(_engine.bind_fn(node.ops[0]), *ins, *refs)
+        if node.kind == "softmax":
+            return _softmax(node, env, refs, tol)
         return None
 
     def total(xx):
