@@ -32,11 +32,13 @@ feature maps, after the activation) and `head(A)`, an `act` field (guided backpr
 it) and a `train` field (the trainer uses batch statistics through `clone(train=True)`). The ViT has
 no spatial feature maps and GELU is not a ReLU, so it offers neither stages nor `act`: methods that
 need them say so in a one-line error; gradient-based and perturbation methods work on it.
-Pooling is functional (`nn.max_pool` with explicit padding, a mean for the global pool).
+Pooling is functional (`max_pool` below: `nn.max_pool` values with a faster backward pass; a mean for
+the global pool).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -67,6 +69,46 @@ def normalize_input(x: Array, normalize: str | None) -> Array:
     if x.shape[-1] != mean.shape[0]:
         raise AttraxError(f"normalize={normalize!r} expects {mean.shape[0]} channels, got {x.shape[-1]}")
     return (x - mean) / std
+
+
+def _window_views(xp: Array, k: int, stride: int) -> list[Array]:
+    n, hp, wp, c = xp.shape
+    oh, ow = (hp - k) // stride + 1, (wp - k) // stride + 1
+    return [xp[:, i:i + stride * (oh - 1) + 1:stride, j:j + stride * (ow - 1) + 1:stride]
+            for i in range(k) for j in range(k)]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2))
+def _pool_max(xp: Array, k: int, stride: int) -> Array:
+    views = _window_views(xp, k, stride)
+    out = views[0]
+    for v in views[1:]:
+        out = jnp.maximum(out, v)
+    return out
+
+
+@_pool_max.defjvp
+def _pool_max_jvp(k, stride, primals, tangents):
+    (xp,), (tp,) = primals, tangents
+    out = _pool_max(xp, k, stride)
+    seen = jnp.zeros(out.shape, bool)
+    t_out = jnp.zeros_like(out)
+    for v, tv in zip(_window_views(xp, k, stride), _window_views(tp, k, stride), strict=True):
+        win = (v == out) & ~seen  # the first maximum in row-major window order, as torch and XLA pick
+        seen = seen | win
+        t_out = t_out + jnp.where(win, tv, 0)
+    return out, t_out
+
+
+def max_pool(x: Array, window: int = 3, stride: int = 2, pad: int = 1) -> Array:
+    """`nn.max_pool(x, (k, k), (s, s), padding=((p, p), (p, p)))` (padded with -inf), with a fast backward.
+
+    Same values and gradients (to the first maximum of each window, as select-and-scatter does), but
+    written as k x k strided views whose derivative is a masked sum: on the ResNet stem (8 x 112 x 112 x 64)
+    its gradient took 0.16 s against 0.84 s for XLA:CPU's select-and-scatter.
+    """
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-jnp.inf) if pad else x
+    return _pool_max(xp, window, stride)
 
 
 def _bn(train: bool, name: str) -> nn.BatchNorm:
@@ -153,7 +195,7 @@ class TorchResNet(nn.Module):
     def features(self, x):
         x = normalize_input(x, self.normalize)
         x = self.act(self.bn1(self.conv1(x)))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=PAD1)  # pads with -inf
+        x = max_pool(x, 3, 2, 1)  # torchvision MaxPool2d(3, 2, padding=1): -inf padding
         for b in self.blocks:
             x = b(x)
         return x
@@ -343,5 +385,5 @@ def tiny(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
     return ZOO.get(name).fn(num_classes=num_classes, **{**base[name], **overrides})
 
 
-__all__: Sequence[str] = ("TorchResNet", "ResNet18", "ResNet50", "VGG", "ViT", "adaptive_avg_pool", "tiny",
+__all__: Sequence[str] = ("TorchResNet", "ResNet18", "ResNet50", "VGG", "ViT", "adaptive_avg_pool", "max_pool", "tiny",
                           "normalize_input", "NORMALIZATIONS", "VGG16_CFG")

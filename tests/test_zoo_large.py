@@ -98,3 +98,18 @@ def test_resnet_grad_cam_uses_the_stages():
     v = random_variables(module, x.shape)
     r = attrax.explain("grad_cam", attrax.as_model(module), v, x, jnp.asarray([0, 2]))
     assert r.shape[:3] == x.shape[:3] and bool(jnp.isfinite(r).all())
+
+
+def test_stem_max_pool_matches_nn_max_pool_and_its_gradient():
+    import flax.linen as nn
+
+    x = jnp.maximum(jax.random.normal(jax.random.key(0), (2, 9, 8, 3)), 0)  # ReLU zeros: many ties
+    w = jax.random.normal(jax.random.key(1), (2, 5, 4, 3))
+
+    def ref(x):
+        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+    np.testing.assert_array_equal(np.asarray(zoo_large.max_pool(x)), np.asarray(ref(x)))
+    ga = jax.grad(lambda x: (zoo_large.max_pool(x) * w).sum())(x)
+    gb = jax.grad(lambda x: (ref(x) * w).sum())(x)
+    np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
