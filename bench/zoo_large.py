@@ -271,7 +271,7 @@ class VGG(nn.Module):
         for i, c in enumerate(self.cfg):
             if c == "M":
                 if i < len(self.cfg) - 1:
-                    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                    x = max_pool(x, 2, 2, 0)
                 continue
             x = self.convs[k](x)
             if self.bns is not None:
@@ -282,7 +282,7 @@ class VGG(nn.Module):
 
     def head(self, a):
         if self.cfg[-1] == "M":
-            a = nn.max_pool(a, (2, 2), strides=(2, 2))
+            a = max_pool(a, 2, 2, 0)
         a = adaptive_avg_pool(a, self.pool_size)
         a = a.reshape((a.shape[0], -1))
         a = self.act(self.fc1(a))

@@ -100,16 +100,18 @@ def test_resnet_grad_cam_uses_the_stages():
     assert r.shape[:3] == x.shape[:3] and bool(jnp.isfinite(r).all())
 
 
-def test_stem_max_pool_matches_nn_max_pool_and_its_gradient():
+@pytest.mark.parametrize("k,s,p", [(3, 2, 1), (2, 2, 0)])  # the ResNet stem, VGG's pools (odd sizes crop)
+def test_max_pool_matches_nn_max_pool_and_its_gradient(k, s, p):
     import flax.linen as nn
 
     x = jnp.maximum(jax.random.normal(jax.random.key(0), (2, 9, 8, 3)), 0)  # ReLU zeros: many ties
-    w = jax.random.normal(jax.random.key(1), (2, 5, 4, 3))
 
     def ref(x):
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        return nn.max_pool(x, (k, k), strides=(s, s), padding=((p, p), (p, p)))
 
-    np.testing.assert_array_equal(np.asarray(zoo_large.max_pool(x)), np.asarray(ref(x)))
-    ga = jax.grad(lambda x: (zoo_large.max_pool(x) * w).sum())(x)
+    out = zoo_large.max_pool(x, k, s, p)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref(x)))
+    w = jax.random.normal(jax.random.key(1), out.shape)
+    ga = jax.grad(lambda x: (zoo_large.max_pool(x, k, s, p) * w).sum())(x)
     gb = jax.grad(lambda x: (ref(x) * w).sum())(x)
     np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
