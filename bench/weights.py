@@ -106,8 +106,36 @@ def _read_safetensors(p: Path) -> tuple[dict[str, np.ndarray], dict[str, str], s
             meta = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # noqa: BLE001
+        if "bf16" in str(e).lower() or "bfloat16" in str(e).lower():
+            return _read_safetensors_bf16(p)
         raise AttraxError(f"cannot read weights file {p}: broken safetensors ({type(e).__name__}: {e})") from None
     return tensors, meta, "safetensors"
+
+
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+              "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+def _read_safetensors_bf16(p: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """NumPy has no bfloat16, so the safetensors NumPy API refuses BF16 tensors: read the documented
+    format (u64 header length, JSON header, raw little-endian data) and widen BF16 to float32 exactly."""
+    raw = p.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    meta = header.pop("__metadata__", {}) or {}
+    data = memoryview(raw)[8 + n:]
+    tensors = {}
+    for k, info in header.items():
+        a, b = info["data_offsets"]
+        buf = data[a:b]
+        if info["dtype"] == "BF16":
+            arr = (np.frombuffer(buf, "<u2").astype(np.uint32) << 16).view(np.float32)
+        elif info["dtype"] in _ST_DTYPES:
+            arr = np.frombuffer(buf, np.dtype(_ST_DTYPES[info["dtype"]]).newbyteorder("<"))
+        else:
+            raise AttraxError(f"cannot read weights file {p}: tensor {k!r} has dtype {info['dtype']}")
+        tensors[k] = arr.reshape(info["shape"]).copy()
+    return tensors, dict(meta), "safetensors"
 
 
 def _read_orbax(p: Path) -> tuple[dict[str, np.ndarray], dict[str, str], str]:

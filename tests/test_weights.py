@@ -216,3 +216,24 @@ def test_zoo_config_with_weights(tmp_path):
     io = np.load(REF / "vit_tiny_io.npz")
     assert np.abs(_forward(model, variables, io["x"]) - io["logits"]).max() < 1e-4
     assert weights.from_config({"name": "cnn"}) is None
+
+
+def test_bf16_safetensors_are_widened_exactly(tmp_path):
+    import json
+
+    t = load_file(REF / "vit_tiny.safetensors")
+    header, blobs, off = {"__metadata__": {"num_heads": "3"}}, [], 0
+    for k, v in t.items():
+        b = (v.astype(np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()  # truncate to bfloat16
+        header[k] = {"dtype": "BF16", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+        off += len(b)
+        blobs.append(b)
+    h = json.dumps(header).encode()
+    p = tmp_path / "vit_bf16.safetensors"
+    p.write_bytes(len(h).to_bytes(8, "little") + h + b"".join(blobs))
+    _, v16 = weights.import_weights("vit", p)
+    _, v32 = weights.import_weights("vit", REF / "vit_tiny.safetensors")
+    f16, f32 = weights.flatten_tree(v16), weights.flatten_tree(v32)
+    for k in f32:
+        want = (f32[k].view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)
+        np.testing.assert_array_equal(f16[k], want, err_msg=k)
