@@ -240,6 +240,12 @@ class ImageFolderDataset(Dataset):
                 meta[k] = np.asarray(meta[k])[idx]
         return ImageFolderDataset(self.x.take_files(idx), self.y[idx], meta)
 
+    def replace(self, **changes: Any) -> Dataset:
+        """Replacing `x` by an array (ROAR / KAR's modified images) gives a plain in-memory `Dataset`."""
+        if "x" in changes and not isinstance(changes["x"], LazyImages):
+            return Dataset(changes["x"], changes.get("y", self.y), changes.get("meta", self.meta))
+        return dataclasses.replace(self, **changes)
+
     def fingerprint(self) -> str:
         """Hash of the files (relative paths, sizes, mtimes), labels and decoding settings."""
         h = hashlib.sha256()

@@ -176,6 +176,8 @@ def test_imagenet_val_in_synset_folders_and_subsets(tmp_path):
     other = _load(root, "train", classes=["n01484850"])
     assert list(other.meta["class_index"]) == [2] and set(other.y) == {0}
     assert isinstance(sub.take(per_class=1).x, imf.LazyImages) and len(sub.take(per_class=1)) == 2
+    plain = sub.replace(x=np.zeros((4, S, S, 3), np.float32))  # ROAR's modified images: in memory
+    assert type(plain) is attrax.datasets.Dataset and len(plain.take(per_class=1)) == 2
 
 
 def test_imagenet_kaggle_nesting_and_devkit_labels(tmp_path):
