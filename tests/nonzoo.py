@@ -48,9 +48,9 @@ def nonzero_biases(params, seed: int, scale: float = 0.05):
 
 
 @functools.cache
-def make(name: str, shape: tuple[int, ...] = SHAPE, **kwargs) -> Family:
+def make(name: str, shape: tuple[int, ...] = SHAPE, seed: int = 1, **kwargs) -> Family:
     x = jnp.asarray(np.random.default_rng(0).uniform(size=shape), jnp.float32)
-    raw, params = examples.build(name, 1, x, num_classes=NUM_CLASSES, **kwargs)
+    raw, params = examples.build(name, seed, x, num_classes=NUM_CLASSES, **kwargs)
     params = nonzero_biases(params, 2)
     target = jnp.arange(shape[0], dtype=jnp.int32) % NUM_CLASSES
     return Family(name, attrax.as_model(raw), params, x, target, raw)
