@@ -207,12 +207,18 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     mcfg = dict(cfg["model"])
     mname = mcfg.pop("name")
     t = time.perf_counter()
-    model = attrax.models.create(mname, num_classes=train_set.num_classes, **mcfg)
     tcfg = attrax.TrainConfig(**cfg.get("train", {}))
-    model, params, info = attrax.train(model, train_set, seed=cfg["model_seed"], cfg=tcfg, progress=cfg["progress"])
+    imported = attrax.weights.from_config({"name": mname, **mcfg})  # model=external, or +model.weights=PATH
+    if imported is not None:
+        (model, params), info = imported, {"imported": True}
+    else:
+        model = attrax.models.create(mname, num_classes=train_set.num_classes, **mcfg)
+        model, params, info = attrax.train(model, train_set, seed=cfg["model_seed"], cfg=tcfg,
+                                           progress=cfg["progress"])
     acc = attrax.train_module_accuracy(model, params, test_set)
     timings["train_s"] = time.perf_counter() - t
-    how = "loaded from cache" if info.get("cached") else f"trained in {timings['train_s']:.1f}s"
+    how = ("imported weights" if info.get("imported") else
+           "loaded from cache" if info.get("cached") else f"trained in {timings['train_s']:.1f}s")
     log(f"[attrax] model {mname} on {dname}: {how}; test accuracy {acc:.4f}")
 
     pspecs = protocol_specs(cfg)
