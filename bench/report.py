@@ -58,9 +58,11 @@ def row_directions(df: pd.DataFrame) -> pd.Series:
 def _seedless(df: pd.DataFrame) -> pd.DataFrame:
     """Rows whose seed is a replicate (aggregation mean_over_seeds, e.g. ROAR retrains) get seed -1,
     so the replicates pool into one experiment."""
-    if "aggregation" not in df or "seed" not in df:
+    if "seed" not in df:
         return df
-    rep = df["aggregation"] == "mean_over_seeds"
+    agg = df["aggregation"] if "aggregation" in df else pd.Series("", index=df.index)
+    legacy = {p for p, _ in LEGACY_DIRECTIONS}  # rows written before `aggregation`: retrain seeds are replicates
+    rep = (agg == "mean_over_seeds") | ((agg.fillna("") == "") & df["protocol"].isin(legacy))
     if rep.any():
         df = df.copy()
         df.loc[rep, "seed"] = -1
@@ -287,14 +289,24 @@ def _sanity_means(df: pd.DataFrame) -> pd.DataFrame:
 def sanity_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per method: mean similarity to the trained model's maps with the top (logits)
     layer re-initialized, with all layers re-initialized (cascading), and with one layer at a
-    time (independent, mean over layers) - for each similarity. Lower = the maps depend on the
-    learned weights (Adebayo et al. 2018: such a method passes)."""
+    time (independent, mean over layers) - for each similarity; beside them the method's noise
+    ceiling (`noise_ceiling_<sim>`) and the re-explanation with nothing randomized
+    (`unrandomized_<sim>`, 1 when the re-explanation matches the map) where the rows have them.
+    Lower = the maps depend on the learned weights (Adebayo et al. 2018: such a method passes);
+    a similarity at or above the ceiling says nothing randomized mattered."""
     m = _sanity_means(df)
     if m.empty:
         return pd.DataFrame()
+    scal = df[(df["protocol"] == SANITY) & df["x"].isna()
+              & df["metric"].str.startswith(("noise_ceiling_", "unrandomized_"))]
+    scal = scal.groupby(["method", "metric"])["value"].mean()
     rows = []
     for meth, g in m.groupby("method"):
         row = {"method": meth}
+        for sim in SANITY_SIMS:
+            for what in ("noise_ceiling", "unrandomized"):
+                if (meth, f"{what}_{sim}") in scal.index:
+                    row[f"{what}_{sim}"] = scal[(meth, f"{what}_{sim}")]
         for sim in SANITY_SIMS:
             c = g[(g["mode"] == "cascading") & (g["similarity"] == sim)].sort_values("x")
             i = g[(g["mode"] == "independent") & (g["similarity"] == sim)]
@@ -307,9 +319,10 @@ def sanity_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_sanity_table(t: pd.DataFrame) -> str:
-    """Markdown: per method and column, Spearman / Spearman-abs / SSIM / HOG."""
+    """Markdown: per method and column, Spearman / Spearman-abs / SSIM / HOG; the last column is
+    the method's noise ceiling (same method, two keys, nothing randomized; 1 = deterministic)."""
     cols = [("top", "logits layer re-initialized"), ("all", "all layers (cascading)"),
-            ("independent", "one layer at a time (mean)")]
+            ("independent", "one layer at a time (mean)"), ("noise_ceiling", "noise ceiling")]
     lines = ["| method | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     for _, r in t.iterrows():
         cells = [" / ".join(f"{r[f'{c}_{s}']:.2f}" if pd.notna(r.get(f"{c}_{s}")) else "-" for s in SANITY_SIMS)
@@ -484,14 +497,17 @@ def build(paths: list[str], out: str | Path | None = None) -> Path:
     table = format_table(lb)
     checks = findings.check(df)
     check_md = findings.format(checks)
+    flags = sorted({f for f in df["flag"] if f})  # e.g. a permuted-label model that did not fit
     st = sanity_table(df)
     sanity_md = format_sanity_table(st) if len(st) else ""
     (out / "leaderboard.md").write_text(
         f"# attrax leaderboard\n\n{len(df)} rows from {df['run_id'].nunique()} runs; "
         f"mean [95% bootstrap CI] (rank), arrows give each metric's better direction.\n\n{table}\n"
         + (f"\n## Model randomization (Spearman / Spearman-abs / SSIM / HOG vs the trained model's maps; "
-           f"lower = depends on the weights)\n\n{sanity_md}\n" if sanity_md else "")
-        + (f"\n## Expected findings\n\n{check_md}\n" if checks else ""))
+           f"lower = depends on the weights; noise ceiling = the same method with two keys, nothing "
+           f"randomized)\n\n{sanity_md}\n" if sanity_md else "")
+        + (f"\n## Expected findings\n\n{check_md}\n" if checks else "")
+        + ("\n## Warnings\n\n" + "\n".join(f"- {f}" for f in flags) + "\n" if flags else ""))
     figs = [p for p in (curve_figure(df, out / "curves.png"), sanity_figure(df, out / "sanity.png"),
                         rank_heatmap(lb, out / "ranks.png"),
                         merged_heatmaps(runs, out / "heatmaps.png"), bench_figure(df, out / "bench.png")) if p]
@@ -510,9 +526,12 @@ def build(paths: list[str], out: str | Path | None = None) -> Path:
             *(["<h2>Model randomization</h2>", st.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
               if sanity_md else []),
             *(["<h2>Expected findings</h2><pre>", check_md, "</pre>"] if checks else []),
+            *(["<h2>Warnings</h2><ul>", *(f"<li>{f}</li>" for f in flags), "</ul>"] if flags else []),
             *[_embed(p) for p in figs], "</body></html>"]
     (out / "report.html").write_text("\n".join(html))
     print(table)
+    for f in flags:
+        print(f"warning: {f}")
     if checks:
         print()
         print(check_md)

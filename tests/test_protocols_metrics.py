@@ -37,11 +37,11 @@ def test_sparseness_and_complexity_extremes(linear):
 def test_random_logit_similarity(linear):
     model, params, x, target, w = linear
     g = attrax.explain("gradient", model, params, x, target)
-    s = attrax.evaluate("random_logit", model, params, x, target, g, key=0, method="gradient")
+    s = attrax.evaluate("random_logit", model, params, x, target, g, key=0, method="gradient", similarity="pearson")
     # the other class is recorded through the seeded draw: recompute it and the closed form
     from attrax.protocols.randomization import other_classes
 
-    other = other_classes(jax.random.split(jax.random.key(0))[0], target, 3)
+    other = other_classes(jax.random.key(0), target, 3)
     assert np.all(np.asarray(other) != np.asarray(target))
     wn = np.asarray(w)
     expected = [
@@ -55,4 +55,5 @@ def test_random_logit_similarity(linear):
 
     blind = attrax.evaluate("random_logit", model, params, x, target, x, key=0, method=class_blind)
     np.testing.assert_allclose(np.asarray(blind.values["similarity"]), 1.0, atol=1e-6)
+    assert blind.choices["similarity"] == "ssim"  # the default, as Quantus
     assert s.choices["num_classes"] == 3
