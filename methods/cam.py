@@ -117,6 +117,9 @@ def upsample_map(m: Array, x: Array, method: str = "bilinear") -> Array:
 _LINEAR = {"convert_element_type", "copy", "copy_p", "neg", "reshape", "squeeze", "expand_dims",
            "broadcast_in_dim", "transpose", "reduce_sum", "dot_general", "add", "sub", "mul", "div",
            "add_any"}
+_WORDS = {"max": "a maximum (a ReLU or max pooling)", "reduce_max": "max pooling",
+          "pad": "padding (of a pooling or convolution window)", "select_n": "a selection (e.g. ReLU)",
+          "reduce_window_max": "max pooling", "reduce_window_sum": "windowed (local) pooling"}
 _PER_POSITION = {"add", "sub", "add_any", "neg", "convert_element_type", "copy", "copy_p"}
 
 
@@ -163,7 +166,7 @@ def _head_step(eqn, ins) -> tuple[str | None, str | None]:
         return None, f"`{name}` to pooled and unpooled maps together"
     stage = "P" if "P" in ins else "S"
     if name not in _LINEAR and not (name == "conv_general_dilated" and stage == "S"):
-        return None, f"`{name}`"
+        return None, _WORDS.get(name, f"`{name}`")
     if name in ("mul", "div", "dot_general", "conv_general_dilated") and ins.count(stage) > 1:
         return None, f"`{name}` of the maps with themselves (not linear)"
     if name == "div" and ins[1] is not None:
