@@ -1,0 +1,126 @@
+"""The rule engine (methods/_engine.py) on models that are not in the zoo: classification, known
+answers, the unknown-primitive error and the trace cache."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from nonzoo import make
+
+import attrax
+from attrax.errors import AttraxError
+from attrax.methods import _engine, class_score, input_gradient
+
+
+def _ixg(fam):
+    _, g = input_gradient(lambda v: fam.model(fam.params, v), fam.x, fam.target)
+    return fam.x * g
+
+
+def test_graph_classification():
+    res = make("nonzoo_resnet")
+    g = _engine.graph_of(res.model, res.params, res.x)
+    names = [i.name for i in g.layers]
+    assert names[0] == "conv1" and names[-1] == "dense" and "block2/short_conv" in names
+    assert all(i.bn is not None for i in g.layers[:-1]) and g.layers[-1].bn is None
+    assert g.layers[0].at_input and not g.layers[0].nonnegative_input and g.layers[1].nonnegative_input
+    mlp = make("jnp_mlp")
+    assert [i.name for i in _engine.graph_of(mlp.model, mlp.params, mlp.x).layers] == ["dense_0", "dense_1", "dense_2"]
+    vit = make("vit_tiny")
+    kinds = {s.kind for s in _engine.graph_of(vit.model, vit.params, vit.x).nodes}
+    assert {"linear", "softmax", "bilinear", "norm", "activation"} <= kinds
+
+
+@pytest.mark.parametrize("family", ["nonzoo_resnet", "jnp_mlp", "nnx_cnn"])
+def test_lrp0_is_input_times_gradient(family):
+    fam = make(family)
+    r = attrax.explain("lrp_0", fam.model, fam.params, fam.x, fam.target)
+    want = _ixg(fam)
+    np.testing.assert_allclose(r, want, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_canonized_logits_and_vit_gradient_mode():
+    res = make("nonzoo_resnet")
+    np.testing.assert_allclose(_engine.canonized_forward(res.model, res.params, res.x),
+                               res.model(res.params, res.x), atol=1e-5, rtol=1e-5)
+    vit = make("vit_tiny")
+    r = attrax.explain("lrp_0", vit.model, vit.params, vit.x, vit.target, transformer="gradient")
+    want = _ixg(vit)
+    np.testing.assert_allclose(r, want, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("family", ["nonzoo_resnet", "vit_tiny"])
+def test_deeplift_summation_to_delta(family):
+    fam = make(family)
+    r = attrax.explain("deeplift", fam.model, fam.params, fam.x, fam.target)
+    delta = class_score(fam.model(fam.params, fam.x), fam.target) - class_score(
+        fam.model(fam.params, jnp.zeros_like(fam.x)), fam.target)
+    np.testing.assert_allclose(r.sum((1, 2, 3)), delta, atol=1e-5 * float(jnp.abs(delta).max()) + 1e-6)
+
+
+def test_cp_lrp_conserves_on_bias_free_vit():
+    vit = make("vit_tiny", use_bias=False, pool="mean", pos_embed=False)
+    f = class_score(vit.model(vit.params, vit.x), vit.target)
+    r = attrax.explain("lrp", vit.model, vit.params, vit.x, vit.target, rules={"default": "epsilon"}, eps=1e-9,
+                       transformer="cp_lrp")
+    np.testing.assert_allclose(r.sum((1, 2, 3)), f, rtol=1e-4, atol=1e-6)
+
+
+def test_guided_backprop_is_gradient_when_relus_pass():
+    """A ReLU net whose every ReLU input is positive and whose gradient is positive everywhere."""
+
+    def apply_fn(p, x):
+        h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"] + 1.0)
+        return jnp.maximum(h @ p["w2"] + 1.0, 0.0) @ p["w3"]
+
+    p = {"w1": jnp.full((12, 5), 0.1), "w2": jnp.full((5, 4), 0.2), "w3": jnp.full((4, 3), 0.3)}
+    model = attrax.as_model(apply_fn)
+    x = jax.random.uniform(jax.random.key(0), (2, 2, 2, 3))
+    t = jnp.array([0, 2])
+    _, g = input_gradient(lambda v: apply_fn(p, v), x, t)
+    np.testing.assert_allclose(attrax.explain("guided_backprop", model, p, x, t), g, rtol=1e-6)
+
+
+def test_unknown_primitive_one_line_error():
+    def apply_fn(p, x):
+        h = jnp.sort(x.reshape(x.shape[0], -1) @ p["w"], axis=-1)
+        return h @ p["v"]
+
+    p = {"w": jnp.ones((12, 4)), "v": jnp.ones((4, 3))}
+    model = attrax.as_model(apply_fn)
+    x = jax.random.uniform(jax.random.key(0), (2, 2, 2, 3))
+    t = jnp.array([0, 1])
+    for name in ("lrp_epsilon", "deeplift", "guided_backprop"):
+        with pytest.raises(AttraxError, match="primitive `sort`") as err:
+            attrax.explain(name, model, p, x, t)
+        assert "\n" not in str(err.value)
+    r = attrax.explain("lrp_epsilon", model, p, x, t, unknown="gradient")
+    assert bool(jnp.isfinite(r).all())
+
+
+def test_second_batch_neither_retraces_nor_recompiles(monkeypatch):
+    fam = make("nonzoo_cnn")
+    model = attrax.as_model(fam.raw)  # a fresh Model: its own caches
+    traces = []
+    real = _engine.trace
+    monkeypatch.setattr(_engine, "trace", lambda *a: traces.append(1) or real(*a))
+    compiles = []
+    x2 = jax.block_until_ready(fam.x[::-1] * 0.5)
+
+    def listener(event, duration, **kw):
+        if "backend_compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for name in ("lrp_epsilon", "deeplift", "guided_backprop"):
+            attrax.explain(name, model, fam.params, fam.x, fam.target)
+        n_traces, n_compiles = len(traces), len(compiles)
+        assert n_traces == 1  # one trace shared by the three methods
+        for name in ("lrp_epsilon", "deeplift", "guided_backprop"):
+            attrax.explain(name, model, fam.params, x2, fam.target)
+        assert len(traces) == n_traces and len(compiles) == n_compiles
+    finally:
+        jax._src.monitoring.unregister_event_duration_listener(listener)
