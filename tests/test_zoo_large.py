@@ -115,3 +115,11 @@ def test_max_pool_matches_nn_max_pool_and_its_gradient(k, s, p):
     ga = jax.grad(lambda x: (zoo_large.max_pool(x, k, s, p) * w).sum())(x)
     gb = jax.grad(lambda x: (ref(x) * w).sum())(x)
     np.testing.assert_array_equal(np.asarray(ga), np.asarray(gb))
+
+
+def test_max_pool_forward_is_one_reduce_window_max():
+    """The forward stays `reduce_window_max`, the form the rule engine maps to its max-pool rules (LRP,
+    DeepLIFT, guided backprop on ResNet / VGG); only the derivative is custom."""
+    jaxpr = jax.make_jaxpr(zoo_large.max_pool)(jnp.zeros((1, 8, 8, 2)))
+    inner = [e for eqn in jaxpr.eqns for e in eqn.params["call_jaxpr"].jaxpr.eqns]
+    assert [e.primitive.name for e in inner] == ["reduce_window_max"]
