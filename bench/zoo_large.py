@@ -30,8 +30,10 @@ pixels and a "zero" baseline is a black image. The default is None (the model se
 Zoo contract (see `attrax.models`): the convolutional nets expose `features(x)` (the last spatial
 feature maps, after the activation) and `head(A)`, an `act` field (guided backprop / deconvnet swap
 it) and a `train` field (the trainer uses batch statistics through `clone(train=True)`). The ViT has
-no spatial feature maps and GELU is not a ReLU, so it offers neither stages nor `act`: methods that
-need them say so in a one-line error; gradient-based and perturbation methods work on it.
+no spatial feature maps (its head reads the class token), so it offers no stages: the CAM family says
+so in a one-line error. The structure methods (LRP, DeepLIFT, guided backprop) read any model's
+computation through the rule engine (`attrax.methods._engine`) and run on all four (checked on the
+tiny configurations).
 Pooling is functional (`max_pool` below: `nn.max_pool` values with a faster backward pass; a mean for
 the global pool).
 """
