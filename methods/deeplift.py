@@ -169,6 +169,42 @@ def _softmax(node, env, refs: list, tol: float) -> Array:
     return local[node.out]
 
 
+_RECORDED = ("relu", "activation", "norm", "maxpool", "bilinear", "softmax")
+
+
+def _record_ids(node) -> list:
+    return list(node.ins) + [node.extra[k] for k in ("pre", "shift") if k in node.extra]
+
+
+def _record(graph, params, ref: Array) -> dict[int, list]:
+    """The reference's value of every input of a nonlinear node, by node position."""
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
+    out: dict[int, list] = {}
+
+    def record(node, env):
+        if node.kind in _RECORDED:
+            out[index[id(node)]] = [jax.lax.stop_gradient(_engine.read(env, i)) for i in _record_ids(node)]
+        return None
+
+    _engine.evaluate(graph, params, ref, record)
+    return out
+
+
+def _broadcastable(graph, graph_r) -> bool:
+    """Whether the batch-1 trace has the same nodes, with values that broadcast against the batch's."""
+    if len(graph.nodes) != len(graph_r.nodes):
+        return False
+    for a, b in zip(graph.nodes, graph_r.nodes, strict=True):
+        if a.kind != b.kind:
+            return False
+        for i, j in zip(_record_ids(a), _record_ids(b), strict=True):
+            sa = graph.avals[i].shape if not isinstance(i, _engine.Lit) else ()
+            sb = graph_r.avals[j].shape if not isinstance(j, _engine.Lit) else ()
+            if len(sa) != len(sb) or any(p != q and q != 1 for p, q in zip(sa, sb, strict=True)):
+                return False
+    return True
+
+
 def multipliers(model, params, x: Array, ref: Array, target: Array, *, tol: float = 1e-7,
                 score: str = "logit", max_pool: str = "rescale", unknown: str = "error") -> Array:
     """DeepLIFT rescale multipliers of the target score w.r.t. the input, vs reference `ref`.
@@ -179,19 +215,21 @@ def multipliers(model, params, x: Array, ref: Array, target: Array, *, tol: floa
         raise AttraxError(f"unknown max_pool rule {max_pool!r}: use rescale or gradient")
     graph = _engine.graph_of(model, params, x)
     _engine.check_unknown(graph, unknown)
-    ref = jax.lax.stop_gradient(jnp.broadcast_to(ref, x.shape))
-    recorded: dict[int, list] = {}
-
-    def record(node, env):
-        if node.kind in ("relu", "activation", "norm", "maxpool", "bilinear", "softmax"):
-            ids = list(node.ins) + [node.extra[k] for k in ("pre", "shift") if k in node.extra]
-            recorded[id(node)] = [jax.lax.stop_gradient(_engine.read(env, i)) for i in ids]
-        return None
-
-    _engine.evaluate(graph, params, ref, record)
+    ref = jax.lax.stop_gradient(ref)
+    recorded = None
+    if ref.shape[0] == 1 and x.shape[0] > 1:  # one reference: its forward pass costs one image
+        graph_r = _engine.graph_of(model, params, ref)
+        if _broadcastable(graph, graph_r):
+            try:
+                recorded = _record(graph_r, params, ref)
+            except (TypeError, ValueError):  # an equation that does not broadcast its batch of 1
+                recorded = None
+    if recorded is None:
+        recorded = _record(graph, params, jnp.broadcast_to(ref, x.shape))
+    index = {id(n): i for i, n in enumerate(graph.nodes)}
 
     def handle(node, env):
-        refs = recorded.get(id(node))
+        refs = recorded.get(index[id(node)])
         if refs is None:
             return None
         ins = [_engine.read(env, i) for i in node.ins]
