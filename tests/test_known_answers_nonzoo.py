@@ -211,6 +211,10 @@ class CountingCNN(examples.PlainCNN):
         return super().__call__(x)
 
 
+#: set at the deadline if still open (issue 13)
+XFAIL_CACHE: dict[str, str] = {}
+
+
 def _counting_models():
     box_mlp, box_cnn = [], []
 
@@ -225,13 +229,18 @@ def _counting_models():
     return x, [("jnp_mlp", apply_fn, mlp_params, box_mlp), ("nonzoo_cnn", cnn, cnn_params, box_cnn)]
 
 
+@pytest.mark.parametrize("wrap", ["as_model", "raw"])
 @pytest.mark.parametrize("method", ["lrp_epsilon", "deeplift", "guided_backprop", "gradient"])
-def test_second_batch_neither_retraces_nor_recompiles(method):
+def test_second_batch_neither_retraces_nor_recompiles(method, wrap, request):
+    """`as_model`: the user wraps once; `raw`: the user hands the same Flax module / apply_fn to
+    every `attrax.explain` call (the README's first example does)."""
+    if wrap == "raw" and "raw" in XFAIL_CACHE:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=f"issue 13: {XFAIL_CACHE['raw']}"))
     x, models = _counting_models()
     x2 = _uniform(9, x.shape)
     t = jnp.array([0, 1], jnp.int32)
     for family, raw, params, box in models:
-        model = attrax.as_model(raw)
+        model = attrax.as_model(raw) if wrap == "as_model" else raw
         with count_compilations() as first:
             jax.block_until_ready(attrax.explain(method, model, params, x, t))
         traces = len(box)
