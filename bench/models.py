@@ -359,14 +359,30 @@ def module_model(module: nn.Module, name: str | None = None) -> Model:
     return Model(name or type(module).__name__.lower(), lambda p, x: module.apply(p, x), module)
 
 
+def _nnx_model(obj: Any) -> Model | None:
+    """A flax.nnx module as `apply_fn(state, x)`; its params are `nnx.state(module)`."""
+    try:
+        from flax import nnx
+    except ImportError:  # pragma: no cover - flax without nnx
+        return None
+    if not isinstance(obj, nnx.Module):
+        return None
+    graphdef, _ = nnx.split(obj)
+    return Model(type(obj).__name__.lower(), lambda state, x: nnx.merge(graphdef, state)(x), None)
+
+
 def as_model(obj: Any, **kwargs: Any) -> Model:
-    """A zoo name, a Flax module, a `Model`, or a plain `apply_fn(params, x) -> logits`."""
+    """A zoo name, a Flax linen module, a flax.nnx module (params: `nnx.state(module)`), a
+    `Model`, or a plain `apply_fn(params, x) -> logits`."""
     if isinstance(obj, Model):
         return obj
     if isinstance(obj, str):
         return module_model(ZOO.get(obj).fn(**kwargs), obj)
     if isinstance(obj, nn.Module):
         return module_model(obj)
+    nnx_model = _nnx_model(obj)
+    if nnx_model is not None:
+        return nnx_model
     if callable(obj):
         return Model(getattr(obj, "__name__", "apply_fn"), obj, None)
     raise AttraxError(f"cannot use {type(obj).__name__} as a model: give a zoo name, a Flax module or apply_fn")
