@@ -16,9 +16,9 @@ A `chain` is an ordered list of methods (the `method` column of the rows) or gro
 (`[a, b]`): every method of a group must beat every method of the next group (optionally by
 `margin`). `x: min | max` picks the rows at the smallest / largest x (a layer, a fraction) instead
 of the scalar rows. Instead of a chain, `at_least: v` / `below: v` with `methods: [...]` require
-each method's mean to lie on that side of v (methods without rows are listed as not run). A check returns "agrees", "differs" or "n/a" (a
-method it names has no rows), with the numbers it compared and, when it differs, the preset's
-`why_differs`.
+each method's mean to lie on that side of v (methods without rows are listed as not run). A check
+returns "agrees", "differs" or "n/a" (a method it names has no rows), with the numbers it compared
+and, when it differs, the preset's `why_differs`.
 """
 
 from __future__ import annotations

@@ -213,9 +213,10 @@ def road(
 
     Defaults: removal fractions 0, 0.1, ..., 0.9 (steps=9, max_fraction=0.9), MoRF, accuracy
     (the paper's measure: the prediction on the imputed image is the target; "probability" for
-    the softmax probability of the target), imputation noise std 0.01, channel sum, seeded random
-    ties, one random order as control. Version 2: accuracy became the default score. Scores as pixel flipping: `curve`, `auc` (trapezoid over the
-    fraction axis), `aopc`, and both relative to the random order. LeRF reverses the directions.
+    the softmax probability of the target), imputation noise std 0.01, channel sum, seeded
+    random ties, one random order as control. Version 2: accuracy became the default score.
+    Scores as pixel flipping: `curve`, `auc` (trapezoid over the fraction axis), `aopc`, and
+    both relative to the random order. LeRF reverses the directions.
     """
     check_order(order)
     k_rank, k_noise, k_rand = jax.random.split(key, 3)
