@@ -23,7 +23,9 @@ computation itself.
      gating);
    - `activation`: a region of elementwise equations with one activation input and one output
      that is not affine (gelu, tanh, sigmoid, silu, softplus, leaky ReLU...);
-   - `norm`: such a region containing `sqrt`/`rsqrt` (the scaling of LayerNorm / RMSNorm).
+   - `norm`: such a region containing `sqrt`/`rsqrt` (the scaling of LayerNorm / RMSNorm);
+   - `sum`: residual adds of two activations, `reduce_sum` (means), `reduce_window_sum` (average
+     pooling): linear, but LRP gives them the epsilon-stabilized z-rule.
    Everything else (reshape, transpose, broadcast, slicing, concatenation, padding, sums, means,
    average pooling, additions, residual adds, affine maps) is linear and keeps its gradient,
    which is exactly LRP-0 / the z-rule there (residual adds split relevance in proportion to
@@ -558,6 +560,25 @@ def _classify(b: _Builder, invars, outvars, n_params, strip_root: bool) -> Graph
             used.update(members)
             nodes.append(Node(kind, [r], outside[0], [ops[m] for m in members], max(members)))
 
+    # --- sums of activations (residual adds, pooling sums, means): z-rule nodes
+    for k, op in enumerate(ops):
+        if k in used or not op.outs:
+            continue
+        acts_in = [i for i in op.ins if is_act(i)]
+        if (op.pname in ("add", "add_any") and len(acts_in) == 2 and all(avals[i].shape == avals[op.outs[0]].shape
+                                                                       for i in acts_in)) or (
+                op.pname in ("reduce_sum", "reduce_window_sum") and len(acts_in) == 1):
+            members = [op]
+            o = op.outs[0]
+            if op.pname != "add" and single_use(o):  # a mean / average pool: stabilize the mean
+                nk = users[o][0]
+                nop = ops[nk]
+                if nk not in used and nop.pname == "div" and nop.ins[0] == o and not is_act(nop.ins[1]):
+                    members.append(nop)
+                    used.add(nk)
+            used.add(k)
+            nodes.append(Node("sum", list(op.ins), members[-1].outs[0], members, k if len(members) == 1 else users[o][0]))
+
     # --- unknown primitives acting on activations
     for k, op in enumerate(ops):
         if k in used or op.pname in STRUCTURAL or op.pname in NO_GRAD or op.pname in REDUCTIONS:
@@ -840,6 +861,20 @@ def region_fn(node: Node, env: dict) -> Callable[[Array], Array]:
     def f(v):
         local = dict(env)
         local[node.ins[0]] = v
+        run_ops(node.ops, local)
+        return local[node.out]
+
+    return f
+
+
+def sum_fn(node: Node, env: dict) -> Callable:
+    """A sum node's equations as a function of its activation inputs."""
+    acts = [i for i in node.ins if not isinstance(i, Lit)]
+
+    def f(*vals):
+        local = dict(env)
+        for i, v in zip(acts, vals, strict=True):
+            local[i] = v
         run_ops(node.ops, local)
         return local[node.out]
 

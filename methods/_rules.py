@@ -443,8 +443,28 @@ def _uniform_product(op_fn: Callable, a: Array, b: Array, eps: float) -> Array:
     return f(a, b)
 
 
+def _stabilized_sum(op_fn: Callable, ins: list, eps: float) -> Array:
+    """y = a sum of activations (residual add, pooling sum, mean) with the z-rule
+    R_i = x_i / (y + eps sign(y)) R as its backward pass."""
+
+    @jax.custom_vjp
+    def f(*xs):
+        return op_fn(*xs)
+
+    def fwd(*xs):
+        y, vjp = jax.vjp(op_fn, *xs)
+        return y, (y, vjp)
+
+    def bwd(res, g):
+        y, vjp = res
+        return vjp(g * y / stabilize(y, eps))
+
+    f.defvjp(fwd, bwd)
+    return f(*ins)
+
+
 def lrp_handler(rule_for, *, pooling: str = "winner", canonize: bool = True, kernel_for=None,
-                transformer: str = "attn_lrp", eps: float = 1e-6):
+                transformer: str = "attn_lrp", eps: float = 1e-6, sum_eps: float = 0.0):
     """The engine handler of LRP (and of PatternNet with `kernel_for`)."""
     if pooling not in POOLINGS:
         raise AttraxError(f"unknown pooling {pooling!r}: use one of {', '.join(POOLINGS)}")
@@ -471,6 +491,11 @@ def lrp_handler(rule_for, *, pooling: str = "winner", canonize: bool = True, ker
             return local[node.out]
         if kind == "maxpool" and node.extra["form"] != "generic":
             return max_pool_rule(_engine.to6(node, env[node.ins[0]]), pooling)
+        if kind == "sum":
+            if not sum_eps:
+                return None
+            acts = [_engine.read(env, i) for i in node.ins if not isinstance(i, _engine.Lit)]
+            return _stabilized_sum(_engine.sum_fn(node, env), acts, sum_eps)
         if transformer == "gradient":
             return None
         if kind == "norm" or (kind == "softmax" and transformer == "cp_lrp"):
@@ -506,6 +531,7 @@ def propagate(
     kernel_for: Callable[[LayerInfo, Array, Array], Array] | None = None,
     transformer: str = "attn_lrp",
     eps: float = 1e-6,
+    sum_eps: float = 0.0,
     unknown: str = "error",
 ) -> Array:
     """Cotangent at the input of one forward + one rule-modified backward pass.
@@ -524,7 +550,7 @@ def propagate(
     graph = _engine.graph_of(model, params, x)
     _engine.check_unknown(graph, unknown)
     handle = lrp_handler(rule_for, pooling=pooling, canonize=canonize, kernel_for=kernel_for,
-                         transformer=transformer, eps=eps)
+                         transformer=transformer, eps=eps, sum_eps=sum_eps)
     logits, vjp = jax.vjp(lambda xx: _engine.evaluate(graph, params, xx, handle), x)
     (r,) = vjp(cotangent(logits))
     return r

@@ -55,6 +55,9 @@ def relevance(
     return _rules.propagate(
         model, params, x, lambda logits: _rules.start_cotangent(logits, target, start, eps), pick,
         pooling=pooling, canonize=canonize, transformer=transformer, eps=eps, unknown=unknown,
+        # sums (residual adds, average pools, means) get the eps-stabilized z-rule, except under
+        # pure LRP-0 (which then stays exactly input x gradient)
+        sum_eps=0.0 if dict(rules) == {"default": "zero"} else eps,
     )
 
 
