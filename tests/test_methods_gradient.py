@@ -360,10 +360,12 @@ def test_guided_and_deconvnet_equal_gradient_without_relu(act):
         np.testing.assert_allclose(explain(name, model, params, x, target), g, rtol=1e-6, atol=1e-7)
 
 
-def test_backprop_needs_an_activation_field(linear):
-    model, params, x, target, _ = linear
-    with pytest.raises(attrax.AttraxError, match="activation"):
-        explain("guided_backprop", model, params, x, target)
+def test_backprop_runs_without_an_activation_field(linear):
+    # the rule engine (methods/_engine.py) needs no `act` field: on a linear model guided
+    # backprop and deconvnet have no ReLU to modify and equal the gradient
+    model, params, x, target, wt = _lin_expected(linear)
+    for name in ("guided_backprop", "deconvnet"):
+        np.testing.assert_allclose(explain(name, model, params, x, target), wt, rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- FullGrad
