@@ -159,6 +159,9 @@ class Graph:
     unknown: list  # (primitive, where) acting on activations with no rule
     n_params: int
     nodes: list
+    names: dict = dataclasses.field(default_factory=dict)  # var id -> module path of its equation
+    users: dict = dataclasses.field(default_factory=dict)  # var id -> module paths of its consumers
+    labels: dict = dataclasses.field(default_factory=dict)  # "relu_0", "dense_1", ... -> var id
 
 
 def _sub_jaxpr(eqn):
@@ -275,14 +278,34 @@ def run_ops(ops: list, env: dict) -> None:
             env[o] = v
 
 
-def evaluate(graph: Graph, params: Any, x: Array, handle: Callable | None = None) -> Array:
-    """The model's output computed equation by equation; `handle(node, env, default)` returns
-    a node's output (None: the node's own equations, i.e. the ordinary computation)."""
+def evaluate(graph: Graph, params: Any, x: Array, handle: Callable | None = None,
+             override: dict | None = None, capture: int | None = None) -> Array:
+    """The model's output computed equation by equation; `handle(node, env)` returns a node's
+    output (None: the node's own equations, i.e. the ordinary computation). `override` maps
+    var ids to values that replace them once computed (the network downstream of a layer);
+    with `capture` the result is (output, value of that var)."""
     leaves = jax.tree.leaves(params)
     env = dict(graph.consts)
     for v, val in zip(graph.invars, [*leaves, x], strict=True):
         env[v] = val
+    captured = []
     for step in graph.steps:
+        if override or capture is not None:
+            outs = step.outs if isinstance(step, Op) else [step.out]
+            if isinstance(step, Op):
+                run_ops([step], env)
+            else:
+                out = handle(step, env) if handle is not None else None
+                if out is None:
+                    run_ops(step.ops, env)
+                else:
+                    env[step.out] = out
+            for o in outs:
+                if o == capture:
+                    captured.append(env[o])
+                if override and o in override:
+                    env[o] = override[o]
+            continue
         if isinstance(step, Op):
             run_ops([step], env)
             continue
@@ -294,7 +317,12 @@ def evaluate(graph: Graph, params: Any, x: Array, handle: Callable | None = None
         else:
             env[step.out] = out
     outs = [o.val if isinstance(o, Lit) else env[o] for o in graph.outvars]
-    return outs[0] if len(outs) == 1 else outs
+    res = outs[0] if len(outs) == 1 else outs
+    if capture is not None:
+        if capture in graph.invars:
+            return res, env[capture]
+        return res, captured[0]
+    return res
 
 
 def read(env: dict, i) -> Any:
@@ -638,7 +666,26 @@ def _classify(b: _Builder, invars, outvars, n_params, strip_root: bool) -> Graph
                          node.ins[0] in at_input_vars, label)
         node.info = info
         infos.append(info)
-    return Graph(invars, list(outvars), dict(b.consts), steps, avals, tuple(infos), unknown, n_params, nodes)
+    names = {o: _module_path(op.name, strip_root) for op in ops for o in op.outs}
+    user_names: dict[int, list] = {}
+    for op in ops:
+        for i in op.ins:
+            if not isinstance(i, Lit) and i in act:
+                user_names.setdefault(i, []).append(_module_path(op.name, strip_root))
+    for o in out_set:
+        user_names.setdefault(o, []).append(("<output>",))
+    labels: dict[str, int] = {}
+    kind_counts: dict[str, int] = {}
+    for st in steps:
+        if isinstance(st, Node):
+            if st.kind == "linear":
+                labels[st.info.name] = st.out
+                continue
+            c = kind_counts.get(st.kind, 0)
+            kind_counts[st.kind] = c + 1
+            labels[f"{st.kind}_{c}"] = st.out
+    return Graph(invars, list(outvars), dict(b.consts), steps, avals, tuple(infos), unknown, n_params, nodes,
+                 names, user_names, labels)
 
 
 def _feeds_sqrt(v, ops, users, depth: int = 3) -> bool:
@@ -898,3 +945,61 @@ def canonized_forward(model, params: Any, x: Array) -> Array:
         return make_linear(node, a, k, b)(a)
 
     return evaluate(graph, params, x, handle)
+
+
+def find_layer(graph: Graph, layer: str) -> int:
+    """The var a layer name denotes: a linear layer's label ("conv2", "dense_0"), a node label
+    ("relu_1", "maxpool_0", "softmax_0", "sum_2"), "input", or a module path ("block2",
+    "blocks_0/attn"): the last activation computed inside that module and used outside it."""
+    if layer == "input":
+        return graph.invars[-1]
+    if layer in graph.labels:
+        return graph.labels[layer]
+    path = tuple(p for p in layer.split("/") if p)
+    n = len(path)
+    best = None
+    for st in graph.steps:
+        outs = st.outs if isinstance(st, Op) else [st.out]
+        for o in outs:
+            if graph.names.get(o, ())[:n] != path or o not in graph.users:
+                continue
+            if any(u[:n] != path for u in graph.users[o]):
+                best = o
+    if best is None:
+        modules = sorted({"/".join(p[:k]) for p in graph.names.values() for k in range(1, len(p) + 1)})
+        raise AttraxError(
+            f"no layer {layer!r} in the traced model; names: {', '.join(list(graph.labels) + modules) or 'none'}"
+        )
+    return best
+
+
+def layer_value(model, params: Any, x: Array, layer: str, replace: Array | None = None) -> tuple[Array, Array]:
+    """(value of `layer`, logits), the logits with that value replaced by `replace` when given
+    (gradients flow into it; the upstream computation is dead code that XLA removes)."""
+    graph = graph_of(model, params, x)
+    var = find_layer(graph, layer)
+    if replace is None:
+        logits, a = evaluate(graph, params, x, capture=var)
+        return a, logits
+    logits, a = evaluate(graph, params, x, override={var: replace}, capture=var)
+    return a, logits
+
+
+def last_spatial_layer(model, params: Any, x: Array) -> str:
+    """The label of the last 4-D (n, h, w, c) activation computed by a node or a linear layer
+    (the default layer of the CAM family on a model without `features`)."""
+    graph = graph_of(model, params, x)
+    best = None
+    kinds = {n.out: (n.kind, n.info.kind if n.info else None) for n in graph.nodes}
+    for label, var in graph.labels.items():
+        kind, lin = kinds.get(var, (None, None))
+        if kind not in ("relu", "activation", "maxpool") and lin != "conv":
+            continue
+        shape = graph.avals[var].shape
+        if len(shape) == 4 and shape[0] == x.shape[0] and shape[1] > 1 and shape[2] > 1:
+            pos = next(k for k, st in enumerate(graph.steps) if (st.out if isinstance(st, Node) else None) == var)
+            if best is None or pos > best[0]:
+                best = (pos, label)
+    if best is None:
+        raise AttraxError("the model has no spatial (n, h, w, c) activation for class activation maps")
+    return best[1]
