@@ -101,6 +101,11 @@ def test_similarity_of_self_is_one_and_of_independent_maps_about_zero():
     assert ((a == 1.0).reshape(24, -1).sum(1) >= 7).all()  # ~1% of 784 pixels clipped
     with pytest.raises(AttraxError, match="similarity"):
         sanity.similarity(r, r, metrics=["psnr"])
+    # a constant map has no rank order (0 against another map) but equals itself (1)
+    z = np.zeros((2, 8, 8, 1))
+    for m, v in sanity.similarity(z, z).items():
+        np.testing.assert_array_equal(v, 1.0, err_msg=m)
+    np.testing.assert_array_equal(sanity.similarity(z, r[:2, :8, :8, :1], metrics=["spearman"])["spearman"], 0.0)
 
 
 def test_registered_protocol_known_answers(small_cnn):

@@ -22,7 +22,8 @@ Similarities per image (all in [-1, 1], 1 = identical):
   data range 1);
 - `hog`: Pearson correlation of HOG features of the normalized absolute maps (scikit-image,
   9 orientations, `hog_cell` pixels per cell, 2x2 cells per block).
-A constant map has no rank order: correlations with it are reported as 0.
+A constant map has no rank order: correlations with it are reported as 0, unless both maps are
+identical (then every similarity is 1).
 """
 
 from __future__ import annotations
@@ -179,7 +180,10 @@ def similarity(r0, r1, *, metrics: Sequence[str] = SIMILARITIES, hog_cell: int |
             f1 -= f1.mean(1, keepdims=True)
             den = np.sqrt((f0 * f0).sum(1) * (f1 * f1).sum(1))
             out["hog"] = np.where(den > 0, (f0 * f1).sum(1) / np.where(den > 0, den, 1.0), 0.0)
-    return {m: out[m] for m in metrics}
+    # identical maps are identical, also where a map is constant (no rank order, correlations 0):
+    # a deterministic method re-run on the same model scores 1, its noise ceiling
+    same = np.all(r0.reshape(r0.shape[0], -1) == r1.reshape(r1.shape[0], -1), axis=1)
+    return {m: np.where(same, 1.0, out[m]) for m in metrics}
 
 
 # ---------------------------------------------------------------------------------------------
