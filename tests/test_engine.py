@@ -124,3 +124,27 @@ def test_second_batch_neither_retraces_nor_recompiles(monkeypatch):
         assert len(traces) == n_traces and len(compiles) == n_compiles
     finally:
         jax._src.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_transformer_rule_sets_and_module_prefix_keys():
+    vit = make("vit_tiny")
+    args = (vit.model, vit.params, vit.x, vit.target)
+    a = attrax.explain("lrp_epsilon", *args, transformer="attn_lrp")
+    b = attrax.explain("lrp_epsilon", *args, transformer="cp_lrp")
+    assert bool(jnp.isfinite(a).all()) and float(jnp.abs(a - b).max()) > 1e-3 * float(jnp.abs(a).max())
+    c = attrax.explain("lrp", *args, rules={"blocks_0/attn": "zplus", "default": "epsilon"})
+    d = attrax.explain("lrp", *args, rules={"blocks_0/attn/qkv": "zplus", "blocks_0/attn/proj": "zplus",
+                                            "default": "epsilon"})
+    np.testing.assert_allclose(c, d, rtol=1e-6, atol=1e-9)
+    with pytest.raises(AttraxError, match="match no layer"):
+        attrax.explain("lrp", *args, rules={"blocks_9": "zplus"})
+
+
+def test_layer_names_and_replacement():
+    res = make("nonzoo_resnet")
+    a, logits = _engine.layer_value(res.model, res.params, res.x, "block2")
+    assert a.shape == (2, 4, 4, 16) and float(a.min()) >= 0  # after the block's final ReLU
+    np.testing.assert_allclose(logits, res.model(res.params, res.x), rtol=1e-6)
+    _, again = _engine.layer_value(res.model, res.params, res.x, "block2", replace=a)
+    np.testing.assert_allclose(again, logits, rtol=1e-6)
+    assert _engine.last_spatial_layer(res.model, res.params, res.x) == "relu_4"
