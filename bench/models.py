@@ -5,10 +5,12 @@ Conventions
 - Zoo modules expose two stages, `features(x) -> A` (the last spatial feature maps, after the
   activation) and `head(A) -> logits`, so the CAM family and Grad-CAM need no architecture
   knowledge. `__call__(x) == head(features(x))`.
-- The activation is a field (`act`), so guided backprop and deconvnet swap it without touching
-  the weights; `use_bias=False` gives the bias-free nets that conservation tests need.
-- Pooling layers are small modules (`MaxPool`, `AvgPool`) so that relevance rules can intercept
-  them like Dense/Conv layers (`nn.intercept_methods`).
+- The activation is a field (`act`) for experiments that swap it (`Model.with_activation`);
+  no method needs it: the structure methods read the traced computation
+  (`attrax.methods._engine`), on zoo and user models alike. `use_bias=False` gives the
+  bias-free nets that conservation tests need.
+- `max_pool` is written as a reshape + window max with a fast backward pass; the engine uses
+  the same form for `reduce_window_max` (`nn.max_pool`) when it is exact.
 """
 
 from __future__ import annotations
