@@ -14,6 +14,7 @@ re-measures all of them (`attrax-bench`, training and ROAR grid sections).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -63,7 +64,22 @@ def _has_batch_stats(variables) -> bool:
     return "batch_stats" in variables
 
 
-def _make_step(model: Model, tx: optax.GradientTransformation):
+def split_parts(variables, batch: int) -> int:
+    """How many independent sub-batch gradients one training step computes (their sum is the
+    batch gradient, to float rounding). On CPU 2: XLA:CPU runs one model's convolution backward
+    on one core, but independent parts of one compiled step run concurrently on the thunk
+    runtime's thread pool, so one model's step uses both cores. 1 on GPU/TPU, for models with
+    state updated by the forward pass (BatchNorm statistics: a split would change them) and for
+    small batches."""
+    if jax.default_backend() != "cpu" or any(k != "params" for k in variables) or batch < 16:
+        return 1
+    return 2
+
+
+def _make_step(model: Model, tx: optax.GradientTransformation, parts: int = 1):
+    """The training step (state, xb, yb) -> (state, mean loss). `parts` > 1 sums the losses and
+    gradients of that many contiguous sub-batches (same math as one batch: the mean over the
+    batch; only for models without mutable state)."""
     module = model.module
     train_module = module.clone(train=True) if hasattr(module, "train") else module
 
@@ -76,9 +92,19 @@ def _make_step(model: Model, tx: optax.GradientTransformation):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         return loss, upd
 
+    def sum_loss(params, xb, yb):
+        return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": params}, xb), yb).sum()
+
     def step(state, xb, yb):
         params, other, opt_state = state
-        (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params, other, xb, yb)
+        if parts > 1 and not other:
+            bounds = np.linspace(0, xb.shape[0], parts + 1).astype(int)
+            outs = [jax.value_and_grad(sum_loss)(params, xb[a:b], yb[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            loss = sum(o[0] for o in outs) / xb.shape[0]
+            g = jax.tree.map(lambda *a: sum(a) / xb.shape[0], *(o[1] for o in outs))
+            upd = {}
+        else:
+            (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params, other, xb, yb)
         updates, opt_state = tx.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
         return (params, {**other, **upd}, opt_state), loss
@@ -86,10 +112,11 @@ def _make_step(model: Model, tx: optax.GradientTransformation):
     return step
 
 
-def _epoch_batches(n: int, batch: int, key: Array) -> np.ndarray:
-    perm = np.asarray(jax.random.permutation(key, n))
+def _epoch_batches(n: int, batch: int, key: Array) -> Array:
+    """(batches, batch) example indices of one epoch, on the device: a seeded permutation, the last
+    n % batch examples of it dropped."""
     nb = n // batch
-    return perm[: nb * batch].reshape(nb, batch)
+    return jax.random.permutation(key, n)[: nb * batch].reshape(nb, batch)
 
 
 def pick_loop(loop: str) -> str:
@@ -98,11 +125,38 @@ def pick_loop(loop: str) -> str:
     return "python" if jax.default_backend() == "cpu" else "scan"
 
 
+def _batch(data, idx, i):
+    """Batch i of an epoch: the rows idx[i] of every array in `data` (a gather inside the step)."""
+    rows = jax.lax.dynamic_index_in_dim(idx, i, axis=0, keepdims=False)
+    return tuple(a[rows] for a in data)
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_idx_fn(n: int, batch: int, models: int = 0):
+    """Compiled (data keys, epoch) -> batch indices: (batches, batch), or (batches, models, batch)
+    for `models` stacked data keys (each model's permutation, the same as alone)."""
+    def one(key, ep):
+        return _epoch_batches(n, batch, jax.random.fold_in(key, ep))
+
+    if models:
+        return jax.jit(lambda keys, ep: jnp.swapaxes(jax.vmap(one, (0, None))(keys, ep), 0, 1))
+    return jax.jit(one)
+
+
 def fit(
     model: Model, x: np.ndarray, y: np.ndarray, *, seed: int, cfg: TrainConfig, progress: bool = True,
     variables=None,
 ) -> tuple[Any, list[float]]:
-    """Train from a fresh seeded init (or from `variables`); returns (variables, epoch losses)."""
+    """Train from a fresh seeded init (or from `variables`); returns (variables, epoch losses).
+
+    Every epoch visits a seeded permutation of the examples in batches of `cfg.batch_size` (the
+    last n % batch_size of the permutation are left out that epoch). The data go to the device
+    once; the permutation is drawn there and each step gathers its batch inside the compiled
+    step; the epoch's loss is summed on the device and read once per epoch. `cfg.loop`: "python"
+    (one compiled step per call, parameters and optimizer state donated) or "scan" (one
+    `lax.scan` over the epoch: ~5-10x slower on XLA:CPU, whose while loops run their body's
+    convolutions far slower than the same step compiled alone; faster on GPU).
+    """
     from tqdm.auto import tqdm
 
     key = jax.random.key(seed)
@@ -112,34 +166,40 @@ def fit(
     params = variables["params"]
     other = {k: v for k, v in variables.items() if k != "params"}
     tx = _optimizer(cfg)
-    state = (params, other, tx.init(params))
-    step = _make_step(model, tx)
-    xd, yd = jnp.asarray(x), jnp.asarray(y, jnp.int32)
+    n = len(x)
+    batch = min(cfg.batch_size, n)
+    n_batches = n // batch
+    step = _make_step(model, tx, split_parts(variables, batch))
+    data = (jnp.asarray(x), jnp.asarray(y, jnp.int32))
     loop = pick_loop(cfg.loop)
-    losses = []
+    state = (params, other, tx.init(params))
+
+    def one(carry, data, idx, i):
+        state, tot = carry
+        state, loss = step(state, *_batch(data, idx, i))
+        return state, tot + loss
+
     if loop == "python":
-        jstep = jax.jit(step, donate_argnums=0)
+        run = jax.jit(one, donate_argnums=0)
     else:
 
-        @jax.jit
-        def epoch_scan(state, idx):
-            def body(s, i):
-                return step(s, xd[i], yd[i])
+        @functools.partial(jax.jit, donate_argnums=0)
+        def run(carry, data, idx):
+            return jax.lax.scan(lambda c, i: (one(c, data, idx, i), None), carry, jnp.arange(idx.shape[0]))[0]
 
-            return jax.lax.scan(body, state, idx)
-
+    epoch_idx = _epoch_idx_fn(n, batch)
+    losses = []
     bar = tqdm(range(cfg.epochs), desc=f"train {model.name} seed {seed}", disable=not progress, leave=False)
     for ep in bar:
-        idx = _epoch_batches(len(x), min(cfg.batch_size, len(x)), jax.random.fold_in(k_data, ep))
+        idx = epoch_idx(k_data, ep)
+        carry = (state, jnp.zeros((), jnp.float32))
         if loop == "python":
-            tot = 0.0
-            for b in idx:
-                state, loss = jstep(state, xd[b], yd[b])
-                tot += loss
-            ep_loss = float(tot) / len(idx)
+            for i in range(n_batches):
+                carry = run(carry, data, idx, i)
         else:
-            state, ls = epoch_scan(state, jnp.asarray(idx))
-            ep_loss = float(ls.mean())
+            carry = run(carry, data, idx)
+        state, tot = carry
+        ep_loss = float(tot) / n_batches  # the one host sync of the epoch
         losses.append(ep_loss)
         bar.set_postfix(loss=f"{ep_loss:.4f}")
     params, other, _ = state
@@ -336,32 +396,40 @@ def train_many(
     chosen = pick_many_mode(mode)
     batched = chosen == "vmap"
     tx = _optimizer(cfg)
-    step = _make_step(model, tx)
+    batch = min(cfg.batch_size, n)
+    n_batches = n // batch
+    sample = jnp.asarray(xs[0][:1])
+    # the step `fit` would use for one model alone (the same sub-batch split), except where models
+    # already share the cores (parallel) or one vmapped step (vmap)
+    parts = split_parts(jax.eval_shape(lambda: init(model, jax.random.key(0), sample)), batch)
+    step = _make_step(model, tx, parts if chosen == "sequential" else 1)
     many = jax.vmap(step) if batched else step
     xd = jnp.stack([jnp.asarray(a) for a in xs])  # (variants, n, ...): each distinct array once
     yd = jnp.stack([jnp.asarray(a, jnp.int32) for a in ys])
 
-    def one_step(state, data, vx, vy, idx):
+    def one_step(carry, data, vx, vy, idx, i):
         # data: all variants (arguments, never closed-over constants: XLA would fold them);
-        # vx, vy: the model(s)' variant; idx: (batch,) or (models, batch) example indices
+        # vx, vy: the model(s)' variant; idx: the epoch's (batches, batch) or (batches, models,
+        # batch) example indices, on the device; i: the step
+        state, tot = carry
         xa, ya = data
-        sel = (vx[:, None], idx) if batched else (vx, idx)
-        sel_y = (vy[:, None], idx) if batched else (vy, idx)
-        return many(state, xa[sel], ya[sel_y])
+        rows = jax.lax.dynamic_index_in_dim(idx, i, axis=0, keepdims=False)
+        sel = (vx[:, None], rows) if batched else (vx, rows)
+        sel_y = (vy[:, None], rows) if batched else (vy, rows)
+        state, loss = many(state, xa[sel], ya[sel_y])
+        return state, tot + loss
 
     loop = pick_loop(cfg.loop)
     if loop == "python":
         run_step = jax.jit(one_step, donate_argnums=0)
     else:
 
-        @jax.jit
-        def run_epoch(state, data, vx, vy, idx):  # idx: (batches, ...)
-            return jax.lax.scan(lambda st, i: one_step(st, data, vx, vy, i), state, idx)
+        @functools.partial(jax.jit, donate_argnums=0)
+        def run_epoch(carry, data, vx, vy, idx):  # all of the epoch's steps in one lax.scan
+            steps = jnp.arange(idx.shape[0])
+            return jax.lax.scan(lambda c, i: (one_step(c, data, vx, vy, idx, i), None), carry, steps)[0]
 
     keys = [jax.random.split(jax.random.key(s)) for s in seeds]  # (init, data) as in `fit`
-    sample = jnp.asarray(xs[0][:1])
-    batch = min(cfg.batch_size, n)
-    n_batches = n // batch
 
     def initial_state(members: list[int]):
         inits = [init(model, keys[i][0], sample) for i in members]
@@ -377,29 +445,32 @@ def train_many(
         """The step (or epoch) compiled once, before any worker thread calls it (from the shapes of
         the members' initial state alone: no initialization is run)."""
         state, vx, vy = jax.eval_shape(lambda: initial_state(members))
-        shape = (n_batches, len(members), batch) if loop == "scan" else (len(members), batch)
-        idx = jax.ShapeDtypeStruct(shape if batched else shape[:-2] + shape[-1:], jnp.int32)
-        fn = run_epoch if loop == "scan" else run_step
-        return fn.lower(state, (xd, yd), vx, vy, idx).compile()
+        tot = jax.ShapeDtypeStruct((len(members),) if batched else (), jnp.float32)
+        idx = jax.eval_shape(_epoch_idx_fn(n, batch, len(members) if batched else 0),
+                             jnp.stack([keys[i][1] for i in members]) if batched else keys[members[0]][1], 0)
+        if loop == "scan":
+            return run_epoch.lower((state, tot), (xd, yd), vx, vy, idx).compile()
+        return run_step.lower((state, tot), (xd, yd), vx, vy, idx, 0).compile()
 
     def train_group(members: list[int], fn):
         state, vx, vy = initial_state(members)
-        losses = []
+        data_keys = jnp.stack([keys[i][1] for i in members]) if batched else keys[members[0]][1]
+        epoch_idx = _epoch_idx_fn(n, batch, len(members) if batched else 0)
+        totals = []
         for ep in range(cfg.epochs):
-            idx = [_epoch_batches(n, batch, jax.random.fold_in(keys[i][1], ep)) for i in members]
-            idx = np.stack(idx, axis=1) if batched else idx[0]
+            idx = epoch_idx(data_keys, ep)
+            carry = (state, jnp.zeros((len(members),) if batched else (), jnp.float32))
             if loop == "python":
-                tot = 0.0
-                for b in idx:
-                    state, loss = fn(state, (xd, yd), vx, vy, jnp.asarray(b))
-                    tot += loss
-                losses.append(np.asarray(tot) / len(idx))
+                for i in range(n_batches):
+                    carry = fn(carry, (xd, yd), vx, vy, idx, i)
             else:
-                state, ls = fn(state, (xd, yd), vx, vy, jnp.asarray(idx))
-                losses.append(np.asarray(ls).mean(axis=0))
+                carry = fn(carry, (xd, yd), vx, vy, idx)
+            state, tot = carry
+            totals.append(tot)  # on the device: read once, after the last epoch
         params, other, _ = state
         jax.block_until_ready(params)
-        return {"params": params, **other}, np.asarray(losses, dtype=np.float64).reshape(cfg.epochs, -1)
+        losses = np.asarray([np.asarray(t) for t in totals], dtype=np.float64) / n_batches
+        return {"params": params, **other}, losses.reshape(cfg.epochs, -1)
 
     if batched:
         variables, losses = train_group(list(range(m)), compiled(list(range(m))))
