@@ -3,21 +3,21 @@
 For a ReLU network (max/avg pooling and residual sums included) the full-gradient decomposition
 is exact: f_c(x) = sum(x * grad_x f_c) + sum over layers l of sum(b_l * grad_{b_l} f_c), where
 grad_{b_l} f_c is the gradient w.r.t. the layer's bias at every output position. The bias
-gradients come from the same single backward pass as the input gradient: every Dense/Conv layer
-with a bias (and every BatchNorm in inference mode, whose implicit bias is
-beta - scale * mean / sqrt(var + eps)) is intercepted with `flax.linen.intercept_methods` and
-gets a zero offset added to its output; the gradient w.r.t. that offset is the bias gradient.
-Works on any Flax linen module built from nn.Dense / nn.Conv / nn.BatchNorm (needs="layers").
+gradients come from the same single backward pass as the input gradient: every linear layer of
+the traced computation with a bias (dense / conv, with a following BatchNorm in inference mode
+folded in: its implicit bias is beta - scale * mean / sqrt(var + eps)) gets a zero offset added
+to its output; the gradient w.r.t. that offset is the bias gradient. Works on any JAX model
+(`attrax.methods._engine`: Flax linen or nnx, a plain apply_fn).
 """
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from attrax.errors import AttraxError
+from attrax.methods import _engine
 from attrax.methods._core import METHODS, class_score
 
 Array = jax.Array
@@ -25,56 +25,47 @@ VARIANTS = ("paper", "complete")
 ORDERS = ("normalize_then_upsample", "upsample_then_normalize")
 
 
-def _layer_bias(module: nn.Module, method_name: str):
-    """The (implicit) bias of an intercepted call, or None for layers without one."""
-    if method_name != "__call__":
-        return None
-    if isinstance(module, nn.Dense | nn.Conv) and module.use_bias:
-        return module.variables["params"]["bias"]
-    if isinstance(module, nn.BatchNorm) and module.use_running_average and module.use_bias:
-        stats, p = module.variables["batch_stats"], module.variables["params"]
-        gain = jax.lax.rsqrt(stats["var"] + module.epsilon)
-        if module.use_scale:
-            gain = gain * p["scale"]
-        return p["bias"] - gain * stats["mean"]
-    return None
-
-
 def full_gradients(model, params, x, target, score: str = "logit"):
-    """(scores, grad_x, [(bias, grad_bias) per biased layer in call order]) from one backward pass.
+    """(scores, grad_x, [(bias, grad_bias) per biased layer in execution order]) from one
+    backward pass.
 
-    grad_bias has the layer output's shape (n, ..., channels); bias has shape (channels,).
+    The layers come from the rule engine's trace (`attrax.methods._engine`; any JAX model): every
+    linear layer (dense / conv) with a bias, BatchNorm-like affine chains folded in (so a conv's
+    bias and its BatchNorm's implicit bias beta - scale * mean / sqrt(var + eps) form the merged
+    layer's one bias, whose bias-gradient term is their sum). Each gets a zero offset added to
+    its output; the gradient w.r.t. that offset is the bias gradient. grad_bias has the layer
+    output's shape (n, ..., channels); bias broadcasts against it.
     """
-    if model.module is None:
-        raise AttraxError("fullgrad needs the model's layers: pass the Flax module, not a plain apply_fn")
-    module = model.module
+    graph = _engine.graph_of(model, params, x)
+    biased = [n for n in graph.nodes if n.kind == "linear" and len(n.ops) > 1]
+    slot = {id(n): i for i, n in enumerate(biased)}
 
     def run(xx, offsets):
-        biases, outs = [], []
+        biases = [None] * len(biased)
 
-        def icpt(next_fun, args, kwargs, ctx):
-            out = next_fun(*args, **kwargs)
-            b = _layer_bias(ctx.module, ctx.method_name)
-            if b is None:
-                return out
-            if offsets is not None:
-                out = out + offsets[len(outs)]
-            biases.append(jax.lax.stop_gradient(b))
-            outs.append(out)
-            return out
+        def handle(node, env):
+            if id(node) not in slot:
+                return None
+            a = env[node.ins[0]]
+            k, b, rest = _engine.linear_parts(node, env, True)
+            out = _engine.make_linear(node, a, k, b)(a)
+            if rest:
+                local = dict(env)
+                local[node.ops[len(node.ops) - len(rest) - 1].outs[0]] = out
+                _engine.run_ops(rest, local)
+                out = local[node.out]
+            i = slot[id(node)]
+            biases[i] = jax.lax.stop_gradient(b)
+            return out + offsets[i]
 
-        with nn.intercept_methods(icpt):
-            logits = module.apply(params, xx)
-        return logits, biases, outs
-
-    shapes = jax.eval_shape(lambda xx: run(xx, None)[2], x)
+        return _engine.evaluate(graph, params, xx, handle), biases
 
     def total(xx, offsets):
-        logits, biases, _ = run(xx, offsets)
+        logits, biases = run(xx, offsets)
         s = class_score(logits, target, score)
         return s.sum(), (s, biases)
 
-    zeros = [jnp.zeros(s.shape, x.dtype) for s in shapes]
+    zeros = [jnp.zeros(graph.avals[n.out].shape, x.dtype) for n in biased]
     (_, (s, biases)), (gx, gb) = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)(x, zeros)
     return s, gx, list(zip(biases, gb, strict=True))
 
@@ -132,7 +123,7 @@ def _psi(t: Array, height: int, width: int, order: str = "normalize_then_upsampl
     return _minmax(a).sum(-1)
 
 
-@METHODS.register("fullgrad", family="gradient", needs="layers", stochastic=False, cost=lambda hp: 1)
+@METHODS.register("fullgrad", family="gradient", needs="apply", stochastic=False, cost=lambda hp: 1)
 def fullgrad(
     model,
     params,
