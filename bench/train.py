@@ -71,7 +71,7 @@ def split_parts(variables, batch: int) -> int:
     runtime's thread pool, so one model's step uses both cores. 1 on GPU/TPU, for models with
     state updated by the forward pass (BatchNorm statistics: a split would change them) and for
     small batches."""
-    if jax.default_backend() != "cpu" or any(k != "params" for k in variables) or batch < 16:
+    if jax.default_backend() != "cpu" or any(k != "params" for k in variables) or batch < 32:
         return 1
     return 2
 
@@ -99,7 +99,8 @@ def _make_step(model: Model, tx: optax.GradientTransformation, parts: int = 1):
         params, other, opt_state = state
         if parts > 1 and not other:
             bounds = np.linspace(0, xb.shape[0], parts + 1).astype(int)
-            outs = [jax.value_and_grad(sum_loss)(params, xb[a:b], yb[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+            outs = [jax.value_and_grad(sum_loss)(params, xb[a:b], yb[a:b])
+                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
             loss = sum(o[0] for o in outs) / xb.shape[0]
             g = jax.tree.map(lambda *a: sum(a) / xb.shape[0], *(o[1] for o in outs))
             upd = {}
