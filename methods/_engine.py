@@ -986,14 +986,14 @@ def layer_value(model, params: Any, x: Array, layer: str, replace: Array | None 
 
 
 def last_spatial_layer(model, params: Any, x: Array) -> str:
-    """The label of the last 4-D (n, h, w, c) activation computed by a node or a linear layer
-    (the default layer of the CAM family on a model without `features`)."""
+    """The label of the last 4-D (n, h, w, c) output of a ReLU / activation / max or average
+    pooling / conv layer (the default layer of the CAM family on a model without `features`)."""
     graph = graph_of(model, params, x)
     best = None
-    kinds = {n.out: (n.kind, n.info.kind if n.info else None) for n in graph.nodes}
+    kinds = {n.out: (n.kind, n.info.kind if n.info else n.ops[0].pname) for n in graph.nodes}
     for label, var in graph.labels.items():
-        kind, lin = kinds.get(var, (None, None))
-        if kind not in ("relu", "activation", "maxpool") and lin != "conv":
+        kind, sub = kinds.get(var, (None, None))
+        if kind not in ("relu", "activation", "maxpool") and sub not in ("conv", "reduce_window_sum"):
             continue
         shape = graph.avals[var].shape
         if len(shape) == 4 and shape[0] == x.shape[0] and shape[1] > 1 and shape[2] > 1:
@@ -1001,5 +1001,8 @@ def last_spatial_layer(model, params: Any, x: Array) -> str:
             if best is None or pos > best[0]:
                 best = (pos, label)
     if best is None:
-        raise AttraxError("the model has no spatial (n, h, w, c) activation for class activation maps")
+        raise AttraxError(
+            "class activation maps need spatial maps (n, h, w, K): the model has no `features`/`head` "
+            "stages and no spatial activation in its trace"
+        )
     return best[1]

@@ -7,7 +7,12 @@ All five explain a class through spatial feature maps A (n, h, w, K) of a layer:
 - `layer="<name>"`: the output of a named Flax submodule (`"conv1"`, `"pool1"`, or a path
   `"block2/conv1"`), found with `nn.intercept_methods`; the rest of the network is the model with
   that submodule's output replaced. Note that a zoo conv module's output is taken BEFORE its
-  activation; name a pooling layer (or use `features`) for post-activation maps.
+  activation; name a pooling layer (or use `features`) for post-activation maps. On any other
+  model (plain apply_fn, nnx) and for names that are not submodules, the layer is read off the
+  rule engine's trace (`attrax.methods._engine.find_layer`): a module path, a linear layer
+  ("conv_1"), or an intermediate such as "relu_1" / "maxpool_0".
+- a model without `features`/`head` and `layer="features"` (default): the last spatial
+  activation of the trace (`_engine.last_spatial_layer`).
 
 The low-resolution map (n, h, w) is upsampled to the input size with `jax.image.resize`
 (`upsample="bilinear"` by default) and broadcast over the input's channels, so the relevance has
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from attrax.errors import AttraxError
+from attrax.methods import _engine
 from attrax.methods._core import METHODS, class_score, input_gradient
 
 Array = jax.Array
@@ -50,10 +56,8 @@ def layer_output(
     `layer`. With `replace` the logits are those of the network downstream of the layer, evaluated
     at `replace` (gradients flow into it); everything upstream is dead code that XLA removes.
     """
-    if model.module is None:
-        raise AttraxError(
-            f"layer {layer!r} needs the model's Flax module; {model.name!r} is a plain apply_fn"
-        )
+    if model.module is None:  # any JAX model: the layer is read off the trace
+        return _engine.layer_value(model, params, x, layer, replace)
     found: list[Array] = []
     seen: list[str] = []
 
@@ -68,11 +72,15 @@ def layer_output(
 
     with nn.intercept_methods(interceptor):
         logits = model.module.apply(params, x)
-    if not found:
-        raise AttraxError(
-            f"model {model.name!r} has no layer {layer!r}; "
-            f"layers: {', '.join(dict.fromkeys(seen)) or 'none'}"
-        )
+    if not found:  # not a submodule: an intermediate of the trace ("relu_1", "maxpool_0", ...)
+        try:
+            return _engine.layer_value(model, params, x, layer, replace)
+        except AttraxError:
+            raise AttraxError(
+                f"model {model.name!r} has no layer {layer!r}; "
+                f"layers: {', '.join(dict.fromkeys(seen)) or 'none'}; or an intermediate: "
+                f"{', '.join(_engine.graph_of(model, params, x).labels)}"
+            ) from None
     return found[0], logits
 
 
@@ -82,13 +90,11 @@ def spatial_stages(
     """(A, rest): A (n, h, w, K) the maps of `layer`, `rest(A) -> logits` the network above it."""
     if x.ndim != 4:
         raise AttraxError(f"class activation maps need NHWC images, got input shape {x.shape}")
+    if layer == "features" and not model.has_stages:
+        # any other model: the last spatial activation of the trace (ReLU, activation, max
+        # pooling or conv output), e.g. the last conv block's ReLU
+        layer = _engine.last_spatial_layer(model, params, x)
     if layer == "features":
-        if not model.has_stages:
-            raise AttraxError(
-                f"class activation maps need a model with `features`/`head` stages; "
-                f"{model.name!r} has none (use a zoo model, give your Flax module "
-                "`features(x)` and `head(A)`, or name a layer)"
-            )
         a = model.features(params, x)
         rest = lambda aa: model.head(params, aa)  # noqa: E731
     else:
@@ -350,7 +356,7 @@ def score_cam_map(
 # Registered methods: relevance with the input's shape
 
 
-@METHODS.register("cam", family="cam", needs="stages", stochastic=False, cost=lambda hp: 1)
+@METHODS.register("cam", family="cam", needs="apply", stochastic=False, cost=lambda hp: 1)
 def cam(
     model, params, x, target, *, key=None, layer: str = "features", upsample: str = "bilinear"
 ) -> Array:
@@ -362,7 +368,7 @@ def cam(
     return upsample_map(cam_map(model, params, x, target, layer=layer), x, upsample)
 
 
-@METHODS.register("grad_cam", family="cam", needs="stages", stochastic=False, cost=lambda hp: 1)
+@METHODS.register("grad_cam", family="cam", needs="apply", stochastic=False, cost=lambda hp: 1)
 def grad_cam(
     model,
     params,
@@ -381,7 +387,7 @@ def grad_cam(
     )
 
 
-@METHODS.register("grad_cam_pp", family="cam", needs="stages", stochastic=False, cost=lambda hp: 1)
+@METHODS.register("grad_cam_pp", family="cam", needs="apply", stochastic=False, cost=lambda hp: 1)
 def grad_cam_pp(
     model,
     params,
@@ -401,7 +407,7 @@ def grad_cam_pp(
 
 
 @METHODS.register(
-    "guided_grad_cam", family="cam", needs="stages", stochastic=False, cost=lambda hp: 2
+    "guided_grad_cam", family="cam", needs="apply", stochastic=False, cost=lambda hp: 2
 )
 def guided_grad_cam(
     model,
@@ -422,7 +428,7 @@ def guided_grad_cam(
     return gb * grad_cam(model, params, x, target, layer=layer, score=score, upsample=upsample)
 
 
-@METHODS.register("score_cam", family="cam", needs="stages", stochastic=False, cost=lambda hp: 64)
+@METHODS.register("score_cam", family="cam", needs="apply", stochastic=False, cost=lambda hp: 64)
 def score_cam(
     model,
     params,
