@@ -541,6 +541,31 @@ def bench_flags(flag_sets: list[str]) -> list[dict]:
 # Training strategies
 
 
+def _fit_step_overhead(tr, model, ds, epochs: int, fit_s: float) -> dict:
+    """`fit`'s steps alone: fit's training step (the same split, donated) called on one fixed batch
+    as many times as one `fit` takes steps, against `fit`'s time (python loop) measured above."""
+    batch = min(tr.TrainConfig().batch_size, len(ds.x))
+    variables = tr.init(model, jax.random.key(0), jax.numpy.asarray(ds.x[:1]))
+    tx = tr._optimizer(tr.TrainConfig())
+    step = jax.jit(tr._make_step(model, tx, tr.split_parts(variables, batch)), donate_argnums=0)
+    xb, yb = jax.numpy.asarray(ds.x[:batch]), jax.numpy.asarray(ds.y[:batch])
+    steps = len(ds.x) // batch * epochs
+
+    def run():
+        fresh = jax.tree.map(jax.numpy.copy, variables)  # the step donates its state
+        other = {k: v for k, v in fresh.items() if k != "params"}
+        state = step((fresh["params"], other, tx.init(fresh["params"])), xb, yb)[0]
+        for _ in range(steps - 1):
+            state = step(state, xb, yb)[0]
+        return state
+
+    t = time_calls(run, repeats=2, warmup=0, max_seconds=60)
+    return {"kind": "train", "name": "fit steps alone", "images_per_s": steps * batch / t["median_s"],
+            "hparams": {"batch": batch, "steps": steps}, "seconds": t["median_s"],
+            "note": f"fit (python loop) / steps alone = {fit_s / t['median_s']:.2f}; per-step overhead "
+                    f"{(fit_s - t['median_s']) / steps * 1e3:.2f} ms"}
+
+
 def bench_training(cfg: dict[str, Any]) -> list[dict]:
     """lax.scan vs Python-loop epochs, and vmapped vs sequential training of several seeds."""
     import importlib
@@ -560,6 +585,7 @@ def bench_training(cfg: dict[str, Any]) -> list[dict]:
         recs.append({"kind": "train", "name": "fit", "hparams": {"loop": loop, "epochs": epochs},
                      "images_per_s": len(ds.x) * epochs / t["median_s"], "compile_s": t["compile_s"],
                      "seconds": t["median_s"]})
+    recs.append(_fit_step_overhead(tr, model, ds, epochs, recs[0]["seconds"]))
     configs = [(cfg["model"], {}, int(tcfg.get("seeds", 4)), epochs, 64)]
     small = tcfg.get("dispatch_bound")  # a step so small that fixed per-call costs dominate (GPU-shaped)
     if small:

@@ -1,14 +1,26 @@
 """Training with optax: jitted steps, deterministic per seed, cached by content hash.
 
-Two epoch strategies (`loop`): "python" (a Python loop of jitted steps) and "scan" (one
-`lax.scan` per epoch); three multi-model strategies (`train_many(mode=...)`): "sequential",
-"vmap" (all models' parameters stacked and trained by one vmapped step) and "parallel" (one
-worker thread per CPU core, each training whole models through the one compiled step). On this
-CPU the Python loop was ~5x faster than scan; vmap was ~3x slower than sequential (XLA:CPU
-lowers a vmapped convolution to a grouped convolution) and parallel ~0.55x of sequential (XLA:
-CPU runs a convolution's backward pass on one thread, so one model leaves the other cores idle).
-"auto" picks per backend (python/parallel on CPU, scan/vmap on GPU/TPU). The benchmark command
-re-measures all of them (`attrax-bench`, training and ROAR grid sections).
+The data go to the device once; each epoch's seeded permutation is drawn on the device and every
+step gathers its batch inside the compiled step (no host index arrays, no separate gather call);
+parameters and optimizer state are donated; the epoch's loss is summed on the device and read
+once per epoch. On CPU a step of a model without mutable state sums the gradients of 2 sub-batches
+(`split_parts`): measured with cnn_a at batch 64, ~10% less CPU time per step and, confined to one
+core, 0.64x the step time.
+
+Two epoch strategies (`loop`): "python" (a Python loop of compiled steps) and "scan" (one
+`lax.scan` per epoch). Why scan is 5-10x slower on XLA:CPU: inside a while loop body the
+kernel- and input-gradient convolutions keep their non-canonical dimension labels
+(`f01b_i01o->01bf`, a reversed kernel) instead of being rewritten to the `b01f_01io->b01f` form
+the fast convolution path takes (compare `compiled.as_text()` of one step and of a 1-step
+`fori_loop`), so they run through the slow generic loop emitter; k steps per call unrolled into
+straight-line code avoid it, but gain nothing over one step per call (dispatch is ~0.1% of a
+cnn_a step), so the Python loop stays. Three multi-model strategies (`train_many(mode=...)`):
+"sequential", "vmap" (all models' parameters stacked and trained by one vmapped step) and
+"parallel" (one worker thread per CPU core, each training whole models through the one compiled
+step). On this CPU vmap was ~3x slower than sequential (XLA:CPU lowers a vmapped convolution to a
+grouped convolution) and parallel ~0.55x of sequential. "auto" picks per backend (python/parallel
+on CPU, scan/vmap on GPU/TPU). The benchmark command re-measures all of them (`attrax-bench`,
+training and ROAR grid sections).
 """
 
 from __future__ import annotations
@@ -144,6 +156,48 @@ def _epoch_idx_fn(n: int, batch: int, models: int = 0):
     return jax.jit(one)
 
 
+# Compiled training functions, shared by every fit / train_many call with the same model,
+# optimizer, split and loop (ROAR, KAR and sanity checks train many models of one architecture:
+# each call used to recompile its step, seconds per call on this CPU).
+_RUNNERS: dict[Any, Any] = {}
+
+
+def _model_key(model: Model, cfg: TrainConfig) -> tuple:
+    return (model.name, type(model.module), repr(model.module), cfg.optimizer, cfg.lr, cfg.weight_decay)
+
+
+def _memo(key, make):
+    fn = _RUNNERS.get(key)
+    if fn is None:
+        while len(_RUNNERS) >= 64:
+            _RUNNERS.pop(next(iter(_RUNNERS)))
+        fn = _RUNNERS[key] = make()
+    return fn
+
+
+def _fit_runner(model: Model, cfg: TrainConfig, parts: int, loop: str):
+    """The jitted (carry, data, idx, i) -> carry step ("python") or (carry, data, idx) -> carry
+    epoch ("scan"); carry = (state, loss sum), donated."""
+    def make():
+        step = _make_step(model, _optimizer(cfg), parts)
+
+        def one(carry, data, idx, i):
+            state, tot = carry
+            state, loss = step(state, *_batch(data, idx, i))
+            return state, tot + loss
+
+        if loop == "python":
+            return jax.jit(one, donate_argnums=0)
+
+        @functools.partial(jax.jit, donate_argnums=0)
+        def run(carry, data, idx):
+            return jax.lax.scan(lambda c, i: (one(c, data, idx, i), None), carry, jnp.arange(idx.shape[0]))[0]
+
+        return run
+
+    return _memo(("fit", _model_key(model, cfg), parts, loop), make)
+
+
 def fit(
     model: Model, x: np.ndarray, y: np.ndarray, *, seed: int, cfg: TrainConfig, progress: bool = True,
     variables=None,
@@ -170,24 +224,10 @@ def fit(
     n = len(x)
     batch = min(cfg.batch_size, n)
     n_batches = n // batch
-    step = _make_step(model, tx, split_parts(variables, batch))
     data = (jnp.asarray(x), jnp.asarray(y, jnp.int32))
     loop = pick_loop(cfg.loop)
     state = (params, other, tx.init(params))
-
-    def one(carry, data, idx, i):
-        state, tot = carry
-        state, loss = step(state, *_batch(data, idx, i))
-        return state, tot + loss
-
-    if loop == "python":
-        run = jax.jit(one, donate_argnums=0)
-    else:
-
-        @functools.partial(jax.jit, donate_argnums=0)
-        def run(carry, data, idx):
-            return jax.lax.scan(lambda c, i: (one(c, data, idx, i), None), carry, jnp.arange(idx.shape[0]))[0]
-
+    run = _fit_runner(model, cfg, split_parts(variables, batch), loop)
     epoch_idx = _epoch_idx_fn(n, batch)
     losses = []
     bar = tqdm(range(cfg.epochs), desc=f"train {model.name} seed {seed}", disable=not progress, leave=False)
@@ -364,6 +404,34 @@ def _per_model_data(x, m: int) -> tuple[list[Any], np.ndarray]:
     return [x], np.zeros(m, dtype=int)
 
 
+def _many_runner(model: Model, cfg: TrainConfig, parts: int, batched: bool, loop: str):
+    """train_many's jitted step (carry, data, vx, vy, idx, i) or scanned epoch (no i)."""
+    step = _make_step(model, _optimizer(cfg), parts)
+    many = jax.vmap(step) if batched else step
+
+    def one_step(carry, data, vx, vy, idx, i):
+        # data: all variants (arguments, never closed-over constants: XLA would fold them);
+        # vx, vy: the model(s)' variant; idx: the epoch's (batches, batch) or (batches, models,
+        # batch) example indices, on the device; i: the step
+        state, tot = carry
+        xa, ya = data
+        rows = jax.lax.dynamic_index_in_dim(idx, i, axis=0, keepdims=False)
+        sel = (vx[:, None], rows) if batched else (vx, rows)
+        sel_y = (vy[:, None], rows) if batched else (vy, rows)
+        state, loss = many(state, xa[sel], ya[sel_y])
+        return state, tot + loss
+
+    if loop == "python":
+        return jax.jit(one_step, donate_argnums=0)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def run_epoch(carry, data, vx, vy, idx):  # all of the epoch's steps in one lax.scan
+        steps = jnp.arange(idx.shape[0])
+        return jax.lax.scan(lambda c, i: (one_step(c, data, vx, vy, idx, i), None), carry, steps)[0]
+
+    return run_epoch
+
+
 def train_many(
     model: Any, x, y, seeds, *, cfg: TrainConfig, mode: str = "auto", progress: bool = False,
     workers: int | None = None,
@@ -403,33 +471,11 @@ def train_many(
     # the step `fit` would use for one model alone (the same sub-batch split), except where models
     # already share the cores (parallel) or one vmapped step (vmap)
     parts = split_parts(jax.eval_shape(lambda: init(model, jax.random.key(0), sample)), batch)
-    step = _make_step(model, tx, parts if chosen == "sequential" else 1)
-    many = jax.vmap(step) if batched else step
     xd = jnp.stack([jnp.asarray(a) for a in xs])  # (variants, n, ...): each distinct array once
     yd = jnp.stack([jnp.asarray(a, jnp.int32) for a in ys])
-
-    def one_step(carry, data, vx, vy, idx, i):
-        # data: all variants (arguments, never closed-over constants: XLA would fold them);
-        # vx, vy: the model(s)' variant; idx: the epoch's (batches, batch) or (batches, models,
-        # batch) example indices, on the device; i: the step
-        state, tot = carry
-        xa, ya = data
-        rows = jax.lax.dynamic_index_in_dim(idx, i, axis=0, keepdims=False)
-        sel = (vx[:, None], rows) if batched else (vx, rows)
-        sel_y = (vy[:, None], rows) if batched else (vy, rows)
-        state, loss = many(state, xa[sel], ya[sel_y])
-        return state, tot + loss
-
     loop = pick_loop(cfg.loop)
-    if loop == "python":
-        run_step = jax.jit(one_step, donate_argnums=0)
-    else:
-
-        @functools.partial(jax.jit, donate_argnums=0)
-        def run_epoch(carry, data, vx, vy, idx):  # all of the epoch's steps in one lax.scan
-            steps = jnp.arange(idx.shape[0])
-            return jax.lax.scan(lambda c, i: (one_step(c, data, vx, vy, idx, i), None), carry, steps)[0]
-
+    runner_key = ("many", _model_key(model, cfg), parts if chosen == "sequential" else 1, batched, loop)
+    runner = _memo(runner_key, lambda: _many_runner(model, cfg, runner_key[2], batched, loop))
     keys = [jax.random.split(jax.random.key(s)) for s in seeds]  # (init, data) as in `fit`
 
     def initial_state(members: list[int]):
@@ -449,9 +495,9 @@ def train_many(
         tot = jax.ShapeDtypeStruct((len(members),) if batched else (), jnp.float32)
         idx = jax.eval_shape(_epoch_idx_fn(n, batch, len(members) if batched else 0),
                              jnp.stack([keys[i][1] for i in members]) if batched else keys[members[0]][1], 0)
-        if loop == "scan":
-            return run_epoch.lower((state, tot), (xd, yd), vx, vy, idx).compile()
-        return run_step.lower((state, tot), (xd, yd), vx, vy, idx, 0).compile()
+        args = ((state, tot), (xd, yd), vx, vy, idx) + ((0,) if loop == "python" else ())
+        sig = str(jax.tree.map(lambda a: (getattr(a, "shape", ()), str(getattr(a, "dtype", type(a)))), args))
+        return _memo((runner_key, sig), lambda: runner.lower(*args).compile())
 
     def train_group(members: list[int], fn):
         state, vx, vy = initial_state(members)

@@ -16,6 +16,7 @@ from attrax.models import init
 from attrax.train import (
     TrainConfig,
     _epoch_batches,
+    _fit_runner,
     _make_step,
     _optimizer,
     cache_key,
@@ -65,6 +66,9 @@ def test_deterministic_per_seed_and_learns(data):
     assert _max_diff(a, b) == 0.0 and la == lb  # the same seed: the same params, bit for bit
     assert _max_diff(a, c) > 1e-3
     assert len(la) == 3 and la[-1] < la[0]
+    # one compiled step for all three calls (it used to be recompiled by every call)
+    run = _fit_runner(model, cfg, split_parts(a, 32), "python")
+    assert run is _fit_runner(model, cfg, split_parts(a, 32), "python") and run._cache_size() == 1
 
 
 @pytest.mark.parametrize("loop", ["python", "scan"])
