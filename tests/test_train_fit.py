@@ -66,6 +66,8 @@ def test_deterministic_per_seed_and_learns(data):
     assert _max_diff(a, b) == 0.0 and la == lb  # the same seed: the same params, bit for bit
     assert _max_diff(a, c) > 1e-3
     assert len(la) == 3 and la[-1] < la[0]
+    more, _ = fit(model, x, y, seed=5, cfg=cfg, progress=False, variables=a)  # continue training
+    assert _max_diff(a, b) == 0.0 and _max_diff(a, more) > 1e-4  # `a` not donated away
     # one compiled step for all three calls (it used to be recompiled by every call)
     run = _fit_runner(model, cfg, split_parts(a, 32), "python")
     assert run is _fit_runner(model, cfg, split_parts(a, 32), "python") and run._cache_size() == 1
