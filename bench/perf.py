@@ -226,12 +226,14 @@ def _explain_memory_mb(model, name: str, params, x, target) -> float | None:
     from attrax.methods import per_example_keys
 
     for key, fn in list(model._cache.items()):
-        if isinstance(key, tuple) and len(key) == 6 and key[0] == "explain" and key[1] == name:
-            chunk, given = key[4], key[5]
+        # harness.explain's key: ("explain", method, static hparams, per-image hparam names, shape, chunk, given)
+        if isinstance(key, tuple) and len(key) == 7 and key[0] == "explain" and key[1] == name:
+            per_image, chunk, given = key[3], key[5], key[6]
             xx = jnp.zeros((chunk, *x.shape[1:]), x.dtype)
-            kk = per_example_keys(0, chunk) if given else jnp.zeros((chunk,), jnp.int32)
+            kk = per_example_keys(0, chunk) if given else jnp.arange(chunk, dtype=jnp.int32)
+            bb = [xx] * len(per_image)  # per-image hyperparameters travel with the chunk, shaped like x
             try:
-                compiled = fn.lower(params, xx, jnp.zeros((chunk,), jnp.int32), kk, jax.random.key(0)).compile()
+                compiled = fn.lower(params, xx, jnp.zeros((chunk,), jnp.int32), kk, jax.random.key(0), *bb).compile()
             except Exception:  # noqa: BLE001 - a figure we cannot get is reported as missing
                 return None
             b = compiled_memory_bytes(compiled)
