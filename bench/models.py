@@ -373,13 +373,44 @@ def _nnx_model(obj: Any) -> Model | None:
     return Model(type(obj).__name__.lower(), lambda state, x: nnx.merge(graphdef, state)(x), None)
 
 
+#: Model wrappers of user objects (modules, apply_fns), so that handing the same object to every
+#: `attrax.explain` call reuses one Model and with it its traces and compiled functions.
+#: id -> (weak reference to the object, Model); an entry is valid only while its object lives.
+_WRAPPED: dict[int, tuple[Any, Model]] = {}
+_WRAPPED_MAX = 32
+
+
+def _wrap_cached(obj: Any, build: Callable[[], Model]) -> Model:
+    import weakref
+
+    hit = _WRAPPED.get(id(obj))
+    if hit is not None and hit[0]() is obj:
+        return hit[1]
+    model = build()
+    try:
+        ref = weakref.ref(obj)
+    except TypeError:  # not weak-referenceable: no reuse
+        return model
+    for k in [k for k, (r, _) in _WRAPPED.items() if r() is None]:
+        del _WRAPPED[k]
+    while len(_WRAPPED) >= _WRAPPED_MAX:  # the Model holds its object: bound the memory
+        del _WRAPPED[next(iter(_WRAPPED))]
+    _WRAPPED[id(obj)] = (ref, model)
+    return model
+
+
 def as_model(obj: Any, **kwargs: Any) -> Model:
     """A zoo name, a Flax linen module, a flax.nnx module (params: `nnx.state(module)`), a
-    `Model`, or a plain `apply_fn(params, x) -> logits`."""
+    `Model`, or a plain `apply_fn(params, x) -> logits`. The same module / apply_fn object gives
+    the same Model (and so reuses its cached traces and compiled functions)."""
     if isinstance(obj, Model):
         return obj
     if isinstance(obj, str):
         return module_model(ZOO.get(obj).fn(**kwargs), obj)
+    return _wrap_cached(obj, lambda: _as_model_uncached(obj))
+
+
+def _as_model_uncached(obj: Any) -> Model:
     if isinstance(obj, nn.Module):
         return module_model(obj)
     nnx_model = _nnx_model(obj)
