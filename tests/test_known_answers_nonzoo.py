@@ -212,10 +212,6 @@ class CountingCNN(examples.PlainCNN):
         return super().__call__(x)
 
 
-#: set at the deadline if still open (issue 13)
-XFAIL_CACHE: dict[str, str] = {}
-
-
 def _counting_models():
     box_mlp, box_cnn = [], []
 
@@ -232,11 +228,9 @@ def _counting_models():
 
 @pytest.mark.parametrize("wrap", ["as_model", "raw"])
 @pytest.mark.parametrize("method", ["lrp_epsilon", "deeplift", "guided_backprop", "gradient"])
-def test_second_batch_neither_retraces_nor_recompiles(method, wrap, request):
+def test_second_batch_neither_retraces_nor_recompiles(method, wrap):
     """`as_model`: the user wraps once; `raw`: the user hands the same Flax module / apply_fn to
     every `attrax.explain` call (the README's first example does)."""
-    if wrap == "raw" and "raw" in XFAIL_CACHE:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=f"issue 13: {XFAIL_CACHE['raw']}"))
     x, models = _counting_models()
     x2 = _uniform(9, x.shape)
     t = jnp.array([0, 1], jnp.int32)
