@@ -54,7 +54,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 from jax.extend import core as jcore
 
 from attrax.errors import AttraxError
@@ -605,7 +604,8 @@ def _classify(b: _Builder, invars, outvars, n_params, strip_root: bool) -> Graph
                     members.append(nop)
                     used.add(nk)
             used.add(k)
-            nodes.append(Node("sum", list(op.ins), members[-1].outs[0], members, k if len(members) == 1 else users[o][0]))
+            pos = k if len(members) == 1 else users[o][0]
+            nodes.append(Node("sum", list(op.ins), members[-1].outs[0], members, pos))
 
     # --- unknown primitives acting on activations
     for k, op in enumerate(ops):
@@ -693,7 +693,8 @@ def _feeds_sqrt(v, ops, users, depth: int = 3) -> bool:
         op = ops[u]
         if op.pname in ("sqrt", "rsqrt"):
             return True
-        if depth > 1 and op.pname in AFFINE | {"reshape", "broadcast_in_dim"} and _feeds_sqrt(op.outs[0], ops, users, depth - 1):
+        passes = op.pname in AFFINE | {"reshape", "broadcast_in_dim"}
+        if depth > 1 and passes and _feeds_sqrt(op.outs[0], ops, users, depth - 1):
             return True
     return False
 
@@ -764,7 +765,8 @@ def check_unknown(graph: Graph, unknown: str) -> None:
         prim, where = graph.unknown[0]
         more = f" (and {len(graph.unknown) - 1} more)" if len(graph.unknown) > 1 else ""
         raise AttraxError(
-            f"no attribution rule for primitive `{prim}` at {where!r}{more}; pass unknown='gradient' to use its gradient"
+            f"no attribution rule for primitive `{prim}` at {where!r}{more}; "
+            "pass unknown='gradient' to use its gradient"
         )
 
 

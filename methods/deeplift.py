@@ -155,7 +155,7 @@ def _softmax(node, env, refs: list, tol: float) -> Array:
     for op in node.ops:
         if op.pname == "exp" and pre is not None:
             m = jnp.maximum(_engine.read(env, node.extra["shift"]), refs[2])
-            local[op.outs[0]] = _rescale(lambda t: jnp.exp(t - m), _engine.read(env, pre), refs[1], tol)
+            local[op.outs[0]] = _rescale(lambda t, m=m: jnp.exp(t - m), _engine.read(env, pre), refs[1], tol)
             local_r[op.outs[0]] = jnp.exp(refs[1] - m)
         elif op.pname == "exp":
             local[op.outs[0]] = _rescale(jnp.exp, u, ur, tol)
