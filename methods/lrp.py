@@ -130,7 +130,8 @@ def lrp(
     `rules`: mapping of layer selectors ("first", "last", "conv", "dense", "default" or a layer
     path such as "dense1", or a module prefix such as "block2" for every layer inside; layers of
     models without module names are "dense_0", "conv_1", ... by kind and position) to rule
-    names ("zero", "epsilon", "gamma", "alpha_beta", "alpha1beta0", "alpha2beta1", "zplus", "zbox", "wsquare", "flat") or to mappings
+    names ("zero", "epsilon", "gamma", "alpha_beta", "alpha1beta0", "alpha2beta1", "zplus",
+    "zbox", "wsquare", "flat") or to mappings
     `{name: gamma, gamma: 0.5}`; None (default) uses `composite` (default "epsilon_plus"; one of
     epsilon_plus, epsilon_plus_flat, epsilon_gamma_box, alpha2beta1, alpha1beta0).
     `transformer`: rules for softmax, normalizations and products of activations: "attn_lrp"
