@@ -184,6 +184,11 @@ def run_activation_maximization(cfg: dict, run_dir: Path, model, params, train_s
     return pd.concat(frames, ignore_index=True)
 
 
+def recorded_findings(cfg: dict) -> dict:
+    """{experiment: finding} of this run's own config, so a verdict uses the chain the run was made with."""
+    return {cfg["experiment_name"]: cfg["finding"]} if cfg.get("finding") else {}
+
+
 def select_images(ds, n: int):
     """A class-balanced subset of n images (the first n/classes of every class)."""
     per = max(1, int(np.ceil(n / ds.num_classes)))
@@ -246,7 +251,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
             log(f"[attrax] warning: {f}")
         from attrax import findings
 
-        for c in findings.check(rows):
+        for c in findings.check(rows, recorded_findings(cfg)):
             log(f"[attrax] expected finding {c['verdict']}: {c['claim']}. {c['numbers']}")
         log(f"[attrax] results: {run_dir / results.ROWS_FILE}")
         return rows
@@ -324,7 +329,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     log(report.format_table(report.leaderboard(rows)))
     from attrax import findings
 
-    for c in findings.check(rows):
+    for c in findings.check(rows, recorded_findings(cfg)):
         log(f"[attrax] expected finding {c['verdict']}: {c['claim']}. {c['numbers']}")
     log("")
     log(f"[attrax] results: {run_dir / results.ROWS_FILE}")

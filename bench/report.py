@@ -495,7 +495,15 @@ def build(paths: list[str], out: str | Path | None = None) -> Path:
     lb = leaderboard(df)
     lb.to_csv(out / "leaderboard.csv", index=False)
     table = format_table(lb)
-    checks = findings.check(df)
+    specs = {}  # the finding each run was made with (its recorded config), not today's preset file
+    for run in runs:
+        try:
+            rc = results_store.run_info(run).get("config") or {}
+        except (OSError, ValueError):
+            continue
+        if rc.get("finding") and rc.get("experiment_name"):
+            specs.setdefault(rc["experiment_name"], rc["finding"])
+    checks = findings.check(df, specs)
     check_md = findings.format(checks)
     flags = sorted({f for f in df["flag"] if f})  # e.g. a permuted-label model that did not fit
     st = sanity_table(df)

@@ -66,3 +66,19 @@ def test_every_finding_names_only_methods_its_preset_runs(preset):
 def test_reproduction_script_is_folded_into_presets():
     assert "samek2016_pixel_flipping" in _presets()
     assert not (resources.files("attrax.protocols") / "_reproduce.py").is_file()
+
+
+def test_report_checks_the_finding_recorded_with_the_run(tmp_path):
+    """A report of old results uses the chain the run was made with (its run.json), not today's preset."""
+    from attrax import report, results
+
+    df = _rows("samek2016_aopc", "region_perturbation", "aopc",
+               {"lrp_epsilon": [1.0, 1.0], "deconvnet": [3.0, 3.0], "gradient": [2.0, 2.0], "random": [0.0, 0.0]})
+    df = df.assign(run_id="r", dataset="d", model="m", model_seed=0, method_hparams="{}", seed=0)
+    recorded = {"claim": "recorded claim: deconvnet > lrp_epsilon",
+                "compare": [{"protocol": "region_perturbation", "metric": "aopc", "better": "higher",
+                             "chain": ["deconvnet", "lrp_epsilon"]}]}
+    results.write_run(tmp_path / "run", df, {"experiment_name": "samek2016_aopc", "finding": recorded}, {})
+    out = report.build([str(tmp_path / "run")], tmp_path / "report")
+    md = (out / "leaderboard.md").read_text()
+    assert "recorded claim" in md and "agrees" in md
