@@ -42,7 +42,9 @@ def preset_finding(experiment: str) -> dict | None:
 
 
 def _means(df: pd.DataFrame, c: dict) -> dict[str, float]:
-    sub = df[(df["protocol"] == c["protocol"]) & (df["metric"] == c["metric"]) & (df["example"] >= 0)]
+    sub = df[(df["protocol"] == c["protocol"]) & (df["metric"] == c["metric"])]
+    if (sub["example"] >= 0).any():  # per-example rows where there are; else the aggregates (ROAR/KAR)
+        sub = sub[sub["example"] >= 0]
     where = c.get("x")
     if where is None:
         sub = sub[sub["x"].isna()]

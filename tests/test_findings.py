@@ -82,3 +82,13 @@ def test_report_checks_the_finding_recorded_with_the_run(tmp_path):
     out = report.build([str(tmp_path / "run")], tmp_path / "report")
     md = (out / "leaderboard.md").read_text()
     assert "recorded claim" in md and "agrees" in md
+
+
+def test_retraining_findings_read_their_aggregate_rows():
+    """ROAR/KAR rows are aggregates (example -1): the check must see them, not report 'no rows'."""
+    accs = {"smoothgrad_sq": .75, "vargrad": .76, "random": .50, "gradient": .27,
+            "integrated_gradients": .15, "guided_backprop": .62}
+    df = pd.DataFrame([{"experiment": "hooker2019_roar", "protocol": "roar", "metric": "test_accuracy",
+                        "method": m, "value": v, "x": 0.9, "example": -1} for m, v in accs.items()])
+    c = findings.check(df)[0]
+    assert c["verdict"] == "differs" and "no rows" not in c["numbers"]
