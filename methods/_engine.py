@@ -277,6 +277,17 @@ def run_ops(ops: list, env: dict) -> None:
             env[o] = v
 
 
+def finish_linear(node: Node, env: dict, rest: list, z: Array) -> Array:
+    """The node's output when its linear op's output is replaced by `z`: the remaining ops of
+    the node (`rest`, from `linear_parts`, e.g. an unfolded affine chain) run on a copy of `env`."""
+    if not rest:
+        return z
+    local = dict(env)
+    local[node.ops[len(node.ops) - len(rest) - 1].outs[0]] = z
+    run_ops(rest, local)
+    return local[node.out]
+
+
 def evaluate(graph: Graph, params: Any, x: Array, handle: Callable | None = None,
              override: dict | None = None, capture: int | None = None) -> Array:
     """The model's output computed equation by equation; `handle(node, env)` returns a node's

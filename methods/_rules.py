@@ -483,12 +483,7 @@ def lrp_handler(rule_for, *, pooling: str = "winner", canonize: bool = True, ker
                 z = layer(a)
             else:
                 z = ruled_linear(rule_for(node.info), layer, a, node.info)
-            if not rest:
-                return z
-            local = dict(env)
-            local[node.ops[len(node.ops) - len(rest) - 1].outs[0]] = z
-            _engine.run_ops(rest, local)
-            return local[node.out]
+            return _engine.finish_linear(node, env, rest, z)
         if kind == "maxpool" and node.extra["form"] != "generic":
             return max_pool_rule(_engine.to6(node, env[node.ins[0]]), pooling)
         if kind == "sum":

@@ -48,12 +48,7 @@ def full_gradients(model, params, x, target, score: str = "logit"):
                 return None
             a = env[node.ins[0]]
             k, b, rest = _engine.linear_parts(node, env, True)
-            out = _engine.make_linear(node, a, k, b)(a)
-            if rest:
-                local = dict(env)
-                local[node.ops[len(node.ops) - len(rest) - 1].outs[0]] = out
-                _engine.run_ops(rest, local)
-                out = local[node.out]
+            out = _engine.finish_linear(node, env, rest, _engine.make_linear(node, a, k, b)(a))
             i = slot[id(node)]
             biases[i] = jax.lax.stop_gradient(b)
             return out + offsets[i]

@@ -70,12 +70,7 @@ def _statistics(model, params, x: Array, weights: Array, estimator: str, canoniz
             "sx": layer.kernel_transpose(a, m),
             "sxy": layer.kernel_transpose(a, m * y),
         }
-        if not rest:
-            return y
-        local = dict(env)
-        local[node.ops[len(node.ops) - len(rest) - 1].outs[0]] = y
-        _engine.run_ops(rest, local)
-        return local[node.out]
+        return _engine.finish_linear(node, env, rest, y)
 
     _engine.evaluate(graph, params, x, handle)
     return stats
