@@ -10,20 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from test_protocols_registry import SMALL as REGISTRY_SMALL
 
 import attrax
 from attrax import results
 
 CONF = Path(attrax.__file__).resolve().parent.parent / "conf" / "protocol"
+
 ALL = attrax.protocols.names()
 RETRAIN = attrax.protocols.names(kind="retrain")
 SMALL = {
-    "continuity": {"max_shift": 2},
-    "selectivity": {"steps": 2, "window": 2},
-    "selectivity_oneshot": {"steps": 2, "window": 2},
-    "faithfulness_correlation": {"subset_size": 4},
-    "monotonicity": {"steps": 6},
-    "region_perturbation": {"patch_size": 2, "steps": 9},
+    **REGISTRY_SMALL,  # the per-batch protocols' small settings, shared with test_protocols_registry
     "max_sensitivity": {"n_samples": 3},
     "avg_sensitivity": {"n_samples": 3},
     "sanity_model_randomization": {"metrics": ["spearman", "ssim"]},
