@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 import attrax
-from attrax import report, results
+from attrax import report, results, streaming
 from attrax.errors import AttraxError
 
 
@@ -220,11 +220,15 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         model = attrax.models.create(mname, num_classes=train_set.num_classes, **mcfg)
         model, params, info = attrax.train(model, train_set, seed=cfg["model_seed"], cfg=tcfg,
                                            progress=cfg["progress"])
-    acc = attrax.train_module_accuracy(model, params, test_set)
+    settings = streaming.StreamConfig.from_config(cfg.get("stream"))
+    # a job given some shards of a sweep leaves the model's test accuracy to the job with shard 0
+    acc = (streaming.accuracy(model, params, test_set) if settings.shards is None or 0 in settings.shards
+           else float("nan"))
     timings["train_s"] = time.perf_counter() - t
     how = ("imported weights" if info.get("imported") else
            "loaded from cache" if info.get("cached") else f"trained in {timings['train_s']:.1f}s")
-    log(f"[attrax] model {mname} on {dname}: {how}; test accuracy {acc:.4f}")
+    log(f"[attrax] model {mname} on {dname}: {how}; test accuracy "
+        + (f"{acc:.4f}" if acc == acc else "left to the job with shard 0"))
 
     pspecs = protocol_specs(cfg)
     for pname in pspecs:  # unknown names fail before any work
@@ -256,52 +260,49 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         log(f"[attrax] results: {run_dir / results.ROWS_FILE}")
         return rows
     sub = select_images(test_set, cfg["n_images"])
-    x = jnp.asarray(sub.x)
-    target = attrax.resolve_target(model, params, x, sub.y, cfg["target"])
-    example_index = np.asarray(sub.meta.get("index", np.arange(len(sub))))
     masks = sub.meta.get("masks")
-    # what protocols may take from the run; per method, `supply` adds the method, its filled
-    # hyperparameters and the key its map was computed with
+    # what protocols may take from the run; per method and batch, `supply` adds the method, its
+    # filled hyperparameters, the batch's masks and the per-example keys its map was computed with
     run_context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
                    "masks": None if masks is None else jnp.asarray(masks),
                    "train_set": train_set, "test_set": test_set, "train_config": dict(vars(tcfg)),
                    "model_seed": cfg["model_seed"], "progress": cfg["progress"]}
     key = jax.random.key(cfg["seed"])
-    frames, maps, choices, skipped, filled_info = [], {}, {}, {}, {}
+    frames, maps, choices, skipped, filled_info, shard_info = [], {}, {}, {}, {}, {}
     # heatmap rows: one image per class first, then the rest, up to `heatmap_images`
     firsts = [int(np.flatnonzero(sub.y == c)[0]) for c in np.unique(sub.y)]
     hidx = np.asarray((firsts + [i for i in range(len(sub)) if i not in firsts])[: cfg["heatmap_images"]])
     specs = method_specs_with_controls(cfg)
+    store = streaming.ShardStore(run_dir)
+    row_ids = {"run_id": run_dir.name, "experiment": cfg["experiment_name"], "dataset": dname, "model": mname,
+               "model_seed": cfg["model_seed"], "seed": cfg["seed"], "target_mode": cfg["target"]}
     for mi, (meth, hp) in enumerate(specs.items()):
-        t = time.perf_counter()
         method_key = jax.random.fold_in(key, mi)  # the map's key: protocols re-explain with it
         try:
             filled, how = fill_method_hparams(meth, hp, train_set, cfg["seed"], model, params)
-            r = attrax.explain(meth, model, params, x, target, key=method_key,
-                               evals_per_chunk=cfg["chunk_evals"], **filled)
+            mframes, mmaps, mt, mchoices, sinfo = streaming.run_method(
+                method=meth, mi=mi, hparams=hp, filled=filled, sub=sub, model=model, params=params,
+                method_key=method_key, protocol_key=lambda pi: jax.random.fold_in(key, 10_000 + pi),
+                pspecs=pspecs, run_context=run_context, heat_positions=hidx,
+                row_ids={**row_ids, "method": meth, "method_hparams": hp}, cfg=cfg, settings=settings,
+                store=store, log=log, explain_kw={"evals_per_chunk": cfg["chunk_evals"]})
         except AttraxError as e:
             if cfg.get("method") or len(specs) == 1:  # a single chosen method must not be skipped
                 raise
             skipped[meth] = str(e)
             log(f"[attrax] {meth}: skipped: {e}")
             continue
-        r = jax.block_until_ready(r)
-        filled_info[meth] = how
-        timings[f"explain_{meth}_s"] = time.perf_counter() - t
-        log(f"[attrax] {meth}: explained {len(x)} images in {timings[f'explain_{meth}_s']:.2f}s")
-        context = {**run_context, "method": meth, "method_hparams": filled, "method_key": method_key}
-        for pi, (pname, pcfg) in enumerate(pspecs.items()):
-            t = time.perf_counter()
-            scores = run_protocol(pname, supply(pname, pcfg, context), model, params, x, target, r,
-                                  jax.random.fold_in(key, 10_000 + pi))
-            timings[f"protocol_{pname}_{meth}_s"] = dt = time.perf_counter() - t
+        filled_info[meth], shard_info[meth] = how, sinfo
+        timings[f"explain_{meth}_s"] = mt.pop("explain_s")
+        resumed = f" ({len(sinfo['resumed'])} shard(s) resumed)" if sinfo["resumed"] else ""
+        log(f"[attrax] {meth}: explained {sinfo['images']} images in {timings[f'explain_{meth}_s']:.2f}s{resumed}")
+        for pname in pspecs:
+            timings[f"protocol_{pname}_{meth}_s"] = dt = mt.get(f"protocol_{pname}_s", 0.0)
             log(f"[attrax] {meth}: {pname} scored in {dt:.2f}s")
-            frames.append(results.scores_to_rows(
-                scores, example_index=example_index, run_id=run_dir.name, experiment=cfg["experiment_name"],
-                dataset=dname, model=mname, model_seed=cfg["model_seed"], method=meth, method_hparams=hp,
-                protocol=pname, seed=cfg["seed"]))
-            choices[pname] = {**pcfg, **{k: v for k, v in scores.choices.items() if not hasattr(v, "shape")}}
-        maps[meth] = np.asarray(r)[hidx]
+        frames += mframes
+        choices.update(mchoices)
+        if len(mmaps) == len(hidx):
+            maps[meth] = np.stack([mmaps[int(i)] for i in hidx])
     if (cfg.get("activation_maximization") or {}).get("enabled"):
         frames.append(run_activation_maximization(
             cfg, run_dir, model, params, train_set,
@@ -312,19 +313,21 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         "run_id": run_dir.name, "experiment": cfg["experiment_name"], "dataset": dname, "model": mname,
         "model_seed": cfg["model_seed"], "method": "", "method_hparams": "{}", "protocol": "model",
         "metric": "test_accuracy", "x": np.nan, "value": acc, "example": -1, "seed": cfg["seed"]}]))
-    rows = pd.concat([rows, acc_row], ignore_index=True)
+    if acc == acc:  # NaN: a job of some shards that leaves the accuracy to the job with shard 0
+        rows = pd.concat([rows, acc_row], ignore_index=True)
     timings["total_s"] = time.perf_counter() - t0
     figs = []
     if cfg["figures"]:
         run_dir.mkdir(parents=True, exist_ok=True)
         figs.append(report.curve_figure(rows, run_dir / "deletion_curves.png"))
-        figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx]))
-        np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], **maps)
+        if maps:  # the heatmap images' maps (all of them lie in shard 0's job when shards are split)
+            figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx]))
+            np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], **maps)
     model_info = {k: v for k, v in info.items() if k != "losses"}
     results.write_run(run_dir, rows, cfg, timings, extra={"model_info": model_info,
                                                           "test_accuracy": acc, "protocol_choices": choices,
                                                           "skipped_methods": skipped,
-                                                          "filled_hparams": filled_info})
+                                                          "filled_hparams": filled_info, "shards": shard_info})
     log("")
     log(report.format_table(report.leaderboard(rows)))
     from attrax import findings
