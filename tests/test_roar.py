@@ -212,3 +212,37 @@ def test_mask_only_leak_control(tiny_sets):
     assert df[df.x == 0.5].value.max() <= 0.35
     g = roar.run("gradient", model, tr, te, **kw)
     assert set(g.protocol) == {"roar_mask", "kar_mask"} and g.value.between(0, 1).all()
+
+
+def test_modified_data_sets_are_written_once_as_shards(tiny_sets, tmp_path, monkeypatch):
+    """Each modified data set is written once as shards (cached by a content hash of data, map
+    settings, fraction, replacement and key), read back by later runs; a damaged shard is a
+    one-line error naming the file."""
+    monkeypatch.setenv("ATTRAX_CACHE", str(tmp_path / "cache"))
+    tr, te = tiny_sets  # 80 training and 40 test digits
+    model = attrax.models.create("mlp", hidden=(16,))
+    kw = dict(protocols=("roar",), fractions=(0.0, 0.5), seeds=(0,), train_config={"epochs": 1, "batch_size": 16})
+    df = roar.run("gradient", model, tr, te, shard_images=32, **kw)
+    t = df.attrs["timings"]
+    assert (t["n_data_written"], t["n_data_reused"], t["n_trained"]) == (1, 0, 2)
+    (folder,) = (tmp_path / "cache" / "roar" / "data").iterdir()
+    assert [p.name for p in sorted(folder.glob("*.npy"))] == [
+        "test-00000.npy", "test-00001.npy", "train-00000.npy", "train-00001.npy", "train-00002.npy"]
+    sharded = np.concatenate([np.load(p) for p in sorted(folder.glob("train-*.npy"))])
+    assert sharded.shape == tr.x.shape and not np.array_equal(sharded, tr.x)
+    # one shard per split: the same modified images (maps and ranks are per example, not per chunk)
+    one = roar.run("gradient", model, tr, te, shard_images=1000, **kw)
+    assert one.attrs["timings"]["n_data_written"] == 1
+    (single,) = [d for d in (tmp_path / "cache" / "roar" / "data").iterdir() if d != folder]
+    np.testing.assert_allclose(np.load(single / "train-00000.npy"), sharded, atol=1e-6)
+    again = roar.run("gradient", model, tr, te, shard_images=32, **kw)
+    t = again.attrs["timings"]
+    assert (t["n_data_written"], t["n_data_reused"], t["n_trained"]) == (0, 1, 0)
+    np.testing.assert_array_equal(again.value, df.value)
+    other = roar.run("gradient", model, tr, te, shard_images=32, **{**kw, "fractions": (0.0, 0.3)})
+    assert other.attrs["timings"]["n_data_written"] == 1  # another fraction: another data set
+    bad = folder / "test-00001.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(AttraxError, match="test-00001.npy") as e:
+        roar.run("gradient", model, tr, te, shard_images=32, **kw)
+    assert "\n" not in str(e.value)

@@ -27,10 +27,15 @@ Recipe (every choice is a parameter with the default in brackets):
    on the modified train set; report accuracy on the modified test set.
 
 Caching (under $ATTRAX_CACHE, atomic writes): relevance maps keyed by (base model, data, method,
-hyperparameters, key); per-image rank positions keyed by (maps, rank, tie, key) - every modified
-data set is a cheap deterministic function of them; retrained models by the content hash of
-their modified train set, config and seed. A sweep over methods or fractions never recomputes a
-model, a map or a ranking.
+hyperparameters, key) and per-image rank positions keyed by (maps, rank, tie, key), both per
+chunk of `shard_images` images; every modified data set (ROAR or KAR at one fraction, the random
+control at one fraction) is written ONCE as shards of `shard_images` images under
+`roar/data/<hash>/`, the hash covering the train and test data, the map's settings, fraction,
+replacement value, rank, mask_only and key, and read back shard by shard: retraining loads one
+modified train set at a time (the training step itself keeps its data on the device), evaluation
+streams the test shards. Retrained models are cached by the data set's hash, config and seed. A
+sweep over methods, fractions or seeds, also as separate jobs (one per (method, fraction, seed)),
+never recomputes a model, a map, a ranking or a modified data set.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ import dataclasses
 import hashlib
 import io
 import json
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -197,6 +204,58 @@ def _cached_array(desc: Any, build, cache: bool) -> tuple[np.ndarray, bool]:
     return arr, False
 
 
+def _ranges(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(n, a + size)) for a in range(0, n, size)] or [(0, 0)]
+
+
+class ShardedData:
+    """Modified data sets on disk: `<root>/<digest>/{train,test}-<k>.npy` shards and `done.json`,
+    written last (shard list, shapes), so a folder without it is unfinished and rebuilt. Every
+    file is written atomically; a damaged shard of a finished set is a one-line error naming it."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def complete(self, dig: str) -> bool:
+        try:
+            return json.loads((self.root / dig / "done.json").read_text()).get("status") == "complete"
+        except (OSError, ValueError):
+            return False
+
+    def write(self, dig: str, builders: dict[str, list[Callable[[], np.ndarray]]], info: dict) -> None:
+        """Build and write every shard (`builders`: split -> one function per shard), then done.json."""
+        folder = self.root / dig
+        shards = {}
+        for split, fns in builders.items():
+            shards[split] = []
+            for k, fn in enumerate(fns):
+                buf = io.BytesIO()
+                np.save(buf, np.asarray(fn()), allow_pickle=False)
+                name = f"{split}-{k:05d}.npy"
+                atomic_write_bytes(folder / name, buf.getvalue())
+                shards[split].append(name)
+        atomic_write_bytes(folder / "done.json", json.dumps({"status": "complete", "shards": shards,
+                                                             **info}).encode())
+
+    def _names(self, dig: str, split: str) -> list[str]:
+        return json.loads((self.root / dig / "done.json").read_text())["shards"][split]
+
+    def iter_split(self, dig: str, split: str) -> Iterator[np.ndarray]:
+        for name in self._names(dig, split):
+            path = self.root / dig / name
+            try:
+                a = np.load(path, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise AttraxError(f"ROAR/KAR data cache: cannot read shard {path} ({reason}): delete "
+                                  f"{path.parent} to rebuild it") from None
+            yield a
+
+    def read(self, dig: str, split: str) -> np.ndarray:
+        parts = list(self.iter_split(dig, split))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 # ---------------------------------------------------------------------------------------------
 # The protocol
 
@@ -233,6 +292,7 @@ def run(
     cache: bool = True,
     progress: bool = False,
     mask_only: bool = False,
+    shard_images: int = 4096,
 ) -> pd.DataFrame:
     """ROAR and/or KAR test accuracy of retrained models vs the fraction replaced.
 
@@ -246,6 +306,10 @@ def run(
     replaced (images of the 0/1 replacement mask, no pixel values), protocols `roar_mask` /
     `kar_mask`. Accuracy well above chance means the replaced set itself reveals the class, so
     ROAR/KAR accuracy measures the mask as much as the information removed.
+
+    `shard_images`: images per chunk of maps and per shard of a modified data set on disk (see
+    the module docstring, "Caching"); `df.attrs["timings"]` counts `n_data_written` /
+    `n_data_reused` modified data sets.
     """
     protocols = tuple(protocols)
     fractions = tuple(float(f) for f in fractions)
@@ -255,7 +319,9 @@ def run(
     base_cfg = as_cfg(train_config) or TrainConfig()
     re_cfg = as_cfg(retrain_config) or base_cfg
     model = as_model(model)
-    timings = {"maps_s": 0.0, "rank_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+    timings = {"maps_s": 0.0, "rank_s": 0.0, "data_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
+    if not isinstance(shard_images, int) or shard_images < 1:
+        raise AttraxError(f"shard_images must be a positive integer, got {shard_images!r}")
 
     model, variables, _ = train(model, train_set, seed=model_seed, cfg=base_cfg, cache=cache,
                                 progress=progress)
@@ -263,79 +329,103 @@ def run(
     fill = channel_mean(train_set)
     splits = {"train": train_set, "test": test_set}
 
-    # 1-2. maps and rank positions of every train and test image (cached)
-    t0 = time.perf_counter()
-    positions: dict[str, np.ndarray] = {}
-    if method != RANDOM_CONTROL:
-        for i, (split, ds) in enumerate(splits.items()):
-            desc = {"v": VERSION, "model": base_key, "data": ds.fingerprint(), "method": method,
-                    "hparams": hparams_json(hp), "key": key, "split": i, "target": "predicted"}
+    # 1-2. maps and rank positions of every train and test image, per chunk of `shard_images` (cached)
+    chunks = {split: _ranges(len(ds), shard_images) for split, ds in splits.items()}
+    map_desc = {"v": VERSION, "model": base_key, "method": method, "hparams": hparams_json(hp), "key": key,
+                "target": "predicted", "rank": rank, "tie": tie}
 
-            def build_map(ds=ds, i=i):
-                logits = forward(model, variables, jnp.asarray(ds.x))
-                target = jnp.argmax(logits, -1).astype(jnp.int32)
-                k = jax.random.fold_in(jax.random.key(key), i)
-                return explain(method, model, variables, ds.x, target, key=k, **hp)
+    def positions(split: str, start: int, stop: int) -> np.ndarray:
+        """Rank positions of images start..stop of a split (maps and positions cached per chunk)."""
+        ds, i = splits[split], list(splits).index(split)
+        desc = {**map_desc, "data": ds.fingerprint(), "split": i, "range": [start, stop]}
 
-            t1 = time.perf_counter()
-            maps, _ = _cached_array(desc, build_map, cache)
-            timings["maps_s"] += time.perf_counter() - t1
-            pdesc = {"maps": desc, "rank": rank, "tie": tie, "tie_key": key}
-            k_tie = jax.random.fold_in(jax.random.key(key + 1), i)
-            def build_positions(m=maps, k=k_tie):
-                return _compact(rank_positions(m, key=k, rank=rank, tie=tie))
+        def build_map():
+            x = jnp.asarray(ds.x[start:stop])
+            target = jnp.argmax(forward(model, variables, x), -1).astype(jnp.int32)
+            k = jax.random.fold_in(jax.random.key(key), i)
+            return explain(method, model, variables, x, target, key=per_example_keys(k, stop - start, start), **hp)
 
-            positions[split], _ = _cached_array(pdesc, build_positions, cache)
-    timings["rank_s"] = time.perf_counter() - t0 - timings["maps_s"]
+        t1 = time.perf_counter()
+        maps, _ = _cached_array(desc, build_map, cache)
+        timings["maps_s"] += time.perf_counter() - t1
+        t1 = time.perf_counter()
+        k_tie = per_example_keys(jax.random.fold_in(jax.random.key(key + 1), i), stop - start, start)
+        pos, _ = _cached_array({"maps": desc, "tie_key": key},
+                               lambda: _compact(rank_positions(maps, key=k_tie, rank=rank, tie=tie)), cache)
+        timings["rank_s"] += time.perf_counter() - t1
+        return pos
 
-    # 3. modified data sets, one per distinct replacement rule
-    def modified(split: str, protocol: str, f: float) -> np.ndarray:
+    # 3. modified data sets, one per distinct replacement rule, written once as shards on disk
+    #    (cached by a content hash of everything that determines them) and read back when used
+    def modified(split: str, protocol: str, f: float, start: int, stop: int) -> np.ndarray:
         ds = splits[split]
-        d = ds.x.shape[1] * ds.x.shape[2] * (ds.x.shape[3] if rank == "value" else 1)
+        x = np.asarray(ds.x[start:stop])
+        d = x.shape[1] * x.shape[2] * (x.shape[3] if rank == "value" else 1)
         if method == RANDOM_CONTROL:
             k = jax.random.fold_in(jax.random.fold_in(jax.random.key(key), 1 + (split == "test")),
                                    int(round(f * 1e6)))
-            mask = random_mask(k, (len(ds), d), f)
+            mask = random_mask(per_example_keys(k, stop - start, start), (stop - start, d), f)
         else:
-            mask = replace_mask(jnp.asarray(positions[split]), f, protocol)
+            mask = replace_mask(jnp.asarray(positions(split, start, stop)), f, protocol)
         if mask_only:
-            return np.asarray(apply_mask(np.zeros_like(ds.x), mask, np.ones_like(fill), rank))
-        return np.asarray(apply_mask(ds.x, mask, fill, rank))
+            return np.asarray(apply_mask(np.zeros_like(x), mask, np.ones_like(fill), rank))
+        return np.asarray(apply_mask(x, mask, fill, rank))
 
-    variants: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    tmp = None if cache else tempfile.TemporaryDirectory(prefix="attrax-roar-")
+    store = ShardedData(_array_dir() / "data" if cache else Path(tmp.name))
+    data_desc = {"v": VERSION, "train": train_set.fingerprint(), "test": test_set.fingerprint(),
+                 "labels": hashlib.sha256(np.ascontiguousarray(train_set.y).tobytes()).hexdigest()[:16],
+                 "map": None if method == RANDOM_CONTROL else map_desc, "fill": fill.tolist(),
+                 "rank": rank, "mask_only": mask_only, "key": key, "shard_images": shard_images}
+    variants: dict[tuple, str | None] = {}  # variant -> its data digest (None: the original images)
     point_variant: dict[tuple[str, float], tuple] = {}
+    n_written = n_reused = 0
+    t0 = time.perf_counter()
     for p in protocols:
         for f in fractions:
             if f == 0.0:
                 vid = ("none",)
             else:
                 vid = (RANDOM_CONTROL, f) if method == RANDOM_CONTROL else (p, f)
-            if vid not in variants:
-                if vid == ("none",) and not mask_only:
-                    variants[vid] = (train_set.x, test_set.x)
-                else:
-                    variants[vid] = (modified("train", p, f), modified("test", p, f))
             point_variant[(p, f)] = vid
+            if vid in variants:
+                continue
+            if vid == ("none",) and not mask_only:
+                variants[vid] = None
+                continue
+            dig = _digest({**data_desc, "variant": list(vid)})
+            variants[vid] = dig
+            if store.complete(dig):
+                n_reused += 1
+            else:
+                store.write(dig, {sp: [(lambda sp=sp, a=a, b=b, p=p, f=f: modified(sp, p, f, a, b))
+                                       for a, b in chunks[sp]] for sp in splits}, {"variant": list(vid)})
+                n_written += 1
+    timings["data_s"] = time.perf_counter() - t0 - timings["maps_s"] - timings["rank_s"]
 
-    # 4. retrain every (variant, seed) missing from the cache, all together
+    def split_data(vid: tuple, split: str) -> np.ndarray:
+        dig = variants[vid]
+        return np.asarray(splits[split].x) if dig is None else store.read(dig, split)
+
+    # 4. retrain every (variant, seed) missing from the cache, one variant's data in memory at a time
     t0 = time.perf_counter()
     template = init(model, jax.random.key(0), jnp.asarray(train_set.x[:1]))
     trained: dict[tuple, Any] = {}
-    jobs = []
-    for vid, (xtr, _) in variants.items():
-        fp = train_set.replace(x=xtr).fingerprint()
+    jobs: dict[tuple, list[tuple[int, str]]] = {}
+    for vid, dig in variants.items():
+        fp = train_set.fingerprint() if dig is None else f"roar-data:{dig}"
         for s in seeds:
             ck = cache_key(model, fp, re_cfg, int(s), extra="retrain")
             hit = load_cached(ck, template) if cache else None
             if hit is not None:
                 trained[(vid, s)] = hit[0]
             else:
-                jobs.append((vid, int(s), ck))
+                jobs.setdefault(vid, []).append((int(s), ck))
     n_cached = len(trained)
-    if jobs:
-        out, _ = train_many(model, [variants[v][0] for v, _, _ in jobs], train_set.y,
-                            [s for _, s, _ in jobs], cfg=re_cfg, mode=mode, progress=progress)
-        for (vid, s, ck), v in zip(jobs, out, strict=True):
+    for vid, todo in jobs.items():
+        out, _ = train_many(model, split_data(vid, "train"), train_set.y, [s for s, _ in todo], cfg=re_cfg,
+                            mode=mode, progress=progress)
+        for (s, ck), v in zip(todo, out, strict=True):
             trained[(vid, s)] = v
             if cache:
                 save_cached(ck, v, {"model": model.name, "seed": s, "purpose": "roar/kar retrain",
@@ -343,14 +433,25 @@ def run(
     jax.block_until_ready(list(trained.values()))
     timings["train_s"] = time.perf_counter() - t0
 
-    # 5. test accuracy on the modified test sets
+    # 5. test accuracy on the modified test sets (shard by shard)
     t0 = time.perf_counter()
     acc: dict[tuple, float] = {}
-    y_test = jnp.asarray(test_set.y)
-    for (vid, s), v in trained.items():
-        logits = forward(model, v, jnp.asarray(variants[vid][1]))
-        acc[(vid, s)] = float(jnp.mean(jnp.argmax(logits, -1) == y_test))
+    y_test = np.asarray(test_set.y)
+    for vid, dig in variants.items():
+        parts = ([np.asarray(test_set.x)] if dig is None else store.iter_split(dig, "test"))
+        right = {s: 0 for s in seeds if (vid, s) in trained}
+        at = 0
+        for xt in parts:
+            yt = y_test[at:at + len(xt)]
+            for s in right:
+                pred = np.asarray(jnp.argmax(forward(model, trained[(vid, s)], jnp.asarray(xt)), -1))
+                right[s] += int((pred == yt).sum())
+            at += len(xt)
+        for s, r in right.items():
+            acc[(vid, s)] = r / max(len(y_test), 1)
     timings["eval_s"] = time.perf_counter() - t0
+    if tmp is not None:
+        tmp.cleanup()
 
     rows = [
         {"protocol": p + ("_mask" if mask_only else ""), "x": f, "seed": int(s),
@@ -372,7 +473,8 @@ def run(
     from attrax.results import with_metadata
 
     df = conform(with_metadata(df, "roar_kar", choices))
-    df.attrs["timings"] = dict(timings, n_trained=len(jobs), n_cached=n_cached)
+    df.attrs["timings"] = dict(timings, n_trained=sum(len(j) for j in jobs.values()), n_cached=n_cached,
+                               n_data_written=n_written, n_data_reused=n_reused)
     df.attrs["choices"] = choices
     return df
 
@@ -390,12 +492,12 @@ def roar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[fl
          method_hparams: dict[str, Any] | None = None, model_seed: int = 0,
          train_config: TrainConfig | dict | None = None,
          retrain_config: TrainConfig | dict | None = None, mode: str = "auto", cache: bool = True,
-         progress: bool = False, mask_only: bool = False) -> pd.DataFrame:
+         progress: bool = False, mask_only: bool = False, shard_images: int = 4096) -> pd.DataFrame:
     """ROAR only (Hooker et al. 2019): replace the most relevant fraction, retrain; see `run`."""
     return run(method, model, train_set, test_set, protocols=("roar",), fractions=fractions,
                seeds=seeds, rank=rank, tie=tie, key=key, method_hparams=method_hparams,
                model_seed=model_seed, train_config=train_config, retrain_config=retrain_config,
-               mode=mode, cache=cache, progress=progress, mask_only=mask_only)
+               mode=mode, cache=cache, progress=progress, mask_only=mask_only, shard_images=shard_images)
 
 
 PROTOCOLS.register("roar", roar, higher_is_better={"test_accuracy": False, "roar_mask/test_accuracy": False},
@@ -407,12 +509,12 @@ def kar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[flo
         method_hparams: dict[str, Any] | None = None, model_seed: int = 0,
         train_config: TrainConfig | dict | None = None,
         retrain_config: TrainConfig | dict | None = None, mode: str = "auto", cache: bool = True,
-        progress: bool = False, mask_only: bool = False) -> pd.DataFrame:
+        progress: bool = False, mask_only: bool = False, shard_images: int = 4096) -> pd.DataFrame:
     """KAR only (Hooker et al. 2019): keep the most relevant 1-t, replace the rest; see `run`."""
     return run(method, model, train_set, test_set, protocols=("kar",), fractions=fractions,
                seeds=seeds, rank=rank, tie=tie, key=key, method_hparams=method_hparams,
                model_seed=model_seed, train_config=train_config, retrain_config=retrain_config,
-               mode=mode, cache=cache, progress=progress, mask_only=mask_only)
+               mode=mode, cache=cache, progress=progress, mask_only=mask_only, shard_images=shard_images)
 
 
 PROTOCOLS.register("kar", kar, higher_is_better={"test_accuracy": True, "kar_mask/test_accuracy": False},
