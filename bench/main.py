@@ -195,8 +195,55 @@ def select_images(ds, n: int):
     return ds.take(per_class=per).take(n)
 
 
+def at_scale(cfg: dict) -> dict:
+    """The config at its scale: with `scale=paper`, a preset's `paper:` block (the published data
+    set and model) replaces `dataset` and `model` (other keys in it override theirs). A relative
+    `model.weights` that does not exist is looked up under `$ATTRAX_DATA/weights/`."""
+    paper = cfg.get("paper")
+    if cfg.get("scale") != "paper" or not paper:
+        return cfg
+    out = {**cfg, **{k: v for k, v in paper.items() if k not in ("dataset", "model")}}
+    for k in ("dataset", "model"):
+        if paper.get(k):
+            out[k] = dict(paper[k])
+    w = out["model"].get("weights")
+    if w and not Path(w).is_absolute() and not Path(w).exists():
+        from attrax.datasets.download import data_dir
+
+        out["model"]["weights"] = str(data_dir() / "weights" / w)
+    return out
+
+
+def check_paper_inputs(cfg: dict) -> None:
+    """At `scale=paper`, one line naming what to fetch and where when the data set or the weights
+    are missing (before anything is loaded or trained)."""
+    if cfg.get("scale") != "paper" or not cfg.get("paper"):
+        return
+    from attrax.datasets.download import data_dir
+    from attrax.datasets.image_folder import FETCH_HINTS
+
+    need = []
+    d = cfg["dataset"]
+    if d.get("name") == "image_folder":
+        layout = d.get("layout") or "auto"
+        root = Path(d["root"]).expanduser() if d.get("root") else (
+            data_dir() / layout if layout in ("imagenet", "food101", "birdsnap") else None)
+        if root is None or not root.is_dir() or not any(root.iterdir()):
+            what = FETCH_HINTS.get(layout, FETCH_HINTS["imagenet"])
+            need.append(f"{what}, at {root if root is not None else 'paper.dataset.root'} "
+                        "(or paper.dataset.root=PATH)")
+    w = cfg["model"].get("weights")
+    if w and not Path(w).exists():
+        need.append(f"{cfg['model'].get('name')} ImageNet weights as a safetensors file (torchvision's "
+                    f"IMAGENET1K_V1 state dict) at {w} (or paper.model.weights=PATH)")
+    if need:
+        raise AttraxError(f"{cfg.get('experiment_name', 'this preset')} at scale=paper needs " + "; and ".join(need)
+                          + " (README: Paper scale)")
+
+
 def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
-    cfg = _plain(cfg)
+    cfg = at_scale(_plain(cfg))
+    check_paper_inputs(cfg)
     run_dir = Path(run_dir)
     if results.is_complete(run_dir):
         log(f"[attrax] {run_dir} is already complete: skipping (delete it to recompute)")
