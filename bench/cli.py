@@ -58,17 +58,49 @@ def _hydra_main(argv: list[str]) -> int:
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_MODULE}", config_name="config")
     def _job(cfg: DictConfig) -> None:
+        from hydra.types import RunMode
+
         from attrax.main import run
 
+        hc = HydraConfig.get()
         try:
-            run(cfg, HydraConfig.get().runtime.output_dir)
+            run(cfg, hc.runtime.output_dir)
         except AttraxError as e:
             print(f"attrax: error: {e}", file=sys.stderr)
             status["code"] = 2
+            return
+        if hc.mode == RunMode.RUN:  # a sweep's report is built once, over all its jobs, when it ends
+            run_report(hc.runtime.output_dir, figures=bool(cfg.get("figures", True)))
 
     sys.argv = [sys.argv[0], *argv]
     _job()
     return status["code"]
+
+
+def open_hint(page) -> str:
+    """How to open a report page: any browser opens the file itself (it needs no network)."""
+    from pathlib import Path
+
+    uri = Path(page).resolve().as_uri()
+    opener = "open" if sys.platform == "darwin" else "start" if sys.platform.startswith("win") else "xdg-open"
+    return f"open it in a browser: {opener} {page}  (or paste {uri} into the address bar; self-contained, no network)"
+
+
+def run_report(run_dir, *, figures: bool = True) -> None:
+    """The report of one finished run, in `<run_dir>/report/`; its path and how to open it are printed.
+    A report that cannot be built is one line: the results are written already."""
+    from pathlib import Path
+
+    from attrax import report
+
+    try:
+        out = report.build([str(run_dir)], Path(run_dir) / "report", quiet=True, figures=figures)
+    except Exception as e:  # noqa: BLE001 - never fail a finished run for its report
+        print(f"[attrax] report not built ({type(e).__name__}: {e}); try: attrax report {run_dir}")
+        return
+    page = out / "report.html"
+    print(f"[attrax] report: {page}")
+    print(f"[attrax] {open_hint(page)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.add_argument("paths", nargs="+")
             ap.add_argument("--out", default=None, help="output folder (default: <first path>/report)")
             a = ap.parse_args(argv[1:])
-            report.build(a.paths, a.out)
+            out = report.build(a.paths, a.out)
+            print(f"report: {out / 'report.html'}\n{open_hint(out / 'report.html')}")
             return 0
         if argv and argv[0] == "bench":
             from attrax import perf

@@ -109,18 +109,22 @@ def leaderboard(df: pd.DataFrame, *, n_boot: int = 1000) -> pd.DataFrame:
     """One row per experiment identity (IDENTITY: protocol, its choices, metric, method, its
     hyperparameters, model, dataset, seeds): mean, bootstrap CI, n, direction and rank.
 
-    Only scalar metrics (x is NaN) of individual examples are ranked; rank 1 is best in the
+    Scalar metrics (x is NaN) are ranked: per (protocol, metric) the rows of individual examples,
+    or the aggregates where it has none (e.g. the benchmark table); rank 1 is best in the
     direction the rows carry (`direction`; rows written before it existed fall back to the
     registry), among the methods of one (protocol, choices, metric, model, dataset, seeds); no
-    rank where the direction is unknown. Results with curves only (ROAR/KAR accuracy vs fraction)
-    are ranked by the area under each curve (`curve_areas`). `flagged`: rows of the experiment
-    carry a warning (`flag`, e.g. a permuted-label model that did not fit).
+    rank where the direction is unknown. A protocol with curves only (ROAR/KAR accuracy vs
+    fraction) is ranked by the area under each curve (`curve_areas`). The model's own test
+    accuracy (protocol `model`) is not a method's score and is left out. `flagged`: rows of the
+    experiment carry a warning (`flag`, e.g. a permuted-label model that did not fit).
     """
-    scal = df[df["x"].isna() & (df["example"] >= 0)]
-    if scal.empty:  # aggregate-only results (e.g. the benchmark table): rank the aggregates
-        scal = df[df["x"].isna()]
-    if scal.empty:
-        scal = curve_areas(df)
+    df = df[df["protocol"] != "model"]
+    s = df[df["x"].isna()]
+    per_example = s.assign(_ex=s["example"] >= 0).groupby(["protocol", "metric"])["_ex"].transform("any")
+    scal = s[(s["example"] >= 0) | ~per_example]
+    curves_only = sorted(set(df.loc[df["x"].notna(), "protocol"]) - set(s["protocol"]))
+    if curves_only:
+        scal = pd.concat([scal, curve_areas(df[df["protocol"].isin(curves_only)])], ignore_index=True)
     if scal.empty:
         raise AttraxError("no metrics in these results")
     scal = _seedless(scal)
@@ -162,8 +166,13 @@ def _varying(lb: pd.DataFrame, cols: tuple[str, ...], within: str | None = None)
 
 def _labels(lb: pd.DataFrame) -> list[str]:
     """Row labels: the method, plus the hyperparameters in which its rows differ, and the model,
-    dataset and seeds where these vary."""
-    extra = _varying(lb, ("model", "dataset", "model_seed", "seed"))
+    dataset and seeds where these vary for one method and metric (so a preset's per-image run and a
+    retraining run, with other seeds, share one row per method)."""
+    key = lb["method"].astype(str) + "\0" + lb["protocol"].astype(str) + "\0" + lb["metric"].astype(str)
+    for c in ("protocol_choices", "method_hparams"):
+        if c in lb:
+            key = key + "\0" + lb[c].astype(str)
+    extra = _varying(lb.assign(_key=key), ("model", "dataset", "model_seed", "seed"), within="_key")
     labels = []
     for _, r in lb.iterrows():
         label = str(r["method"])
@@ -199,28 +208,66 @@ def arrow(hib: Any) -> str:
     return "↑" if hib is True else "↓" if hib is False else ""
 
 
-def format_table(lb: pd.DataFrame) -> str:
-    """Methods x metrics text table: mean [CI] (rank), sorted by the first ranked metric."""
-    lb = lb.copy()
+def aggregate_ranks(lb: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+    """Per leaderboard row label: the mean of its ranks over the ranked metric columns (all, or
+    `columns`), and how many ranks that mean is over (`agg_n`). A label without a rank in any of
+    them gets NaN."""
+    r = lb.dropna(subset=["rank"])
+    if columns is not None:
+        r = r[r["column"].isin(columns)]
+    g = r.groupby("label")["rank"]
+    out = pd.DataFrame({"agg_rank": g.mean(), "agg_n": g.count()})
+    return out.reindex(pd.unique(lb["label"]))
+
+
+AGG_DEFINITION = ("the mean, over the ranked metrics shown, of the method's rank in each "
+                  "(1 = best in that metric's direction; ties share the better rank); metrics without a "
+                  "direction are not ranked and do not count")
+
+
+def _board(lb: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard rows a table shows: labels and column names filled in, the model's own
+    accuracy (protocol `model`, shown in the header) left out."""
+    lb = lb[lb["protocol"] != "model"].copy()
     if "label" not in lb:
         lb["label"] = lb["method"]
     if "column" not in lb:
         lb["column"] = lb["protocol"] + "/" + lb["metric"] + " " + lb["higher_is_better"].map(arrow)
-    lb["cell"] = [
-        f"{m:.4g} [{lo:.3g}, {hi:.3g}]" + (f" ({int(r)})" if np.isfinite(r) else "")
-        + (" (!)" if isinstance(f, str) and f else "")
-        for m, lo, hi, r, f in zip(lb["mean"], lb["ci_low"], lb["ci_high"], lb["rank"],
-                                   lb.get("flagged", pd.Series("", index=lb.index)), strict=True)
-    ]
+    return lb
+
+
+def column_order(lb: pd.DataFrame) -> list[str]:
+    """The leaderboard's metric columns: grouped by metric category, then in the rows' order."""
+    cols = list(dict.fromkeys(lb["column"]))
+    proto = dict(zip(lb["column"], lb["protocol"], strict=False))
+    first = {c: i for i, c in enumerate(cols)}
+    return sorted(cols, key=lambda c: (metric_category(proto[c]), first[c]))
+
+
+def cell_text(m: float, lo: float, hi: float, r: float, flagged: Any = "") -> str:
+    return (f"{m:.4g} [{lo:.3g}, {hi:.3g}]" + (f" ({int(r)})" if np.isfinite(r) else "")
+            + (" (!)" if isinstance(flagged, str) and flagged else ""))
+
+
+def format_table(lb: pd.DataFrame) -> str:
+    """Methods x metrics markdown table: mean [CI] (rank), the mean rank over the ranked metrics
+    (a last column, when any metric is ranked), rows sorted by it; controls marked."""
+    lb = _board(lb)
+    if lb.empty:
+        return "(no metrics)"
+    lb["cell"] = [cell_text(m, lo, hi, r, f) for m, lo, hi, r, f in zip(
+        lb["mean"], lb["ci_low"], lb["ci_high"], lb["rank"], lb.get("flagged", pd.Series("", index=lb.index)),
+        strict=True)]
     wide = lb.pivot_table(index="label", columns="column", values="cell", aggfunc="first")
-    ranked = lb.dropna(subset=["rank"])
-    if not ranked.empty:
-        first = ranked["column"].iloc[0]
-        order = list(dict.fromkeys(ranked[ranked["column"] == first].sort_values("rank")["label"]))
-        wide = wide.reindex(order + [m for m in wide.index if m not in order])
+    wide = wide[[c for c in column_order(lb) if c in wide.columns]]
+    agg = aggregate_ranks(lb)
+    if agg["agg_rank"].notna().any():
+        order = list(agg["agg_rank"].sort_values(kind="stable").index)
+        wide = wide.reindex(order)
+        wide["mean rank"] = [f"{v:.2f}" if np.isfinite(v) else "" for v in agg["agg_rank"].reindex(order)]
     method_of = dict(zip(lb["label"], lb["method"], strict=False))
     wide.index = [f"{m} (control)" if method_of.get(m) in CONTROLS else m for m in wide.index]
-    text = wide.to_markdown()
+    text = wide.fillna("").to_markdown()
     flagged = sorted({f for f in lb.get("flagged", []) if isinstance(f, str) and f})
     if flagged:
         text += "\n\n(!) flagged: " + "; ".join(flagged)
@@ -234,39 +281,135 @@ X_LABELS = {"pixel_flipping": "fraction of pixels removed", "deletion": "fractio
             "continuity": "shift (px)"}
 
 
-def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None) -> Path | None:
-    """Mean curves with 95% CI bands, one line per method, one panel per (protocol, metric).
+FAMILY_ORDER = ("gradient", "backprop", "relevance", "cam", "perturbation", "surrogate", "other", "control")
+#: Line colours of the methods (fixed per method within a report: see `method_colors`); the
+#: controls keep their own (random black, dashed; sobel grey, dotted) in every figure.
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+CONTROL_STYLE = {"random": ("#000000", "--"), "sobel": ("#7f7f7f", ":")}
+RETRAIN = ("roar", "kar", "roar_mask", "kar_mask")
 
-    Covers deletion / insertion / pixel-flipping curves, ROAR/KAR accuracy vs fraction and
-    sanity similarity vs randomized layer alike: anything recorded with an x position.
+
+def method_family(method: str) -> str:
+    """The family a method is registered with (controls: "control"; unknown names: "other")."""
+    if method in CONTROLS:
+        return "control"
+    from attrax import methods
+
+    try:
+        return str(methods.get(method).meta.get("family") or "other")
+    except Exception:  # noqa: BLE001 - a name this code does not know (older results, plug-ins)
+        return "other"
+
+
+def metric_category(protocol: str) -> str:
+    """The category of the protocol a metric belongs to (faithfulness, localization, ...)."""
+    from attrax.protocols import PROTOCOLS
+
+    if protocol == "bench":
+        return "speed"
+    if protocol == "model":
+        return "model"
+    base = protocol[: -len("_mask")] if protocol.endswith("_mask") else protocol
+    if base in PROTOCOLS:
+        return str(PROTOCOLS.get(base).meta.get("category") or "other")
+    if base in ("roar", "kar"):
+        return "retraining"
+    return "other"
+
+
+def _family_key(method: str) -> tuple[int, str]:
+    f = method_family(method)
+    return (FAMILY_ORDER.index(f) if f in FAMILY_ORDER else FAMILY_ORDER.index("other"), method)
+
+
+def method_colors(methods) -> dict[str, str]:
+    """One colour per method, the same in every figure of a report: methods sorted by family and
+    name take the palette in turn, so the methods of one family panel have distinct colours."""
+    names = sorted({str(m) for m in methods if str(m)} - set(CONTROLS), key=_family_key)
+    out = {m: PALETTE[i % len(PALETTE)] for i, m in enumerate(names)}
+    out.update({c: s[0] for c, s in CONTROL_STYLE.items()})
+    return out
+
+
+def family_panels(methods, per_panel: int = 6) -> list[tuple[str, list[str]]]:
+    """(title, methods) per panel: one panel per method family, split into panels of at most
+    `per_panel` methods (the controls are drawn in every panel besides them)."""
+    names = sorted({str(m) for m in methods if str(m)} - set(CONTROLS), key=_family_key)
+    if not names:
+        return [("controls", [])]
+    panels = []
+    for fam in dict.fromkeys(method_family(m) for m in names):
+        ms = [m for m in names if method_family(m) == fam]
+        chunks = [ms[i:i + per_panel] for i in range(0, len(ms), per_panel)]
+        for i, c in enumerate(chunks):
+            panels.append((fam + (f" ({i + 1}/{len(chunks)})" if len(chunks) > 1 else ""), c))
+    return panels
+
+
+def _curve_label(proto: str, choices: str, metric: str, all_choices) -> str:
+    d = _diff(choices, all_choices)
+    return f"{proto}" + (f" ({d})" if d else "") + f": {metric}"
+
+
+def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None, *, colors: dict | None = None,
+                 title: str | None = None, xlabel: str | None = None, dpi: int = 90) -> Path | None:
+    """Curves as small multiples: one row of panels per curve (protocol, its choices, metric), one
+    panel per method family (at most 6 methods and the controls, so at most 8 lines); mean over
+    examples (or retraining seeds) with a 95% band (mean +- 1.96 standard errors).
+
+    Covers deletion / insertion / pixel-flipping curves, ROAR/KAR accuracy vs fraction and sanity
+    similarity vs randomized layer alike: anything recorded with an x position.
     """
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    cur = df[df["x"].notna()]
+    cur = df[df["x"].notna() & (df["method"] != "")]
     if metric is not None:
         cur = cur[cur["metric"] == metric]
     if cur.empty:
         return None
-    panels = sorted(cur.groupby(["protocol", "metric"]).groups)
-    cols = min(3, len(panels))
-    rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4 * rows), squeeze=False)
-    for ax, (proto, met) in zip(axes.flat, panels, strict=False):
-        sub = cur[(cur["protocol"] == proto) & (cur["metric"] == met)]
-        sns.lineplot(data=sub, x="x", y="value", hue="method", errorbar=("ci", 95), ax=ax, n_boot=200, seed=0,
-                     legend=ax is axes.flat[0])
-        xl = sub["x_label"].iloc[0] if "x_label" in sub and sub["x_label"].iloc[0] else X_LABELS.get(proto, "x")
-        ax.set(title=f"{proto}: {met}", xlabel=xl, ylabel=met)
-    if axes.flat[0].get_legend() is not None:
-        axes.flat[0].legend(fontsize=7, ncol=2 if cur["method"].nunique() > 8 else 1)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+    cur = cur.assign(protocol_choices=cur["protocol_choices"] if "protocol_choices" in cur else "")
+    colors = colors or method_colors(cur["method"].unique())
+    keys = ["protocol", "protocol_choices", "metric"]
+    stats = cur.groupby([*keys, "method", "x"])["value"].agg(["mean", "std", "count"]).reset_index()
+    stats["half"] = (1.96 * stats["std"] / np.sqrt(stats["count"])).fillna(0.0)
+    groups = sorted(stats.groupby(keys).groups)
+    panels = family_panels(stats["method"].unique())
+    present = set(stats["method"])
+    controls = [c for c in CONTROLS if c in present]
+    nr, nc = len(groups), len(panels)
+    fig, axes = plt.subplots(nr, nc, figsize=(3.1 * nc + 0.6, 2.5 * nr + 0.7), squeeze=False, sharey="row")
+    for i, g in enumerate(groups):
+        sg = stats[(stats["protocol"] == g[0]) & (stats["protocol_choices"] == g[1]) & (stats["metric"] == g[2])]
+        xl = xlabel or (cur.loc[cur["protocol"] == g[0], "x_label"].iloc[0] if "x_label" in cur else "") \
+            or X_LABELS.get(g[0], "x")
+        label = _curve_label(*g, stats.loc[stats["protocol"] == g[0], "protocol_choices"])
+        for j, (ptitle, ms) in enumerate(panels):
+            ax = axes[i, j]
+            for m in [*ms, *controls]:
+                s = sg[sg["method"] == m].sort_values("x")
+                if s.empty:
+                    continue
+                c, ls = CONTROL_STYLE.get(m, (colors.get(m, "#333333"), "-"))
+                ax.plot(s["x"], s["mean"], color=c, ls=ls, lw=1.3, label=m)
+                ax.fill_between(s["x"], s["mean"] - s["half"], s["mean"] + s["half"], color=c, alpha=0.12, lw=0)
+            if i == 0:
+                ax.set_title(ptitle, fontsize=9, fontweight="bold")
+                ax.legend(fontsize=6.5, frameon=False, loc="best")
+            if j == 0:
+                ax.set_ylabel("\n".join(textwrap.wrap(label, 30)), fontsize=8)
+            if i == nr - 1 or nr == 1:
+                ax.set_xlabel(xl, fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.25, lw=0.5)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -373,32 +516,130 @@ def sanity_figure(df: pd.DataFrame, path: Path) -> Path | None:
 BENCH_METRICS = ("images_per_s", "bound_ratio", "speedup_vs_bar")
 
 
-def bench_figure(df: pd.DataFrame, path: Path) -> Path | None:
+def _bars(ax, names, values, colors, title, log=False):
+    ax.barh(range(len(names)), values, color=[colors.get(n, "#1f77b4") for n in names])
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="x", alpha=0.3, lw=0.5)
+    if log:
+        ax.set_xscale("log")
+
+
+def bench_figure(df: pd.DataFrame, path: Path, colors: dict | None = None) -> Path | None:
     """The benchmark table (`attrax-bench` results): images/s (log scale), bound ratio and the
     speed-up over the PyTorch bar, one bar per method / protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
     b = df[(df["protocol"] == "bench") & df["metric"].isin(BENCH_METRICS) & df["x"].isna()]
     if b.empty:
         return None
+    colors = colors or method_colors(b["method"].unique())
     metrics = [m for m in BENCH_METRICS if m in set(b["metric"])]
-    order = (b[b["metric"] == metrics[0]].groupby("method")["value"].mean().sort_values(ascending=False).index)
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 0.25 * len(order) + 1.5), squeeze=False)
+    means = b.groupby(["metric", "method"])["value"].mean()
+    order = list(means[metrics[0]].sort_values(ascending=False).index)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 0.28 * len(order) + 1.4), squeeze=False)
     for ax, m in zip(axes[0], metrics, strict=True):
-        sub = b[b["metric"] == m].groupby("method", as_index=False)["value"].mean()
-        sns.barplot(data=sub, y="method", x="value", order=[o for o in order if o in set(sub["method"])], ax=ax,
-                    color="tab:blue")
-        if m == "images_per_s":
-            ax.set_xscale("log")
+        names = [o for o in order if o in means[m].index]
+        _bars(ax, names, [means[m][n] for n in names], colors, m, log=m == "images_per_s")
         if m in ("bound_ratio", "speedup_vs_bar"):
             ax.axvline(1.5, color="tab:red", ls="--", lw=1)
-        ax.set(title=m, xlabel=m, ylabel="")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_timings(runs: list[Path]) -> pd.DataFrame:
+    """Seconds per image of each method's maps (`explain_<method>_s`) and of its scoring (sum of
+    `protocol_<protocol>_<method>_s`) from the runs' run.json timings, mean over runs."""
+    rows = []
+    for run in runs:
+        try:
+            info = results_store.run_info(run)
+        except (OSError, ValueError):
+            continue
+        t, n = info.get("timings") or {}, (info.get("config") or {}).get("n_images")
+        if not t or not n:
+            continue
+        for k, v in t.items():
+            if k.startswith("explain_") and k.endswith("_s"):
+                meth = k[len("explain_"):-2]
+                score = sum(s for kk, s in t.items() if kk.startswith("protocol_") and kk.endswith(f"_{meth}_s"))
+                rows.append({"run": run.name, "method": meth, "explain_s_per_image": v / n,
+                             "score_s_per_image": score / n})
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).groupby("method", as_index=False)[["explain_s_per_image", "score_s_per_image"]].mean()
+
+
+def timing_figure(runs: list[Path], path: Path, colors: dict | None = None) -> Path | None:
+    """Bars: wall-clock seconds per image to compute each method's maps (including compilation)
+    and to score them, from the runs' recorded timings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = run_timings(runs)
+    if t.empty:
+        return None
+    colors = colors or method_colors(t["method"])
+    t = t.sort_values("explain_s_per_image")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.26 * len(t) + 1.4), squeeze=False)
+    _bars(axes[0, 0], list(t["method"]), list(t["explain_s_per_image"]), colors,
+          "maps: s per image (incl. compilation)", log=True)
+    _bars(axes[0, 1], list(t["method"]), list(t["score_s_per_image"]), colors, "scoring: s per image (all protocols)",
+          log=bool((t["score_s_per_image"] > 0).all()))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def rank_agreement(lb: pd.DataFrame, min_methods: int = 3) -> pd.DataFrame:
+    """Spearman correlation between the method rankings of every two ranked metrics (over the
+    methods both rank, at least `min_methods`): 1 = the two metrics order the methods alike,
+    -1 = in reverse. Ranks are already in each metric's direction."""
+    r = _board(lb).dropna(subset=["rank"])
+    if r.empty:
+        return pd.DataFrame()
+    wide = r.pivot_table(index="label", columns="column", values="rank", aggfunc="first")
+    wide = wide[list(dict.fromkeys(c for c in r["column"] if c in wide.columns))]
+    if wide.shape[1] < 2 or wide.shape[0] < min_methods:
+        return pd.DataFrame()
+    corr = wide.corr(method="spearman", min_periods=min_methods)
+    keep = corr.notna().sum() > 1
+    return corr.loc[keep, keep]
+
+
+def rank_agreement_figure(lb: pd.DataFrame, path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corr = rank_agreement(lb)
+    if corr.shape[0] < 2:
+        return None
+    n = corr.shape[0]
+    fig, ax = plt.subplots(figsize=(2.2 + 0.55 * n, 1.6 + 0.5 * n))
+    im = ax.imshow(corr.to_numpy(float), cmap="RdBu", vmin=-1, vmax=1)
+    ax.set_xticks(range(n), corr.columns, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), corr.index, fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            v = corr.iat[i, j]
+            if np.isfinite(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                        color="white" if abs(v) > 0.6 else "black")
+    cb = fig.colorbar(im, ax=ax, fraction=0.04)
+    cb.set_label("Spearman of the method ranks", fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -427,9 +668,12 @@ def rank_heatmap(lb: pd.DataFrame, path: Path) -> Path | None:
     return path
 
 
-def merged_heatmaps(runs: list[Path], path: Path) -> Path | None:
+MAP_KEYS = ("x", "y", "pred")
+
+
+def merged_heatmaps(runs: list[Path], path: Path, colors: dict | None = None) -> Path | None:
     """One images x methods grid from the `maps.npz` of several runs (e.g. a sweep's jobs)."""
-    x = y = None
+    x = y = pred = None
     maps: dict[str, np.ndarray] = {}
     for run in runs:
         f = Path(run) / "maps.npz"
@@ -438,44 +682,264 @@ def merged_heatmaps(runs: list[Path], path: Path) -> Path | None:
         d = np.load(f)
         if x is None:
             x, y = d["x"], d["y"]
+            pred = d["pred"] if "pred" in d.files else None
         elif d["x"].shape != x.shape or not np.array_equal(d["x"], x):
             continue
-        maps.update({k: d[k] for k in d.files if k not in ("x", "y")})
+        maps.update({k: d[k] for k in d.files if k not in MAP_KEYS})
     if x is None or not maps:
         return None
-    return heatmap_grid(x, maps, path, labels=y)
+    maps = {k: maps[k] for k in sorted(maps, key=_family_key)}
+    return heatmap_grid(x, maps, path, labels=y, predicted=pred, colors=colors)
 
 
-def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, labels=None) -> Path:
-    """Images (rows) x methods (columns): the input, then each method's channel-summed map."""
+def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, labels=None, predicted=None,
+                 colors: dict | None = None, per_block: int = 10, dpi: int = 80) -> Path:
+    """Images (rows) x methods (columns): the input, then each method's channel-summed map. One
+    colour scale per method (symmetric, +- its largest |value| over the images shown), drawn as a
+    colour bar with its range under the method's column; rows labelled by the true and (when
+    given) predicted class; at most `per_block` methods side by side, more in further blocks."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = images.shape[0]
-    cols = ["input", *maps]
-    fig, axes = plt.subplots(n, len(cols), figsize=(1.6 * len(cols), 1.6 * n), squeeze=False)
-    for i in range(n):
-        for j, c in enumerate(cols):
-            ax = axes[i, j]
-            if c == "input":
-                img = images[i]
-                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-                if labels is not None:
-                    ax.set_ylabel(str(labels[i]), rotation=0, labelpad=10)
-            else:
-                r = maps[c][i].sum(-1)
-                v = float(np.abs(r).max()) or 1.0
-                ax.imshow(r, cmap="seismic", vmin=-v, vmax=v)
-            if i == 0:
-                ax.set_title(c, fontsize=8)
+    names = list(maps)
+    colors = colors or {}
+    blocks = [names[i:i + per_block] for i in range(0, len(names), per_block)] or [[]]
+    width = 1 + max(len(b) for b in blocks)
+    summed = {m: (np.asarray(maps[m]).sum(-1) if np.asarray(maps[m]).ndim == 4 else np.asarray(maps[m]))
+              for m in names}
+    scale = {m: float(np.nanmax(np.abs(summed[m]))) or 1.0 for m in names}
+    heights = []
+    for _ in blocks:
+        heights += [1.0] * n + [0.14, 0.18]
+    fig = plt.figure(figsize=(1.25 * width, 1.25 * sum(heights) + 0.3))
+    gs = fig.add_gridspec(len(heights), width, height_ratios=heights, hspace=0.08, wspace=0.06)
+    row0 = 0
+    for block in blocks:
+        for i in range(n):
+            ax = fig.add_subplot(gs[row0 + i, 0])
+            img = images[i]
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+            if labels is not None:
+                lab = f"true {labels[i]}" + (f"\npred {predicted[i]}" if predicted is not None else "")
+                ax.set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=8, labelpad=4)
+            if i == 0:
+                ax.set_title("input", fontsize=8)
+            for j, m in enumerate(block):
+                ax = fig.add_subplot(gs[row0 + i, j + 1])
+                im = ax.imshow(summed[m][i], cmap="bwr", vmin=-scale[m], vmax=scale[m])
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if i == 0:
+                    ax.set_title(m if len(m) <= 16 else m[:15] + "…", fontsize=7,
+                                 color=CONTROL_STYLE.get(m, (colors.get(m, "black"),))[0])
+                if i == n - 1:
+                    cax = fig.add_subplot(gs[row0 + n, j + 1])
+                    cb = fig.colorbar(im, cax=cax, orientation="horizontal", ticks=[])
+                    cb.outline.set_linewidth(0.4)
+                    cax.set_xlabel(f"±{scale[m]:.3g}", fontsize=7, labelpad=1)
+        row0 += n + 2
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+#: Where each protocol's metrics come from (for the glossary).
+SOURCES = {
+    "pixel_flipping": "Bach et al. 2015 (PLoS ONE); Samek et al. 2016 (IEEE TNNLS)",
+    "region_perturbation": "Samek et al. 2016 (IEEE TNNLS), AOPC",
+    "deletion": "Petsiuk, Das, Saenko 2018 (RISE, BMVC)",
+    "insertion": "Petsiuk, Das, Saenko 2018 (RISE, BMVC)",
+    "road": "Rong et al. 2022 (ROAD, ICML)",
+    "selectivity": "Montavon, Samek, Mueller 2018 (Digital Signal Processing)",
+    "selectivity_oneshot": "Montavon, Samek, Mueller 2018 (Digital Signal Processing)",
+    "continuity": "Montavon, Samek, Mueller 2018 (Digital Signal Processing)",
+    "roar": "Hooker, Erhan, Kindermans, Kim 2019 (NeurIPS)",
+    "kar": "Hooker, Erhan, Kindermans, Kim 2019 (NeurIPS)",
+    "roar_mask": "leak control of ROAR (Hooker et al. 2019): the mask alone",
+    "kar_mask": "leak control of KAR (Hooker et al. 2019): the mask alone",
+    "sanity_model_randomization": "Adebayo et al. 2018 (Sanity checks, NeurIPS)",
+    "sanity_data_randomization": "Adebayo et al. 2018 (Sanity checks, NeurIPS)",
+    "input_invariance": "Kindermans et al. 2017/2019 (The (un)reliability of saliency methods)",
+    "faithfulness_correlation": "Bhatt, Weller, Moura 2020 (IJCAI)",
+    "infidelity": "Yeh et al. 2019 (NeurIPS)",
+    "avg_sensitivity": "Yeh et al. 2019 (NeurIPS)",
+    "max_sensitivity": "Yeh et al. 2019 (NeurIPS)",
+    "monotonicity": "Arya et al. 2019 (monotonic); Nguyen, Martinez 2020 (correlation)",
+    "random_logit": "Sixt, Granz, Landgraf 2020 (ICML)",
+    "complexity": "Bhatt, Weller, Moura 2020 (IJCAI), entropy",
+    "sparseness": "Chalasani et al. 2020 (ICML), Gini index",
+    "pointing_game": "Zhang et al. 2018 (IJCV)",
+    "relevance_mass": "Arras, Osman, Samek 2022 (Information Fusion)",
+    "relevance_rank": "Arras, Osman, Samek 2022 (Information Fusion)",
+    "aupr": "ground-truth localization: AUPR / AUROC of relevance against the object mask",
+    "bench": "attrax benchmark (`attrax bench`)",
+}
+#: The recorded protocol choices the glossary lists first (the ones papers disagree on).
+KEY_CHOICES = ("score", "replacement", "baseline", "steps", "order", "patch", "fractions", "seeds", "modes",
+               "metrics", "n_runs", "radius", "n_samples", "tie")
+
+
+def _choices_text(choices_json: str) -> str:
+    import json
+
+    if not choices_json:
+        return ""
+    try:
+        d = json.loads(choices_json)
+    except ValueError:
+        return choices_json
+    keys = [k for k in KEY_CHOICES if k in d] + sorted(k for k in d if k not in KEY_CHOICES)
+    short = lambda v: json.dumps(v) if not isinstance(v, str) else v  # noqa: E731
+    return "; ".join(f"{k}={short(d[k])}" for k in keys)
+
+
+def glossary(df: pd.DataFrame, lb: pd.DataFrame) -> pd.DataFrame:
+    """One row per leaderboard column (protocol, its recorded choices, metric): direction, the
+    metric's source paper, category, and what the rows record - x label, aggregation, protocol
+    version, the protocol's choices - read from the rows (`leaderboard` ranks by the same)."""
+    b = _board(lb)
+    if b.empty:
+        return pd.DataFrame()
+    d = df.assign(protocol_choices=df["protocol_choices"] if "protocol_choices" in df else "")
+    meta = d.groupby(["protocol", "protocol_choices"], dropna=False).agg(
+        x_label=("x_label", lambda s: "; ".join(sorted({v for v in s if v}))) if "x_label" in d else ("value", "size"),
+        aggregation=("aggregation", lambda s: "; ".join(sorted({v for v in s if v}))) if "aggregation" in d
+        else ("value", "size"))
+    rows = []
+    for col, g in b.groupby("column", sort=False):
+        r = g.iloc[0]
+        ch = r.get("protocol_choices", "") or ""
+        m = meta.loc[(r["protocol"], ch)] if (r["protocol"], ch) in meta.index else {}
+        hib = r["higher_is_better"]
+        direction = "higher is better" if hib is True else "lower is better" if hib is False else "not ranked"
+        legacy = not (d.loc[d["protocol"] == r["protocol"], "direction"] != "").any() if "direction" in d else True
+        metric = str(r["metric"])
+        rows.append({
+            "column": col, "protocol": r["protocol"], "metric": metric, "category": metric_category(r["protocol"]),
+            "direction": direction + (" (registry: rows predate recorded directions)" if legacy and hib is not None
+                                      else ""),
+            "source": SOURCES.get(r["protocol"], ""),
+            "x_label": (m.get("x_label", "") if len(m) else "") or "",
+            "aggregation": ((m.get("aggregation", "") if len(m) else "") or "")
+            + ("; ranked by the area under each curve (mean height)" if metric.endswith(AREA) else ""),
+            "version": int(r["version"]) if int(r.get("version", -1)) >= 0 else "",
+            "choices": _choices_text(ch) or ("not recorded (rows written before choices were recorded)"
+                                             if legacy else "none"),
+        })
+    return pd.DataFrame(rows)
+
+
+def _config_hash(cfg: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_command(run: Path, info: dict) -> str:
+    """The command that reproduces a run: `attrax` + the overrides Hydra recorded for the job
+    (`.hydra/overrides.yaml`), else a `command` recorded in run.json; "" if neither exists."""
+    import shlex
+
+    import yaml
+
+    f = Path(run) / ".hydra" / "overrides.yaml"
+    if f.is_file():
+        try:
+            ov = yaml.safe_load(f.read_text()) or []
+            return " ".join(["attrax", *(shlex.quote(str(o)) for o in ov)])
+        except (OSError, yaml.YAMLError):
+            pass
+    cmd = info.get("command")
+    if isinstance(cmd, list):
+        return " ".join(shlex.quote(str(c)) for c in cmd)
+    return str(cmd or "")
+
+
+def run_records(runs: list[Path], df: pd.DataFrame) -> list[dict[str, Any]]:
+    """What each run was (for the page header): experiment, data set, model and its test accuracy,
+    images, seeds, attrax version and commit, config hash, hardware, date, command - from its
+    run.json and rows."""
+    out = []
+    for run in runs:
+        try:
+            info = results_store.run_info(run)
+        except (OSError, ValueError):
+            info = {}
+        cfg = info.get("config") or {}
+        rows = df[df["run_id"] == Path(run).name] if "run_id" in df else df.iloc[:0]
+        first = lambda c, rows=rows: ", ".join(sorted({str(v) for v in rows[c] if str(v)})) if c in rows else ""  # noqa: E731
+        name = lambda v: v.get("name") if isinstance(v, dict) else v  # noqa: E731
+        acc = info.get("test_accuracy")
+        if acc is None and len(rows):
+            a = rows[(rows["protocol"] == "model") & (rows["metric"] == "test_accuracy")]["value"]
+            acc = float(a.mean()) if len(a) else None
+        n_img = cfg.get("n_images")
+        if n_img is None and len(rows) and (rows["example"] >= 0).any():
+            n_img = int(rows.loc[rows["example"] >= 0, "example"].nunique())
+        seeds = sorted({int(s) for s in rows["seed"] if s >= 0}) if "seed" in rows else []
+        mseeds = sorted({int(s) for s in rows["model_seed"] if s >= 0}) if "model_seed" in rows else []
+        devices = ", ".join(info.get("devices") or [])
+        hw = " ".join(p for p in (info.get("backend") or "", f"({devices})" if devices else "",
+                                  info.get("platform") or "") if p)
+        out.append({
+            "run": str(run), "run_id": Path(run).name,
+            "experiment": cfg.get("experiment_name") or first("experiment"),
+            "dataset": str(name(cfg.get("dataset")) or first("dataset")),
+            "model": str(name(cfg.get("model")) or first("model")),
+            "test_accuracy": acc, "n_images": n_img,
+            "seed": ", ".join(map(str, seeds)) or str(cfg.get("seed", "")),
+            "model_seed": ", ".join(map(str, mseeds)) or str(cfg.get("model_seed", "")),
+            "attrax": (info.get("versions") or {}).get("attrax") or "",
+            "commit": (info.get("git_commit") or "")[:12],
+            "config_hash": _config_hash(cfg) if cfg else "",
+            "hardware": hw, "date": info.get("written", ""), "command": run_command(run, info),
+        })
+    return out
+
+
+def _fmt_acc(a: Any) -> str:
+    return f"{a:.4f}" if isinstance(a, int | float) and np.isfinite(a) else "-"
+
+
+def header_fields(recs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(field, value) pairs of the page header: each field's distinct values over the runs."""
+    def vals(f, fmt=str):
+        v = list(dict.fromkeys(fmt(r[f]) for r in recs if r.get(f) not in (None, "")))
+        return ", ".join(v) if v else "not recorded"
+
+    def union(f):
+        v = sorted({s.strip() for r in recs for s in str(r.get(f) or "").split(",") if s.strip()},
+                   key=lambda s: (len(s), s))
+        return ", ".join(v) if v else "not recorded"
+
+    models = list(dict.fromkeys(f"{r['model']} (test accuracy {_fmt_acc(r['test_accuracy'])})" for r in recs
+                                if r.get("model")))
+    dates = sorted(r["date"] for r in recs if r.get("date"))
+    return [
+        ("experiment", vals("experiment")), ("data set", vals("dataset")),
+        ("model", ", ".join(models) or "not recorded"), ("images", vals("n_images")),
+        ("seeds (explanation / model)", f"{union('seed')} / {union('model_seed')}"),
+        ("attrax", f"{vals('attrax')}, commit {vals('commit')}"), ("config hash", vals("config_hash")),
+        ("hardware", vals("hardware")),
+        ("date", (dates[0] if dates and dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}") if dates
+         else "not recorded"),
+        ("runs", str(len(recs))),
+    ]
+
+
+def split_why(numbers: str) -> tuple[str, str]:
+    """(numbers, why) of a finding's text (findings.evaluate_finding appends the preset's reason)."""
+    key = ". Why it differs: "
+    if key in numbers:
+        n, w = numbers.split(key, 1)
+        return n, w
+    return numbers, ""
 
 
 def _embed(path: Path) -> str:
@@ -484,17 +948,76 @@ def _embed(path: Path) -> str:
     return f'<figure><img alt="{stem}" src="data:image/png;base64,{data}"/><figcaption>{stem}</figcaption></figure>'
 
 
-def build(paths: list[str], out: str | Path | None = None) -> Path:
-    """Aggregate results folders into leaderboard.md/.csv and a self-contained report.html."""
+def _md_table(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False) if len(df) else ""
+
+
+def markdown(recs, checks, lb, gl, st, flags, figs, df) -> str:
+    """leaderboard.md: the page's content in GitHub-flavoured markdown."""
     from attrax import findings
 
+    heads = pd.DataFrame(header_fields(recs), columns=["", "value"])
+    runs = pd.DataFrame([{"run": r["run_id"], "experiment": r["experiment"], "data set": r["dataset"],
+                          "model (test acc.)": f"{r['model']} ({_fmt_acc(r['test_accuracy'])})",
+                          "images": r["n_images"], "seeds": r["seed"], "commit": r["commit"],
+                          "config": r["config_hash"], "date": r["date"],
+                          "command": f"`{r['command']}`" if r["command"] else "not recorded"} for r in recs])
+    parts = ["# attrax leaderboard", "", f"{len(df)} rows from {df['run_id'].nunique()} runs.", "",
+             "## What was run", "", _md_table(heads), "", _md_table(runs), "", "## Findings", "",
+             findings.format(checks) if checks else "No paper preset with an expected finding in these results.", ""]
+    if flags:
+        parts += ["Warnings:", "", *(f"- {f}" for f in flags), ""]
+    parts += ["## Leaderboard", "",
+              "mean [95% bootstrap CI] (rank) per cell; arrows give each metric's better direction; "
+              "(control) marks the controls (random relevance, Sobel edges): a method that does not beat "
+              f"them on a metric tells nothing there. Mean rank: {AGG_DEFINITION}.", "", format_table(lb), ""]
+    if len(gl):
+        parts += ["## Glossary", "", _md_table(gl.drop(columns=["protocol", "metric"]).rename(columns={
+            "column": "metric", "x_label": "x (curves)", "choices": "recorded choices"})), ""]
+    if len(st):
+        parts += ["## Model randomization", "",
+                  "Spearman / Spearman-abs / SSIM / HOG vs the trained model's maps; lower = depends on the "
+                  "weights; noise ceiling = the same method with two keys, nothing randomized.", "",
+                  format_sanity_table(st), ""]
+    if figs:
+        parts += ["## Figures", "", *(f"![{p.stem}]({p.name})" for p in figs), ""]
+    return "\n".join(parts)
+
+
+def wide_csv(lb: pd.DataFrame) -> pd.DataFrame:
+    """Methods x metrics for papers: per metric column its mean, CI and rank; the mean rank."""
+    b = _board(lb)
+    if b.empty:
+        return pd.DataFrame()
+    agg = aggregate_ranks(b)
+    out = pd.DataFrame(index=agg.index)
+    out["method"] = b.groupby("label")["method"].first().reindex(out.index)
+    out["family"] = out["method"].map(method_family)
+    out["mean_rank"] = agg["agg_rank"]
+    for col in column_order(b):
+        g = b[b["column"] == col].set_index("label")
+        for k in ("mean", "ci_low", "ci_high", "rank"):
+            out[f"{col} {k}"] = g[k].reindex(out.index)
+    out = out.sort_values("mean_rank", kind="stable")
+    out.index.name = "label"
+    return out.reset_index()
+
+
+def build(paths: list[str], out: str | Path | None = None, *, quiet: bool = False, figures: bool = True) -> Path:
+    """Aggregate results folders into leaderboard.md/.csv (and leaderboard_wide.csv) and a
+    self-contained report.html: header, findings, sortable leaderboard, glossary, figures."""
+    from attrax import findings, report_page
+
+    say = (lambda *a: None) if quiet else print
     df = results_store.load(*paths)
     runs = results_store.find_runs(paths)
     out = Path(out or (Path(paths[0]) / "report"))
     out.mkdir(parents=True, exist_ok=True)
     lb = leaderboard(df)
+    lb["family"] = lb["method"].map(method_family)
+    lb["category"] = lb["protocol"].map(metric_category)
     lb.to_csv(out / "leaderboard.csv", index=False)
-    table = format_table(lb)
+    wide_csv(lb).to_csv(out / "leaderboard_wide.csv", index=False)
     specs = {}  # the finding each run was made with (its recorded config), not today's preset file
     for run in runs:
         try:
@@ -504,44 +1027,65 @@ def build(paths: list[str], out: str | Path | None = None) -> Path:
         if rc.get("finding") and rc.get("experiment_name"):
             specs.setdefault(rc["experiment_name"], rc["finding"])
     checks = findings.check(df, specs)
-    check_md = findings.format(checks)
     flags = sorted({f for f in df["flag"] if f})  # e.g. a permuted-label model that did not fit
     st = sanity_table(df)
-    sanity_md = format_sanity_table(st) if len(st) else ""
-    (out / "leaderboard.md").write_text(
-        f"# attrax leaderboard\n\n{len(df)} rows from {df['run_id'].nunique()} runs; "
-        f"mean [95% bootstrap CI] (rank), arrows give each metric's better direction.\n\n{table}\n"
-        + (f"\n## Model randomization (Spearman / Spearman-abs / SSIM / HOG vs the trained model's maps; "
-           f"lower = depends on the weights; noise ceiling = the same method with two keys, nothing "
-           f"randomized)\n\n{sanity_md}\n" if sanity_md else "")
-        + (f"\n## Expected findings\n\n{check_md}\n" if checks else "")
-        + ("\n## Warnings\n\n" + "\n".join(f"- {f}" for f in flags) + "\n" if flags else ""))
-    figs = [p for p in (curve_figure(df, out / "curves.png"), sanity_figure(df, out / "sanity.png"),
-                        rank_heatmap(lb, out / "ranks.png"),
-                        merged_heatmaps(runs, out / "heatmaps.png"), bench_figure(df, out / "bench.png")) if p]
-    seen = {p.name for p in figs}
-    for run in runs:
-        for png in sorted(Path(run).glob("*.png")):
-            if png.name not in ("deletion_curves.png", "heatmaps.png") and png.name not in seen:
-                figs.append(png)
-    html = ["<!doctype html><html><head><meta charset='utf-8'><title>attrax report</title>",
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}</style>",
-            "</head><body><h1>attrax report</h1>",
-            f"<p>{len(df)} rows from {df['run_id'].nunique()} runs.</p>",
-            lb.assign(direction=lb["higher_is_better"].map(arrow)).to_html(
-                index=False, float_format=lambda v: f"{v:.4g}"),
-            *(["<h2>Model randomization</h2>", st.to_html(index=False, float_format=lambda v: f"{v:.3f}")]
-              if sanity_md else []),
-            *(["<h2>Expected findings</h2><pre>", check_md, "</pre>"] if checks else []),
-            *(["<h2>Warnings</h2><ul>", *(f"<li>{f}</li>" for f in flags), "</ul>"] if flags else []),
-            *[_embed(p) for p in figs], "</body></html>"]
-    (out / "report.html").write_text("\n".join(html))
-    print(table)
-    for f in flags:
-        print(f"warning: {f}")
-    if checks:
-        print()
-        print(check_md)
-    print(f"\nwrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'report.html'}")
+    recs = run_records(runs, df)
+    gl = glossary(df, lb)
+    figs: list[tuple[str, Path, str]] = []  # (title, file, caption)
+    if figures:
+        colors = method_colors(set(df["method"]))
+        cur = df[df["x"].notna()]
+        retrain = cur["protocol"].isin(RETRAIN) | (cur["aggregation"] == "mean_over_seeds")
+        sanity = cur["protocol"] == SANITY
+        casc = sanity & cur["metric"].str.startswith("cascading_")
+        specs_fig = [
+            ("Curves", lambda p: curve_figure(cur[~retrain & ~sanity], p, colors=colors), "curves.png",
+             "Mean curve over the images per method, shaded: 95% band (mean +- 1.96 standard errors). One row "
+             "per curve, one panel per method family; the random control (black, dashed) and the Sobel edge "
+             "control (grey, dotted) are drawn in every panel."),
+            ("Sanity checks: cascading model randomization", lambda p: curve_figure(
+                cur[casc], p, colors=colors, xlabel="layers re-initialized, from the logits down"), "sanity.png",
+             "Similarity of each method's maps to the trained model's maps as more layers are re-initialized "
+             "(Adebayo et al. 2018). Falling to 0 = the maps depend on the learned weights (passes)."),
+            ("ROAR / KAR", lambda p: curve_figure(cur[retrain], p, colors=colors), "roar_kar.png",
+             "Test accuracy of models retrained on images with a fraction of the inputs replaced (ROAR: the "
+             "most relevant removed, lower = better; KAR: the most relevant kept, higher = better); shaded: "
+             "95% band over the retraining seeds."),
+            ("Heatmaps", lambda p: merged_heatmaps(runs, p, colors=colors), "heatmaps.png",
+             "Channel-summed maps of the same test images (rows: true / predicted class) for every method "
+             "(columns). Each method has its own symmetric colour scale, +- its largest |value| over these "
+             "images, shown by the colour bar under its column (red positive, blue negative)."),
+            ("Rank agreement between metrics", lambda p: rank_agreement_figure(lb, p), "rank_agreement.png",
+             "Spearman correlation of the method rankings of every two ranked metrics (over the methods both "
+             "rank, at least 3). 1: the metrics order the methods alike; 0: unrelated; -1: reversed."),
+            ("Benchmark speed", lambda p: bench_figure(df, p, colors=colors), "bench.png",
+             "attrax bench: images per second (log scale), bound ratio and speed-up over the PyTorch bar "
+             "(red line: 1.5)."),
+            ("Run time per method", lambda p: timing_figure(runs, p, colors=colors), "timings.png",
+             "Wall-clock seconds per image recorded by the runs: computing the maps (including compilation) "
+             "and scoring them with every protocol."),
+        ]
+        for title, make, name, caption in specs_fig:
+            p = make(out / name)
+            if p:
+                figs.append((title, Path(p), caption))
+        seen = {p.name for _, p, _ in figs}
+        for run in runs:
+            for png in sorted(Path(run).glob("*.png")):
+                if png.name not in ("deletion_curves.png", "heatmaps.png", "retrain_curves.png") \
+                        and png.name not in seen and png.name != "report.png":
+                    figs.append((png.stem, png, f"from run {Path(run).name}"))
+                    seen.add(png.name)
+    (out / "leaderboard.md").write_text(markdown(recs, checks, lb, gl, st, flags, [p for _, p, _ in figs], df))
+    html = report_page.render(recs=recs, checks=checks, lb=lb, glossary=gl, sanity=st, flags=flags, figs=figs,
+                              n_rows=len(df))
+    (out / "report.html").write_text(html)
+    if not quiet:
+        print(format_table(lb))
+        for f in flags:
+            print(f"warning: {f}")
+        if checks:
+            print()
+            print(findings.format(checks))
+    say(f"\nwrote {out / 'leaderboard.md'}, {out / 'leaderboard.csv'}, {out / 'report.html'}")
     return out
