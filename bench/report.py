@@ -409,7 +409,7 @@ def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None, *, col
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -593,8 +593,11 @@ def timing_figure(runs: list[Path], path: Path, colors: dict | None = None) -> P
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.26 * len(t) + 1.4), squeeze=False)
     _bars(axes[0, 0], list(t["method"]), list(t["explain_s_per_image"]), colors,
           "maps: s per image (incl. compilation)", log=True)
-    _bars(axes[0, 1], list(t["method"]), list(t["score_s_per_image"]), colors, "scoring: s per image (all protocols)",
-          log=bool((t["score_s_per_image"] > 0).all()))
+    if (t["score_s_per_image"] > 0).any():
+        _bars(axes[0, 1], list(t["method"]), list(t["score_s_per_image"]), colors,
+              "scoring: s per image (all protocols)", log=bool((t["score_s_per_image"] > 0).all()))
+    else:
+        axes[0, 1].set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -627,10 +630,11 @@ def rank_agreement_figure(lb: pd.DataFrame, path: Path) -> Path | None:
     if corr.shape[0] < 2:
         return None
     n = corr.shape[0]
-    fig, ax = plt.subplots(figsize=(2.2 + 0.55 * n, 1.6 + 0.5 * n))
+    fig, ax = plt.subplots(figsize=(2.2 + 0.5 * n, 1.2 + 0.45 * n))
     im = ax.imshow(corr.to_numpy(float), cmap="RdBu", vmin=-1, vmax=1)
-    ax.set_xticks(range(n), corr.columns, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(n), corr.index, fontsize=7)
+    ax.set_xticks(range(n), [str(i + 1) for i in range(n)], fontsize=7)  # the metrics' numbers on the rows
+    ax.set_yticks(range(n), [f"{c}  ({i + 1})" for i, c in enumerate(corr.index)], fontsize=7)
+    ax.xaxis.tick_top()
     for i in range(n):
         for j in range(n):
             v = corr.iat[i, j]

@@ -59,6 +59,7 @@ table#lb{font-size:12.5px}
 #lb thead th{position:sticky;top:0;background:#eef1f4;z-index:2;cursor:pointer;user-select:none;
  vertical-align:bottom;text-align:left}
 #lb thead th:hover{background:#e1e6eb}
+#lb thead th{white-space:normal;min-width:110px;max-width:210px;overflow-wrap:anywhere}
 #lb thead th .cat{display:block;font-weight:400;font-size:11px;color:var(--mute)}
 #lb thead th[aria-sort=ascending]::after{content:" \\25B2";font-size:10px}
 #lb thead th[aria-sort=descending]::after{content:" \\25BC";font-size:10px}
@@ -78,6 +79,7 @@ table#lb{font-size:12.5px}
  background:linear-gradient(90deg,hsl(125,55%,78%),hsl(62,60%,82%),hsl(0,65%,84%))}
 figure{margin:10px 0 26px}figure img{max-width:100%;height:auto;border:1px solid var(--line);border-radius:4px}
 figcaption{color:var(--mute);font-size:13px;max-width:1000px;margin-top:4px}
+section,header{scroll-margin-top:44px}
 footer{margin-top:40px;color:var(--mute);font-size:12px}
 """
 
