@@ -190,17 +190,43 @@ def setup(cfg: dict[str, Any]):
     return model, params, jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32), info
 
 
-def reference_times(model, params, x, target, *, repeats: int, max_seconds: float) -> dict[str, float]:
-    """Seconds of one raw batched forward and one batched input gradient of the batch."""
+def reference_times(model, params, x, target, *, repeats: int, max_seconds: float,
+                    batches: list[int] | None = None) -> dict[str, Any]:
+    """Seconds of one raw batched forward and one batched input gradient, per batch of len(x).
+
+    With `batches` (the config's `bound_batches`) each is also timed at those batch sizes (the
+    batch tiled or cut) and the bound is the FASTEST per-image rate at any of them, scaled to a
+    batch of len(x): a method that beats the batch-size-n figure by running small cache-friendly
+    chunks then does not look faster than its bound. `sweep` keeps every size's figures;
+    `forward_batch` / `gradient_batch` the seconds at len(x) itself.
+    """
     from attrax.methods import input_gradient
 
     fwd = jax.jit(lambda p, xx: model(p, xx))
     grad = jax.jit(lambda p, xx, tt: input_gradient(lambda z: model(p, z), xx, tt)[1])
     kw = {"repeats": max(repeats, 7), "warmup": 2, "max_seconds": max_seconds}
-    f = time_calls(lambda: fwd(params, x), **kw)
-    g = time_calls(lambda: grad(params, x, target), **kw)
-    return {"forward": f["median_s"], "gradient": g["median_s"],
-            "forward_cpu": cpu_equivalent_s(f["cpu_s"]), "gradient_cpu": cpu_equivalent_s(g["cpu_s"])}
+    n = x.shape[0]
+    sizes = sorted({int(b) for b in (batches or [])} | {n})
+    sweep, best = [], {}
+    for b in sizes:
+        reps = -(-b // n)
+        xb = x if b == n else jnp.concatenate([x] * reps)[:b]
+        tb = target if b == n else jnp.concatenate([target] * reps)[:b]
+        f = time_calls(lambda xb=xb: fwd(params, xb), **kw)
+        g = time_calls(lambda xb=xb, tb=tb: grad(params, xb, tb), **kw)
+        row = {"batch": b, "forward": f["median_s"], "gradient": g["median_s"],
+               "forward_cpu": cpu_equivalent_s(f["cpu_s"]), "gradient_cpu": cpu_equivalent_s(g["cpu_s"])}
+        sweep.append(row)
+        for k in ("forward", "gradient", "forward_cpu", "gradient_cpu"):
+            per_image = row[k] / b
+            if k not in best or per_image < best[k][0]:
+                best[k] = (per_image, b)
+        if b == n:
+            at_n = row
+    out: dict[str, Any] = {k: v[0] * n for k, v in best.items()}
+    out.update({f"{k}_best_batch": v[1] for k, v in best.items()},
+               forward_batch=at_n["forward"], gradient_batch=at_n["gradient"], sweep=sweep)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +272,7 @@ def bench_method(name: str, model, params, x, target, ref: dict[str, float], cfg
 
     ecfg = dict(cfg["methods"].get(name) or {})
     hp = dict(ecfg.get("hparams") or {})
-    rec: dict[str, Any] = {"kind": "method", "name": name, "hparams": hp, "bar": ecfg.get("bar")}
+    rec: dict[str, Any] = {"kind": "method", "name": name, "hparams": hp, "bar": None}
     kind, evals = method_bound(name, hp, ecfg)
     model = attrax.as_model(model)
     # a fresh wrapper per method: its jit cache holds only this method's compiled chunks
@@ -345,7 +371,7 @@ def bench_protocol(name: str, model, params, x, target, relevance, ref: dict[str
     entry = PROTOCOLS.get(name)
     ecfg = dict(cfg["protocols"].get(name) or {})
     choices = dict(ecfg.get("choices") or {})
-    rec: dict[str, Any] = {"kind": "protocol", "name": name, "hparams": choices, "bar": ecfg.get("bar")}
+    rec: dict[str, Any] = {"kind": "protocol", "name": name, "hparams": choices, "bar": None}
     if "relevance" not in inspect.signature(entry.fn).parameters:
         rec["note"] = "retraining protocol (no relevance argument): see the training figures"
         return rec
@@ -760,6 +786,222 @@ def budget_check(model, params, x, cfg: dict[str, Any]) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# The PyTorch stack side by side (--against PATH/torch_cpu.json)
+
+ANCHOR_SECTIONS = ("attribution", "quantus")
+
+
+def load_anchor(path: str | Path) -> dict[str, Any]:
+    """The JSON of ../shared/anchors/torch_anchor.py, checked (one-line AttraxError otherwise)."""
+    p = Path(path)
+    if not p.is_file():
+        raise AttraxError(f"--against {path}: no such file (give the anchor's <out-dir>/results/torch_cpu.json)")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise AttraxError(f"--against {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AttraxError(f"--against {path}: cannot read it ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not any(isinstance(data.get(k), dict)
+                                             for k in (*ANCHOR_SECTIONS, "roar_retrain")):
+        raise AttraxError(f"--against {path}: not a torch_anchor.py result (no 'attribution', 'quantus' or "
+                          "'roar_retrain' section)")
+    return data
+
+
+def _foreign_load(entry: dict) -> float | None:
+    loads = [m.get("foreign_cpu_cores_avg") for m in entry.get("cpu_during_passes") or [] if isinstance(m, dict)]
+    if isinstance(entry.get("cpu_during"), dict):
+        loads.append(entry["cpu_during"].get("foreign_cpu_cores_avg"))
+    loads = [float(v) for v in loads if isinstance(v, int | float)]
+    return max(loads) if loads else None
+
+
+def anchor_workloads(anchor: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every workload of the anchor JSON: section, name, images/s (None if it failed), settings,
+    status and the CPU load of other processes while it ran. The training figure is the
+    anchor's second (warm) training run, `roar_retrain`, in training images/s."""
+    out = []
+    for sec in ANCHOR_SECTIONS:
+        for name, e in (anchor.get(sec) or {}).items():
+            if not isinstance(e, dict):
+                continue
+            ips = e.get("images_per_s")
+            ok = e.get("status", "ok") == "ok" and isinstance(ips, int | float) and ips > 0
+            out.append({"section": sec, "name": name, "images_per_s": float(ips) if ok else None,
+                        "settings": str(e.get("settings", "")), "status": e.get("status", "ok" if ok else "?"),
+                        "error": e.get("error"), "foreign": _foreign_load(e), "n_images": e.get("n_images"),
+                        "batch_size": e.get("batch_size")})
+    rr = anchor.get("roar_retrain")
+    if isinstance(rr, dict):
+        train = ((anchor.get("model") or {}).get("train") or {})
+        epochs, bs = int(train.get("epochs", 3)), int(train.get("batch_size", 64))
+        n_train, wall = rr.get("n_train"), rr.get("wall_s")
+        ok = isinstance(n_train, int) and isinstance(wall, int | float) and wall > 0
+        out.append({"section": "training", "name": "roar_retrain",
+                    "images_per_s": n_train * epochs / wall if ok else None,
+                    "settings": f"one model, {epochs} epochs x {n_train} images, batch {bs}, Adam 1e-3",
+                    "status": "ok" if ok else "failed", "error": None if ok else "no n_train / wall_s",
+                    "foreign": _foreign_load(rr), "n_train": n_train, "epochs": epochs, "batch_size": bs})
+    return out
+
+
+def counterparts(cfg: dict[str, Any], section: str, name: str) -> list[dict[str, Any]]:
+    """The attrax workloads the config's `against:` table names for one anchor workload."""
+    spec = ((cfg.get("against") or {}).get(section) or {}).get(name)
+    if spec is None:
+        return []
+    return [dict(s) for s in (spec if isinstance(spec, list) else [spec])]
+
+
+def _hp_key(hp: dict[str, Any]) -> str:
+    return json.dumps({k: v for k, v in (hp or {}).items() if k != "masks"}, sort_keys=True, default=str)
+
+
+def _counterpart_label(c: dict[str, Any]) -> str:
+    if "method" in c or "protocol" in c:
+        name = c.get("method") or c.get("protocol")
+        hp = c.get("hparams") or c.get("choices") or {}
+        return name + (f" ({', '.join(f'{k}={v}' for k, v in hp.items())})" if hp else "")
+    if c.get("train") == "parallel":
+        return f"train_many, mode=parallel, {int(c.get('seeds', 4))} models (images/s of all)"
+    if c.get("train") == "roar_grid":
+        return "ROAR + KAR grid (roar_grid section), batched retraining"
+    return f"train.fit ({c.get('train')})"
+
+
+def bench_against_training(spec: dict[str, Any], work: dict[str, Any], cfg: dict[str, Any]) -> dict:
+    """One model (`fit`) or several (`train_many`, parallel) trained with the anchor's settings."""
+    import importlib
+
+    import attrax
+
+    tr = importlib.import_module("attrax.train")
+    ds = attrax.datasets.load(cfg["dataset"], split="train")
+    n_train = int(work.get("n_train") or len(ds.x))
+    ds = ds.take(min(n_train, len(ds.x)))
+    model = attrax.models.create(cfg.get("model", "cnn_a"))
+    tcfg = attrax.TrainConfig(epochs=int(work["epochs"]), batch_size=int(work["batch_size"]), lr=1e-3)
+    images = len(ds.x) * tcfg.epochs
+    if spec["train"] == "parallel":
+        seeds = list(range(int(spec.get("seeds", 4))))
+
+        def call():
+            return tr.train_many(model, ds.x, ds.y, seeds, cfg=tcfg, mode="parallel")[0]
+
+        images *= len(seeds)
+    else:
+        def call():
+            return tr.fit(model, ds.x, ds.y, seed=0, cfg=tcfg, progress=False)[0]
+
+    t = time_calls(call, repeats=2, warmup=0, max_seconds=60)
+    return {"kind": "train", "name": "against " + spec["train"],
+            "hparams": {"images": len(ds.x), "epochs": tcfg.epochs, "batch": tcfg.batch_size,
+                        **({"models": int(spec.get("seeds", 4))} if spec["train"] == "parallel" else {})},
+            "images_per_s": images / t["median_s"], "seconds": t["median_s"], "compile_s": t["compile_s"],
+            "cpu_images_per_s": images / cpu_equivalent_s(t["cpu_s"]) if t["cpu_s"] > 0 else None}
+
+
+def against_records(anchor: dict[str, Any], source: str, cfg: dict[str, Any], records: list[dict],
+                    run_entry: Callable[[str, str, dict], dict | None]) -> list[dict]:
+    """One `against` record per (anchor workload, counterpart): the anchor's images/s, attrax's,
+    and the ratio. Counterparts already measured with the same settings are reused; the others
+    are run through `run_entry(kind, name, settings)` (None: not run in this benchmark)."""
+    out = []
+    for w in anchor_workloads(anchor):
+        key = f"{w['section']}.{w['name']}"
+        base = {"kind": "against", "name": key, "anchor_settings": w["settings"], "anchor_foreign": w["foreign"],
+                "bar": w["images_per_s"], "source": source}
+        specs = counterparts(cfg, w["section"], w["name"])
+        if w["images_per_s"] is None:
+            out.append({**base, "hparams": {}, "note": f"anchor entry {w['status']}: {(w.get('error') or '')[:120]}"})
+            continue
+        if not specs:
+            out.append({**base, "hparams": {}, "note": "no attrax counterpart named in the config's `against:` table"})
+            continue
+        for spec in specs:
+            label = _counterpart_label(spec)
+            rec = {**base, "hparams": {"counterpart": label}, "counterpart": label}
+            if "none" in spec:
+                out.append({**rec, "counterpart": "-", "note": f"no attrax counterpart: {spec['none']}"})
+                continue
+            if "method" in spec or "protocol" in spec:
+                kind = "method" if "method" in spec else "protocol"
+                name = spec.get(kind)
+                settings = dict(spec.get("hparams") or spec.get("choices") or {})
+                found = None
+                for r in records:
+                    if r.get("kind") == kind and r.get("name") == name and not r.get("error") and \
+                            r.get("images_per_s") and _hp_key(r.get("hparams")) == _hp_key(
+                                _effective(kind, name, settings, cfg)):
+                        found = r
+                        break
+                if found is None:
+                    found = run_entry(kind, name, settings)
+                    if found is not None:
+                        records.append(found)
+            else:
+                found = run_entry("train", spec["train"], {"spec": spec, "work": w})
+            if found is None or found.get("error") or not found.get("images_per_s"):
+                why = (found or {}).get("error") or (found or {}).get("note") or "not run in this benchmark"
+                out.append({**rec, "note": str(why)[:160]})
+                continue
+            if found.get("bar") is None and found.get("kind") in ("method", "protocol"):
+                found["bar"] = w["images_per_s"]
+            rec.update(images_per_s=found["images_per_s"], cpu_images_per_s=found.get("cpu_images_per_s"),
+                       speedup=found["images_per_s"] / w["images_per_s"])
+            if found.get("cpu_images_per_s"):
+                rec["cpu_speedup"] = found["cpu_images_per_s"] / w["images_per_s"]
+            if found.get("kind") == "roar" and found.get("seconds"):
+                h = found["hparams"]
+                torch_s = h["retrains"] * h["train_images"] * h["epochs"] / w["images_per_s"]
+                rec["note"] = (f"{h['retrains']} retrains: PyTorch-equivalent {torch_s:.1f} s of training vs attrax "
+                               f"{found['train_s']:.1f} s training / {found['seconds']:.1f} s whole grid "
+                               f"({torch_s / found['seconds']:.2f}x with maps, rankings and evaluation)")
+            out.append(rec)
+    return out
+
+
+def _effective(kind: str, name: str, settings: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
+    """The hparams a benchmark record of `name` carries when run with `settings`."""
+    if kind == "protocol":
+        from attrax.protocols import PROTOCOLS
+
+        if PROTOCOLS.get(name).meta.get("needs_method"):
+            return {"method": cfg["relevance_method"], **settings}
+    return dict(settings)
+
+
+def against_markdown(records: list[dict], target: float) -> list[str]:
+    rows = [r for r in records if r["kind"] == "against"]
+    if not rows:
+        return []
+    out = ["## Against the PyTorch stack (measured side by side)", "",
+           f"PyTorch figures: `{rows[0]['source']}` (../shared/anchors/torch_anchor.py: Captum, Quantus, Zennit, "
+           "torch's training loop); attrax: this run, same model, batch and settings (conf/bench/default.yaml "
+           "`against:`). ratio = attrax images/s / PyTorch images/s (CPU est.: attrax's process CPU time spread "
+           f"over all cores, for a loaded machine); goal >= {target:g}x. PyTorch foreign load: CPU cores other "
+           "processes used while the anchor timed it (trust a figure only where it is ~0).", "",
+           "| PyTorch workload | PyTorch settings | PyTorch images/s | foreign load | attrax counterpart | "
+           "attrax images/s | ratio | CPU est. ratio | goal |",
+           "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    for r in rows:
+        settings = r.get("anchor_settings", "").replace("|", "/")[:90]
+        if r.get("speedup") is None:
+            out.append(f"| {r['name']} | {settings} | {_fmt(r.get('bar'))} | {_fmt(r.get('anchor_foreign'), 2)} | "
+                       f"{r.get('counterpart', '-')} | - | - | - | {r.get('note', '')} |")
+            continue
+        verdict = "ok" if r["speedup"] >= target else ("ok (CPU est.)" if (r.get("cpu_speedup") or 0) >= target
+                                                       else "BELOW")
+        note = f" {r['note']}" if r.get("note") else ""
+        out.append(f"| {r['name']} | {settings} | {_fmt(r['bar'])} | {_fmt(r.get('anchor_foreign'), 2)} | "
+                   f"{r['counterpart']} | {_fmt(r['images_per_s'])} | {r['speedup']:.2f} | "
+                   f"{_fmt(r.get('cpu_speedup'), 2)} | {verdict}{note} |")
+    out.append("")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 
 
@@ -795,6 +1037,7 @@ def to_rows(records: list[dict], *, run_id: str, cfg: dict[str, Any]) -> pd.Data
 def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> str:
     target = float(cfg.get("target", 1.5))
     ref = env["ref"]
+    n = cfg["batch"]
     out = ["# attrax performance", "",
            f"`attrax-bench` on {env['cpus']} CPU cores ({env['backend']}), {cfg['dataset']}, model `{cfg['model']}`, "
            f"batch {cfg['batch']}; median of up to {cfg['repeats']} timed calls after warm-up. "
@@ -807,18 +1050,28 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> s
            "- compile s: first call minus a steady call. peak MB: XLA's compiled memory analysis of one chunk "
            "(arguments + outputs + temporaries).",
            "- bound ratio: time / time of `cost` raw batched gradients (gradient, backprop, relevance, CAM families) "
-           "or forwards (perturbation, surrogate; protocols: K+1 forwards or K re-explanations), measured in this "
-           f"run: one forward {1e3 * ref['forward']:.1f} ms wall / {1e3 * ref['forward_cpu']:.1f} ms CPU est., one "
-           f"gradient {1e3 * ref['gradient']:.1f} ms / {1e3 * ref['gradient_cpu']:.1f} ms per batch "
-           f"({cfg['batch'] / ref['gradient']:,.0f} / {cfg['batch'] / ref['gradient_cpu']:,.0f} images/s).",
-           f"- bar: the PyTorch stack (Captum / Quantus) on this machine, idle; target {target}x the bar.", ""]
+           "or forwards (perturbation, surrogate; protocols: K+1 forwards or K re-explanations) at the FASTEST rate "
+           "this machine reached at any batch size of the sweep below, measured in this run: "
+           f"forward {cfg['batch'] / ref['forward']:,.0f} images/s (batch {ref.get('forward_best_batch', n)}) "
+           f"/ {cfg['batch'] / ref['forward_cpu']:,.0f} CPU est., gradient {cfg['batch'] / ref['gradient']:,.0f} "
+           f"images/s (batch {ref.get('gradient_best_batch', n)}) / {cfg['batch'] / ref['gradient_cpu']:,.0f} "
+           "CPU est.",
+           f"- PyTorch: the anchor's figure (`--against`, ../shared/anchors/torch_anchor.py) for the entries with a "
+           f"counterpart; target {target}x.", ""]
+    if ref.get("sweep"):
+        out += ["| batch | forward images/s | gradient images/s | forward CPU est. | gradient CPU est. |",
+                "|---:|---:|---:|---:|---:|"]
+        out += [f"| {r['batch']} | {r['batch'] / r['forward']:,.0f} | {r['batch'] / r['gradient']:,.0f} | "
+                f"{r['batch'] / r['forward_cpu']:,.0f} | {r['batch'] / r['gradient_cpu']:,.0f} |" for r in ref["sweep"]]
+        out.append("")
+    out += against_markdown(records, target)
 
     def table(kind: str, title: str):
         rs = [r for r in records if r["kind"] == kind]
         if not rs:
             return
         out.extend([f"## {title}", "",
-                    "| name | hyperparameters | images/s | CPU est. | bar (PyTorch) | speed-up wall / CPU est. | "
+                    "| name | hyperparameters | images/s | CPU est. | PyTorch | speed-up wall / CPU est. | "
                     "compile s | peak MB | bound | bound ratio | CPU est. ratio |",
                     "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"])
         for r in rs:
@@ -950,12 +1203,15 @@ def model_names(cfg: dict[str, Any]) -> list[str]:
 
 def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protocols: list[str],
         steps: bool = True, training: bool = True, budget: bool = True, flags: list[str] | None = None,
-        roar_grid: bool = True, progress: bool = True, families: bool | None = None) -> tuple[pd.DataFrame, list[dict]]:
+        roar_grid: bool = True, progress: bool = True, families: bool | None = None,
+        against: dict[str, Any] | None = None, against_source: str = "") -> tuple[pd.DataFrame, list[dict]]:
     """Run the benchmark and write rows.parquet, run.json and performance.md into `out_dir`.
 
     With several models (`model: a,b,c`), the method/protocol/step/budget entries run on the first;
     the `families` section (default: on when several models or a non-zoo example is named) times
-    LRP, DeepLIFT and guided backprop against one gradient on every model."""
+    LRP, DeepLIFT and guided backprop against one gradient on every model. `against`: a loaded
+    anchor JSON (`load_anchor`); every workload of it gets a row with its attrax counterpart
+    (conf `against:`), run with the matching settings where the lists above did not already."""
     import attrax
     from attrax import examples
     from attrax.results import write_run
@@ -971,10 +1227,15 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
     env = {"cpus": os.cpu_count(), "backend": jax.default_backend(), "load_before": os.getloadavg()[0],
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     model, params, x, target, info = setup(cfg)
-    ref = reference_times(model, params, x, target, repeats=cfg["repeats"], max_seconds=cfg["max_seconds"])
+    ref = reference_times(model, params, x, target, repeats=cfg["repeats"], max_seconds=cfg["max_seconds"],
+                          batches=cfg.get("bound_batches"))
     env["ref"] = ref
     n = x.shape[0]
-    log(f"reference: forward {n / ref['forward']:.0f} img/s, gradient {n / ref['gradient']:.0f} img/s")
+    for r in ref["sweep"]:
+        log(f"reference batch {r['batch']:4d}: forward {r['batch'] / r['forward']:8.0f} img/s, "
+            f"gradient {r['batch'] / r['gradient']:8.0f} img/s")
+    log(f"bound: forward {n / ref['forward']:.0f} img/s (batch {ref['forward_best_batch']}), "
+        f"gradient {n / ref['gradient']:.0f} img/s (batch {ref['gradient_best_batch']})")
     records: list[dict] = []
 
     def guarded(fn, kind, name):
@@ -989,7 +1250,8 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
 
     for name in methods:
         guarded(lambda name=name: bench_method(name, model, params, x, target, ref, cfg), "method", name)
-    if protocols:
+    relevance = masks = None
+    if protocols or against:
         relevance = attrax.explain(cfg["relevance_method"], model, params, x, target, key=0)
         h, w = x.shape[1:3]
         masks = jnp.zeros((x.shape[0], h, w), bool).at[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4].set(True)
@@ -1018,6 +1280,32 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
         guarded(lambda: budget_check(model, params, x, cfg), "budget", "integrated_gradients")
     if roar_grid and cfg.get("roar_grid") and zoo_main:
         section("roar", lambda: bench_roar_grid(cfg, log))
+    if against:
+        def run_entry(kind: str, name: str, settings: dict) -> dict | None:
+            try:
+                if kind == "method":
+                    entry = {**(cfg["methods"].get(name) or {}), "hparams": settings}
+                    c2 = {**cfg, "methods": {**cfg["methods"], name: entry}}
+                    return bench_method(name, model, params, x, target, ref, c2)
+                if kind == "protocol":
+                    entry = {**(cfg["protocols"].get(name) or {}), "choices": settings}
+                    c2 = {**cfg, "protocols": {**cfg["protocols"], name: entry}}
+                    return bench_protocol(name, model, params, x, target, relevance, ref, c2, masks)
+                if name == "roar_grid":
+                    done = [r for r in records if r["kind"] == "roar" and not r.get("error")]
+                    return done[0] if done else {"note": "the ROAR + KAR grid did not run (--no-roar)"}
+                if not training or not zoo_main:
+                    return {"note": "training figures not run (--no-training)"}
+                rec = bench_against_training(settings["spec"], settings["work"], cfg)
+                records.append(rec)
+                return rec
+            except Exception as e:  # noqa: BLE001 - one failing entry must not stop the benchmark
+                return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+
+        for r in against_records(against, against_source, cfg, records, run_entry):
+            records.append(r)
+            log(f"against   {r['name']:32s} " + (f"{r['speedup']:6.2f}x  ({r['counterpart']})" if r.get("speedup")
+                                                 else str(r.get("note", ""))))
     if families:
         try:
             records.extend(bench_families(cfg, models, log))
@@ -1064,6 +1352,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-families", action="store_true", help="skip the model-families section")
     ap.add_argument("--flags", action="append", default=None,
                     help="XLA_FLAGS value to probe in a subprocess (repeatable; '' = none)")
+    ap.add_argument("--bound-batches", default=None, metavar="B1,B2,...",
+                    help="batch sizes of the bound's sweep (default: the config's bound_batches)")
+    ap.add_argument("--against", default=None, metavar="PATH",
+                    help="the PyTorch stack's torch_cpu.json (../shared/anchors/torch_anchor.py, run just "
+                         "before): adds the ratio column for every workload it timed")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
@@ -1080,6 +1373,14 @@ def main(argv: list[str] | None = None) -> int:
         if a.families_only:
             a.methods, a.protocols, a.no_steps, a.no_training, a.no_budget, a.no_roar = ("none", "none", True, True,
                                                                                          True, True)
+        if a.bound_batches is not None:
+            try:
+                cfg["bound_batches"] = [int(b) for b in a.bound_batches.split(",") if b.strip()]
+            except ValueError:
+                raise AttraxError(f"--bound-batches {a.bound_batches!r}: give comma-separated batch sizes") from None
+            if any(b < 1 for b in cfg["bound_batches"]):
+                raise AttraxError(f"--bound-batches {a.bound_batches!r}: batch sizes must be >= 1")
+        anchor = load_anchor(a.against) if a.against else None  # a bad file fails before anything runs
         model_names(cfg)  # "did you mean" before anything runs
         methods = _names(a.methods, attrax.methods.names())
         protocols = _names(a.protocols, attrax.protocols.names())
@@ -1090,10 +1391,17 @@ def main(argv: list[str] | None = None) -> int:
         out = a.out or os.path.join("results", "bench", time.strftime("%Y%m%d-%H%M%S"))
         run(cfg, out, methods=methods, protocols=protocols, steps=not a.no_steps, training=not a.no_training,
             budget=not a.no_budget, flags=a.flags, roar_grid=not a.no_roar, progress=not a.quiet,
-            families=False if a.no_families else (True if a.families_only else None))
+            families=False if a.no_families else (True if a.families_only else None),
+            against=anchor, against_source=str(a.against or ""))
     except AttraxError as e:
         print(f"attrax-bench: error: {e}", file=sys.stderr)
         return 2
+    if anchor is not None:  # the side-by-side table on stdout too
+        md = (Path(out) / "performance.md").read_text()
+        start = md.find("## Against the PyTorch stack")
+        if start >= 0:
+            end = md.find("\n## ", start + 1)
+            print(md[start: end if end > 0 else None].rstrip() + "\n")
     print(Path(out) / "performance.md")
     return 0
 

@@ -29,7 +29,7 @@ def test_bench_command_writes_table_and_summary(tmp_path):
     code = perf.main([
         "--methods", "gradient,occlusion", "--protocols", "pixel_flipping,sparseness", "--batch", "4",
         "--train-epochs", "0", "--repeats", "2", "--no-steps", "--no-training", "--no-budget", "--no-roar",
-        "--out", str(out), "--quiet",
+        "--bound-batches", "2,8", "--out", str(out), "--quiet",
     ])
     assert code == 0
     df = attrax.results.load(out)
@@ -43,7 +43,7 @@ def test_bench_command_writes_table_and_summary(tmp_path):
         assert got[(name, "bound_ratio")] > 0
     assert got[("pixel_flipping", "bound_ratio")] > 0
     assert ("sparseness", "bound_ratio") not in got.index  # no model evaluation: no bound
-    assert got[("gradient", "bar_images_per_s")] == 2560
+    assert ("gradient", "bar_images_per_s") not in got.index  # no PyTorch figure without --against
     md = (out / "performance.md").read_text()
     assert "| gradient |" in md and "| pixel_flipping |" in md and "bound ratio" in md
 
@@ -166,3 +166,139 @@ def test_bench_roar_grid_times_batched_and_sequential_retraining(tmp_path):
     md = (out / "performance.md").read_text()
     assert "## ROAR + KAR grid" in md and "| parallel | 8 |" in md and "difference" in md
     assert recs[0]["max_accuracy_diff"] == 0.0  # parallel retrains equal the sequential ones
+
+
+# ---------------------------------------------------------------------------------------------
+# --against: the PyTorch stack's JSON read side by side
+
+
+def _anchor_json(tmp_path):
+    """A small synthetic torch_anchor.py result: one method with a counterpart, one without, a
+    failed entry, two Quantus metrics (one without an attrax counterpart) and the retrain."""
+    data = {
+        "meta": {"date_utc": "2026-01-01T00:00:00+00:00", "quick": False},
+        "model": {"train": {"epochs": 3, "batch_size": 64}},
+        "attribution": {
+            "Saliency": {"status": "ok", "images_per_s": 1000.0, "settings": "captum Saliency",
+                         "cpu_during_passes": [{"foreign_cpu_cores_avg": 0.01}]},
+            "Mystery": {"status": "ok", "images_per_s": 10.0, "settings": "nothing like it"},
+            "Lime": {"status": "failed", "error": "ValueError: boom", "settings": "n_samples=200"},
+        },
+        "quantus": {
+            "Sparseness": {"status": "ok", "images_per_s": 500.0, "settings": "defaults",
+                           "cpu_during": {"foreign_cpu_cores_avg": 0.02}},
+            "MonotonicityCorrelation_fis28": {"status": "ok", "images_per_s": 2.0, "settings": "fis28"},
+        },
+        "roar_retrain": {"n_train": 4000, "wall_s": 6.0, "cpu_during": {"foreign_cpu_cores_avg": 0.0}},
+    }
+    path = tmp_path / "torch_cpu.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_against_prints_a_ratio_for_every_anchor_workload(tmp_path, capsys):
+    import attrax
+    from attrax import perf
+
+    out = tmp_path / "bench"
+    code = perf.main(["--methods", "none", "--protocols", "none", "--batch", "4", "--train-epochs", "0",
+                      "--repeats", "2", "--no-steps", "--no-training", "--no-budget", "--no-roar",
+                      "--bound-batches", "4", "--against", str(_anchor_json(tmp_path)), "--out", str(out),
+                      "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "## Against the PyTorch stack" in printed
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in printed.splitlines() if ln.startswith("| ")}
+    for key in ("attribution.Saliency", "attribution.Mystery", "attribution.Lime", "quantus.Sparseness",
+                "quantus.MonotonicityCorrelation_fis28", "training.roar_retrain"):
+        assert key in lines, key
+    assert "no attrax counterpart named" in lines["attribution.Mystery"]
+    assert "anchor entry failed" in lines["attribution.Lime"] and "boom" in lines["attribution.Lime"]
+    assert "no attrax counterpart: attrax's monotonicity" in lines["quantus.MonotonicityCorrelation_fis28"]
+    assert "--no-training" in printed
+    recs = json.loads((out / "run.json").read_text())["bench"]["records"]
+    rows = {(r["name"], r.get("counterpart")): r for r in recs if r["kind"] == "against"}
+    sal = rows[("attribution.Saliency", "gradient")]
+    grad = next(r for r in recs if r["kind"] == "method" and r["name"] == "gradient")
+    assert sal["speedup"] == pytest.approx(grad["images_per_s"] / 1000.0)
+    assert grad["bar"] == 1000.0  # the methods table shows the anchor's figure beside it
+    sp = rows[("quantus.Sparseness", "sparseness")]
+    assert sp["speedup"] == pytest.approx(sp["images_per_s"] / 500.0)
+    assert sp["anchor_foreign"] == 0.02
+    df = attrax.results.load(out)
+    ag = df[df.experiment == "bench/against"].set_index(["method", "metric"]).value
+    assert ag[("attribution.Saliency", "bar_images_per_s")] == 1000.0
+    assert ag[("attribution.Saliency", "speedup_vs_bar")] == pytest.approx(sal["speedup"])
+
+
+@pytest.mark.parametrize("content,msg", [(None, "no such file"), ("{not json", "not valid JSON"),
+                                         ("[1, 2]", "not a torch_anchor.py result"),
+                                         ('{"meta": {}}', "not a torch_anchor.py result")])
+def test_against_rejects_a_missing_or_corrupt_json_in_one_line(tmp_path, capsys, content, msg):
+    from attrax import perf
+
+    path = tmp_path / "torch_cpu.json"
+    if content is not None:
+        path.write_text(content)
+    assert perf.main(["--methods", "none", "--protocols", "none", "--against", str(path), "--quiet",
+                      "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "\n" not in err and err.startswith("attrax-bench: error: --against")
+    assert not (tmp_path / "o").exists()  # failed before anything ran
+
+
+def test_default_config_keeps_no_speed_constants_and_names_real_counterparts():
+    from importlib import resources
+
+    import yaml
+
+    import attrax
+    from attrax import perf
+
+    text = (resources.files("attrax.conf") / "bench" / "default.yaml").read_text()
+    cfg = yaml.safe_load(text)
+
+    def keys(v):
+        if isinstance(v, dict):
+            for k, x in v.items():
+                yield k
+                yield from keys(x)
+        elif isinstance(v, list):
+            for x in v:
+                yield from keys(x)
+
+    assert not {"bar", "bars", "pytorch", "torch"} & set(keys(cfg))
+    for section, table in cfg["against"].items():
+        for name in table:
+            for spec in perf.counterparts(cfg, section, name):
+                assert set(spec) <= {"method", "hparams", "protocol", "choices", "train", "seeds", "none"}, spec
+                if "method" in spec:
+                    allowed = attrax.methods.get(spec["method"]).hparams()
+                    assert set(spec.get("hparams") or {}) <= set(allowed), spec
+                elif "protocol" in spec:
+                    allowed = attrax.protocols.get(spec["protocol"]).hparams()
+                    assert set(spec.get("choices") or {}) <= set(allowed), spec
+                elif "train" in spec:
+                    assert spec["train"] in ("fit", "parallel", "roar_grid")
+
+
+def test_bound_is_the_fastest_rate_at_any_batch_size(cnn, monkeypatch):
+    """reference_times: per-image seconds minimised over the sweep, scaled to the batch."""
+    from attrax import perf
+
+    model, params, x, t = cnn  # batch 6
+    # per call (forward, gradient) at batch 2, 6, 12: the gradient is fastest per image at 12,
+    # the forward at 2
+    fake = iter([0.001, 0.010, 0.006, 0.024, 0.024, 0.024])
+
+    def fake_time_calls(fn, **kw):
+        v = next(fake)
+        return {"median_s": v, "cpu_s": 2 * v, "first_s": v, "compile_s": 0.0, "repeats": 1, "min_s": v}
+
+    monkeypatch.setattr(perf, "time_calls", fake_time_calls)
+    ref = perf.reference_times(model, params, x, t, repeats=1, max_seconds=1, batches=[12, 2])
+    assert [r["batch"] for r in ref["sweep"]] == [2, 6, 12]
+    assert ref["gradient"] == pytest.approx(6 * 0.024 / 12) and ref["gradient_best_batch"] == 12
+    assert ref["forward"] == pytest.approx(6 * 0.001 / 2) and ref["forward_best_batch"] == 2
+    assert ref["gradient_batch"] == 0.024 and ref["forward_batch"] == 0.006
+    assert ref["gradient_cpu"] == pytest.approx(perf.cpu_equivalent_s(2 * 0.024) * 6 / 12)
