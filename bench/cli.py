@@ -70,7 +70,7 @@ def _hydra_main(argv: list[str]) -> int:
             status["code"] = 2
             return
         if hc.mode == RunMode.RUN:  # a sweep's report is built once, over all its jobs, when it ends
-            run_report(hc.runtime.output_dir, figures=bool(cfg.get("figures", True)))
+            run_report(hc.runtime.output_dir, figures="run" if cfg.get("figures", True) else False)
 
     sys.argv = [sys.argv[0], *argv]
     _job()
@@ -86,9 +86,10 @@ def open_hint(page) -> str:
     return f"open it in a browser: {opener} {page}  (or paste {uri} into the address bar; self-contained, no network)"
 
 
-def run_report(run_dir, *, figures: bool = True) -> None:
-    """The report of one finished run, in `<run_dir>/report/`; its path and how to open it are printed.
-    A report that cannot be built is one line: the results are written already."""
+def run_report(run_dir, *, figures: bool | str = "run") -> None:
+    """The report of one finished run, in `<run_dir>/report/`, with the figures the run drew (quick);
+    its path and how to open it are printed. A report that cannot be built is one line: the results
+    are written already. `attrax report <run_dir>` draws the full set of figures."""
     from pathlib import Path
 
     from attrax import report

@@ -173,14 +173,14 @@ def _labels(lb: pd.DataFrame) -> list[str]:
         if c in lb:
             key = key + "\0" + lb[c].astype(str)
     extra = _varying(lb.assign(_key=key), ("model", "dataset", "model_seed", "seed"), within="_key")
-    labels = []
-    for _, r in lb.iterrows():
-        label = str(r["method"])
-        if "method_hparams" in lb:
-            d = _diff(r["method_hparams"], lb.loc[lb["method"] == r["method"], "method_hparams"])
-            label += f" ({d})" if d else ""
-        labels.append(" ".join([label, *(f"{c}={r[c]}" for c in extra)]))
-    return labels
+    hp = lb["method_hparams"] if "method_hparams" in lb else pd.Series("", index=lb.index)
+    diffs = {}  # one _diff per distinct (method, hyperparameters)
+    for m, h in set(zip(lb["method"], hp, strict=True)):
+        d = _diff(h, hp[lb["method"] == m]) if "method_hparams" in lb else ""
+        diffs[(m, h)] = str(m) + (f" ({d})" if d else "")
+    ex = [lb[c].astype(str).to_numpy() for c in extra]
+    return [" ".join([diffs[(m, h)], *(f"{c}={v[i]}" for c, v in zip(extra, ex, strict=True))])
+            for i, (m, h) in enumerate(zip(lb["method"], hp, strict=True))]
 
 
 def _diff(mine_json: str, all_json) -> str:
@@ -195,13 +195,13 @@ def _diff(mine_json: str, all_json) -> str:
 
 def _columns(lb: pd.DataFrame) -> list[str]:
     """Column labels: protocol/metric, plus the protocol's choices where one protocol ran with several."""
-    cols = []
-    for _, r in lb.iterrows():
-        d = _diff(r["protocol_choices"], lb.loc[lb["protocol"] == r["protocol"], "protocol_choices"]) \
-            if "protocol_choices" in lb else ""
-        p = r["protocol"] + (f" ({d})" if d else "")
-        cols.append(f"{p}/{r['metric']} {arrow(r['higher_is_better'])}".rstrip())
-    return cols
+    ch = lb["protocol_choices"] if "protocol_choices" in lb else pd.Series("", index=lb.index)
+    names = {}  # one _diff per distinct (protocol, choices)
+    for p, c in set(zip(lb["protocol"], ch, strict=True)):
+        d = _diff(c, ch[lb["protocol"] == p]) if "protocol_choices" in lb else ""
+        names[(p, c)] = p + (f" ({d})" if d else "")
+    return [f"{names[(p, c)]}/{m} {arrow(h)}".rstrip()
+            for p, c, m, h in zip(lb["protocol"], ch, lb["metric"], lb["higher_is_better"], strict=True)]
 
 
 def arrow(hib: Any) -> str:
@@ -399,7 +399,7 @@ def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None, *, col
                 ax.fill_between(s["x"], s["mean"] - s["half"], s["mean"] + s["half"], color=c, alpha=0.12, lw=0)
             if i == 0:
                 ax.set_title(ptitle, fontsize=9, fontweight="bold")
-                ax.legend(fontsize=6.5, frameon=False, loc="best")
+                ax.legend(fontsize=6.5, frameon=False, loc="best")  # cheap: few short lines
             if j == 0:
                 ax.set_ylabel("\n".join(textwrap.wrap(label, 30)), fontsize=8)
             if i == nr - 1 or nr == 1:
@@ -408,7 +408,7 @@ def curve_figure(df: pd.DataFrame, path: Path, metric: str | None = None, *, col
             ax.grid(alpha=0.25, lw=0.5)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(wspace=0.06, hspace=0.22)  # (no tight_layout: a second full draw per figure)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -696,57 +696,67 @@ def merged_heatmaps(runs: list[Path], path: Path, colors: dict | None = None) ->
     return heatmap_grid(x, maps, path, labels=y, predicted=pred, colors=colors)
 
 
+def _rgb(img: np.ndarray) -> np.ndarray:
+    """An image as RGB floats in [0, 1] (grey images repeated over the channels)."""
+    img = np.clip(np.asarray(img, np.float32), 0, 1)
+    if img.ndim == 2:
+        img = img[..., None]
+    return np.repeat(img[..., :1], 3, -1) if img.shape[-1] != 3 else img
+
+
 def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, labels=None, predicted=None,
-                 colors: dict | None = None, per_block: int = 10, dpi: int = 80) -> Path:
+                 colors: dict | None = None, per_block: int = 10, dpi: int = 100) -> Path:
     """Images (rows) x methods (columns): the input, then each method's channel-summed map. One
     colour scale per method (symmetric, +- its largest |value| over the images shown), drawn as a
     colour bar with its range under the method's column; rows labelled by the true and (when
-    given) predicted class; at most `per_block` methods side by side, more in further blocks."""
+    given) predicted class; at most `per_block` methods side by side, more in further blocks.
+    Drawn as one mosaic image per block (fast for many methods), images larger than 64 pixels
+    subsampled."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = images.shape[0]
+    cmap = matplotlib.colormaps["bwr"]
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    step = max(1, int(np.ceil(max(h, w) / 64)))
     names = list(maps)
     colors = colors or {}
-    blocks = [names[i:i + per_block] for i in range(0, len(names), per_block)] or [[]]
-    width = 1 + max(len(b) for b in blocks)
     summed = {m: (np.asarray(maps[m]).sum(-1) if np.asarray(maps[m]).ndim == 4 else np.asarray(maps[m]))
               for m in names}
     scale = {m: float(np.nanmax(np.abs(summed[m]))) or 1.0 for m in names}
-    heights = []
-    for _ in blocks:
-        heights += [1.0] * n + [0.14, 0.18]
-    fig = plt.figure(figsize=(1.25 * width, 1.25 * sum(heights) + 0.3))
-    gs = fig.add_gridspec(len(heights), width, height_ratios=heights, hspace=0.08, wspace=0.06)
-    row0 = 0
-    for block in blocks:
+    h, w = -(-h // step), -(-w // step)
+    pad, bar = max(1, h // 14), max(2, h // 7)
+    blocks = [names[i:i + per_block] for i in range(0, len(names), per_block)] or [[]]
+    cols = 1 + max(len(b) for b in blocks)
+    cell_in = 0.95  # inches per image cell
+    fig, axes = plt.subplots(len(blocks), 1, squeeze=False,
+                             figsize=(cell_in * cols + 0.9, len(blocks) * (cell_in * (n + 0.35) + 0.45)))
+    for ax, block in zip(axes[:, 0], blocks, strict=True):
+        H = n * (h + pad) + 2 * pad + bar
+        W = (1 + len(block)) * (w + pad)
+        mos = np.ones((H, W, 3), np.float32)
         for i in range(n):
-            ax = fig.add_subplot(gs[row0 + i, 0])
-            img = images[i]
-            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            y0 = i * (h + pad)
+            mos[y0:y0 + h, :w] = _rgb(images[i][::step, ::step])
+            for j, m in enumerate(block):
+                x0 = (j + 1) * (w + pad)
+                v = summed[m][i][::step, ::step] / scale[m]
+                mos[y0:y0 + h, x0:x0 + w] = cmap((np.nan_to_num(v) + 1) / 2)[..., :3]
             if labels is not None:
                 lab = f"true {labels[i]}" + (f"\npred {predicted[i]}" if predicted is not None else "")
-                ax.set_ylabel(lab, rotation=0, ha="right", va="center", fontsize=8, labelpad=4)
-            if i == 0:
-                ax.set_title("input", fontsize=8)
-            for j, m in enumerate(block):
-                ax = fig.add_subplot(gs[row0 + i, j + 1])
-                im = ax.imshow(summed[m][i], cmap="bwr", vmin=-scale[m], vmax=scale[m])
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if i == 0:
-                    ax.set_title(m if len(m) <= 16 else m[:15] + "…", fontsize=7,
-                                 color=CONTROL_STYLE.get(m, (colors.get(m, "black"),))[0])
-                if i == n - 1:
-                    cax = fig.add_subplot(gs[row0 + n, j + 1])
-                    cb = fig.colorbar(im, cax=cax, orientation="horizontal", ticks=[])
-                    cb.outline.set_linewidth(0.4)
-                    cax.set_xlabel(f"±{scale[m]:.3g}", fontsize=7, labelpad=1)
-        row0 += n + 2
+                ax.text(-pad, y0 + h / 2, lab, ha="right", va="center", fontsize=7.5)
+        yb = n * (h + pad) + pad
+        for j, m in enumerate(block):
+            x0 = (j + 1) * (w + pad)
+            mos[yb:yb + bar, x0:x0 + w] = cmap(np.linspace(0, 1, w))[None, :, :3]
+            ax.text(x0 + w / 2, yb + bar + pad, f"±{scale[m]:.3g}", ha="center", va="top", fontsize=6.5)
+            ax.text(x0 + w / 2, -pad, m if len(m) <= 16 else m[:15] + "…", ha="center", va="bottom", fontsize=7,
+                    color=CONTROL_STYLE.get(m, (colors.get(m, "black"),))[0])
+        ax.text(w / 2, -pad, "input", ha="center", va="bottom", fontsize=7)
+        ax.imshow(mos, interpolation="nearest")
+        ax.set_axis_off()
+    fig.subplots_adjust(left=0.08, right=0.99, top=0.96, bottom=0.02, hspace=0.12)
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -1007,9 +1017,17 @@ def wide_csv(lb: pd.DataFrame) -> pd.DataFrame:
     return out.reset_index()
 
 
-def build(paths: list[str], out: str | Path | None = None, *, quiet: bool = False, figures: bool = True) -> Path:
+#: Titles of the figures a run draws itself (embedded as they are by `build(figures="run")`).
+RUN_FIGURES = {"deletion_curves.png": "Curves", "heatmaps.png": "Heatmaps", "retrain_curves.png": "ROAR / KAR"}
+
+
+def build(paths: list[str], out: str | Path | None = None, *, quiet: bool = False,
+          figures: bool | str = True) -> Path:
     """Aggregate results folders into leaderboard.md/.csv (and leaderboard_wide.csv) and a
-    self-contained report.html: header, findings, sortable leaderboard, glossary, figures."""
+    self-contained report.html: header, findings, sortable leaderboard, glossary, figures.
+
+    `figures`: True draws every figure from the rows; "run" (the main job's own report, kept
+    quick) embeds the figures the runs drew themselves; False: none."""
     from attrax import findings, report_page
 
     say = (lambda *a: None) if quiet else print
@@ -1036,12 +1054,20 @@ def build(paths: list[str], out: str | Path | None = None, *, quiet: bool = Fals
     recs = run_records(runs, df)
     gl = glossary(df, lb)
     figs: list[tuple[str, Path, str]] = []  # (title, file, caption)
-    if figures:
+    if figures == "run":
+        for run in runs:
+            for png in sorted(Path(run).glob("*.png")):
+                if png.name != "report.png":
+                    figs.append((RUN_FIGURES.get(png.name, png.stem), png,
+                                 f"drawn by run {Path(run).name}; `attrax report` draws the full set"))
+    elif figures:
         colors = method_colors(set(df["method"]))
         cur = df[df["x"].notna()]
         retrain = cur["protocol"].isin(RETRAIN) | (cur["aggregation"] == "mean_over_seeds")
         sanity = cur["protocol"] == SANITY
         casc = sanity & cur["metric"].str.startswith("cascading_")
+        shown = [m for m in ("cascading_spearman_abs", "cascading_ssim") if m in set(cur.loc[casc, "metric"])]
+        casc = casc & cur["metric"].isin(shown or sorted(set(cur.loc[casc, "metric"]))[:2])  # all: the table
         specs_fig = [
             ("Curves", lambda p: curve_figure(cur[~retrain & ~sanity], p, colors=colors), "curves.png",
              "Mean curve over the images per method, shaded: 95% band (mean +- 1.96 standard errors). One row "
@@ -1050,7 +1076,8 @@ def build(paths: list[str], out: str | Path | None = None, *, quiet: bool = Fals
             ("Sanity checks: cascading model randomization", lambda p: curve_figure(
                 cur[casc], p, colors=colors, xlabel="layers re-initialized, from the logits down"), "sanity.png",
              "Similarity of each method's maps to the trained model's maps as more layers are re-initialized "
-             "(Adebayo et al. 2018). Falling to 0 = the maps depend on the learned weights (passes)."),
+             "(Adebayo et al. 2018): Spearman of the absolute maps and SSIM (every similarity: the summary table "
+             "below). Falling to 0 = the maps depend on the learned weights (passes)."),
             ("ROAR / KAR", lambda p: curve_figure(cur[retrain], p, colors=colors), "roar_kar.png",
              "Test accuracy of models retrained on images with a fraction of the inputs replaced (ROAR: the "
              "most relevant removed, lower = better; KAR: the most relevant kept, higher = better); shaded: "
