@@ -114,17 +114,23 @@ def leaderboard(df: pd.DataFrame, *, n_boot: int = 1000) -> pd.DataFrame:
     direction the rows carry (`direction`; rows written before it existed fall back to the
     registry), among the methods of one (protocol, choices, metric, model, dataset, seeds); no
     rank where the direction is unknown. A protocol with curves only (ROAR/KAR accuracy vs
-    fraction) is ranked by the area under each curve (`curve_areas`). The model's own test
-    accuracy (protocol `model`) is not a method's score and is left out. `flagged`: rows of the
-    experiment carry a warning (`flag`, e.g. a permuted-label model that did not fit).
+    fraction) is ranked by the area under each curve (`curve_areas`); so is any metric with a
+    direction that is recorded as curves only (sanity similarity vs randomized layers). The model's
+    own test accuracy (protocol `model`) is not a method's score and is left out. `flagged`: rows
+    of the experiment carry a warning (`flag`, e.g. a permuted-label model that did not fit).
     """
     df = df[df["protocol"] != "model"]
     s = df[df["x"].isna()]
     per_example = s.assign(_ex=s["example"] >= 0).groupby(["protocol", "metric"])["_ex"].transform("any")
     scal = s[(s["example"] >= 0) | ~per_example]
-    curves_only = sorted(set(df.loc[df["x"].notna(), "protocol"]) - set(s["protocol"]))
-    if curves_only:
-        scal = pd.concat([scal, curve_areas(df[df["protocol"].isin(curves_only)])], ignore_index=True)
+    cur = df[df["x"].notna()]
+    if len(cur):  # a ranked metric recorded as curves only (ROAR/KAR accuracy, sanity similarity vs layer)
+        cur = cur[~cur.set_index(["protocol", "metric"]).index.isin(s.set_index(["protocol", "metric"]).index)]
+        ranked = cur.assign(_hib=row_directions(cur)).groupby(["protocol", "metric"])["_hib"].transform(
+            lambda h: h.notna().any())
+        cur = cur[ranked.astype(bool)]
+        if len(cur):
+            scal = pd.concat([scal, curve_areas(cur)], ignore_index=True)
     if scal.empty:
         raise AttraxError("no metrics in these results")
     scal = _seedless(scal)
@@ -237,11 +243,13 @@ def _board(lb: pd.DataFrame) -> pd.DataFrame:
 
 
 def column_order(lb: pd.DataFrame) -> list[str]:
-    """The leaderboard's metric columns: grouped by metric category, then in the rows' order."""
+    """The leaderboard's metric columns: grouped by metric category, ranked ones first, then in the
+    rows' order."""
     cols = list(dict.fromkeys(lb["column"]))
     proto = dict(zip(lb["column"], lb["protocol"], strict=False))
+    ranked = set(lb.loc[lb["rank"].notna(), "column"])
     first = {c: i for i, c in enumerate(cols)}
-    return sorted(cols, key=lambda c: (metric_category(proto[c]), first[c]))
+    return sorted(cols, key=lambda c: (metric_category(proto[c]), c not in ranked, first[c]))
 
 
 def cell_text(m: float, lo: float, hi: float, r: float, flagged: Any = "") -> str:
