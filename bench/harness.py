@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from collections.abc import Callable
 from types import MappingProxyType
 from typing import Any
@@ -10,6 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jcore
 
 from attrax.errors import AttraxError
 from attrax.models import Model, as_model
@@ -22,14 +25,47 @@ Array = jax.Array
 #: 128, 1.8x at 4096); accelerators want large chunks.
 DEFAULT_EVALS_PER_CHUNK = MappingProxyType({"cpu": 128})
 ACCELERATOR_EVALS_PER_CHUNK = 4096
+#: Bytes of one image's traced forward intermediates (batch 1, `activation_bytes`) of the model
+#: the CPU budget above was measured on (cnn_a on 28x28x1: 654,840). A model with smaller
+#: activations gets a proportionally larger default budget (up to ACCELERATOR_EVALS_PER_CHUNK):
+#: the same bytes per chunk, so a tiny model's batch of 100 is one call, not 2-3 chunks each
+#: paying a dispatch (jnp_mlp: 4 KB per image).
+REFERENCE_ACTIVATION_BYTES = 654_840
 
 
-def default_evals_per_chunk() -> int:
-    return DEFAULT_EVALS_PER_CHUNK.get(jax.default_backend(), ACCELERATOR_EVALS_PER_CHUNK)
+def default_evals_per_chunk(activation_bytes: int | None = None) -> int:
+    """Model evaluations per chunk: the backend's budget, scaled up on CPU for a model whose
+    per-image activations (`activation_bytes`) are smaller than the reference model's."""
+    backend = jax.default_backend()
+    base = DEFAULT_EVALS_PER_CHUNK.get(backend, ACCELERATOR_EVALS_PER_CHUNK)
+    if activation_bytes and backend in DEFAULT_EVALS_PER_CHUNK and activation_bytes < REFERENCE_ACTIVATION_BYTES:
+        base = int(min(ACCELERATOR_EVALS_PER_CHUNK, base * REFERENCE_ACTIVATION_BYTES / activation_bytes))
+    return base
 TARGET_MODES = ("label", "predicted")
 #: Hyperparameters that may be batch-shaped (one value per image, shape == x.shape): `explain`
 #: slices them with each chunk. A method can name its own with the metadata `batch_hparams`.
 BATCH_HPARAMS = ("reference", "baseline")
+
+
+#: id(jax.Array) -> (weak reference, content hash): a jax.Array is immutable, so an array
+#: hyperparameter (e.g. DeepLIFT-SHAP's reference bank) is hashed once, not on every call.
+_ARRAY_HASHES: dict[int, tuple[Any, int]] = {}
+
+
+def _array_hash(v: Any) -> int:
+    if isinstance(v, jax.Array) and not isinstance(v, jax.core.Tracer):
+        hit = _ARRAY_HASHES.get(id(v))
+        if hit is not None and hit[0]() is v:
+            return hit[1]
+        h = hash(np.asarray(v).tobytes())
+        if len(_ARRAY_HASHES) > 256:
+            _ARRAY_HASHES.clear()
+        try:
+            _ARRAY_HASHES[id(v)] = (weakref.ref(v), h)
+        except TypeError:  # pragma: no cover - an array type without weak references
+            pass
+        return h
+    return hash(np.asarray(v).tobytes())  # NumPy arrays are mutable: hashed every call
 
 
 def _freeze(v: Any) -> Any:
@@ -38,8 +74,14 @@ def _freeze(v: Any) -> Any:
     if isinstance(v, list | tuple):
         return tuple(_freeze(x) for x in v)
     if isinstance(v, np.ndarray | jax.Array):
-        return ("array", v.shape, str(v.dtype), hash(np.asarray(v).tobytes()))
+        return ("array", v.shape, str(v.dtype), _array_hash(v))
     return v
+
+
+@functools.lru_cache(maxsize=64)
+def _int_key(seed: int) -> Array:
+    """jax.random.key(seed), made once per seed (it costs a dispatch, ~0.1-1 ms, per call)."""
+    return jax.random.key(seed)
 
 
 def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]:
@@ -53,40 +95,72 @@ def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]
         raise AttraxError(f"x must be floating point (float32 in [0, 1]), got {x.dtype}")
     if target is None:
         return x, None
-    target = jnp.asarray(target)
+    if not isinstance(target, jax.Array):
+        target = np.asarray(target)
     if target.ndim == 0:
         target = jnp.full((x.shape[0],), target)
     if target.shape != (x.shape[0],) or not jnp.issubdtype(target.dtype, jnp.integer):
         raise AttraxError(
             f"target must be int class indices of shape ({x.shape[0]},), got {target.dtype} {target.shape}"
         )
-    return x, target.astype(jnp.int32)
+    if isinstance(target, jax.Array) and target.dtype == jnp.int32:
+        return x, target
+    return x, jnp.asarray(target, jnp.int32)
 
 
 def _concrete(*arrays: Any) -> bool:
     return not any(isinstance(a, jax.core.Tracer) for a in arrays)
 
 
+def _count_bytes(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        subs = [j for j in eqn.params.values() if isinstance(j, jcore.ClosedJaxpr | jcore.Jaxpr)]
+        if subs:  # a nested call: count its equations instead of its outputs
+            total += sum(_count_bytes(j.jaxpr if hasattr(j, "consts") else j) for j in subs)
+            continue
+        for v in eqn.outvars:
+            a = v.aval
+            if hasattr(a, "shape") and hasattr(a, "dtype"):
+                total += math.prod(a.shape) * np.dtype(a.dtype).itemsize
+    return total
+
+
+def model_probe(model: Model, params: Any, x: Array) -> tuple[tuple[int, ...] | None, int | None]:
+    """(output shape, bytes of forward intermediates) for ONE input shaped like x[0]: the model is
+    traced abstractly once per input shape (memoized on the model). (None, None) when it cannot
+    be traced (the method itself then reports the failure)."""
+
+    def build():
+        try:
+            probe = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+            closed = jax.make_jaxpr(lambda p, xx: model(p, xx))(params, probe)
+            return tuple(closed.out_avals[0].shape), _count_bytes(closed.jaxpr)
+        except Exception:  # noqa: BLE001 - the method itself reports a model that cannot run
+            return None, None
+
+    return model.cached(("model_probe", x.shape[1:], str(x.dtype)), build)
+
+
+def activation_bytes(model: Model, params: Any, x: Array) -> int | None:
+    """Bytes of the traced forward intermediates of one input (from `model_probe`)."""
+    return model_probe(model, params, x)[1]
+
+
 def check_target_range(model: Model, params: Any, x: Array, target: Array) -> None:
     """Every target must index one of the model's outputs (read from the output's shape)."""
     if target is None or not _concrete(target):
         return
-    def out_shape():
-        try:
-            probe = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
-            return jax.eval_shape(lambda p, xx: model(p, xx), params, probe).shape
-        except Exception:  # noqa: BLE001 - the method itself reports a model that cannot run
-            return None
-
-    shape = model.cached(("output_shape", x.shape[1:], str(x.dtype)), out_shape)
+    shape = model_probe(model, params, x)[0]
     if shape is None or len(shape) != 2:
         return
     classes = shape[1]
-    bad = np.asarray((target < 0) | (target >= classes))
+    t = np.asarray(target)  # a host check: no device dispatch per call
+    bad = (t < 0) | (t >= classes)
     if bad.any():
         i = int(np.argmax(bad))
         raise AttraxError(
-            f"target {int(target[i])} (example {i}) is outside the model's {classes} outputs "
+            f"target {int(t[i])} (example {i}) is outside the model's {classes} outputs "
             f"(valid: 0..{classes - 1}); {int(bad.sum())} of {bad.size} targets are out of range"
         )
 
@@ -251,7 +325,8 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
                 part = jax.device_put(part, sharding)
             parts.append(part)
         out = fn(*parts)
-        outs.append(jax.tree.map(lambda o, k=stop - start: o[:k], out))
+        k = stop - start
+        outs.append(out if k == chunk else jax.tree.map(lambda o, k=k: o[:k], out))
     if len(outs) == 1:
         return outs[0]
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
@@ -306,15 +381,17 @@ def explain(
     n = x.shape[0]
     base = key if key is not None else 0
     if isinstance(base, int):
-        base = jax.random.key(base)
+        base = _int_key(base)
     elif not jnp.issubdtype(base.dtype, jax.dtypes.prng_key):
         base = jax.random.wrap_key_data(base)
     given = base.ndim == 1  # the caller passed per-example keys
     if given and base.shape[0] != n:
         raise AttraxError(f"got {base.shape[0]} per-example keys for a batch of {n}")
     # per-example keys fold_in(key, i) are derived inside the compiled call from example indices
-    chunked_keys = base if given else jnp.arange(n, dtype=jnp.int32)
+    chunked_keys = base if given else np.arange(n, dtype=np.int32)
     cost = entry.meta.get("cost", lambda hp: 1)({**allowed, **hparams})
+    if chunk_size is None and evals_per_chunk is None:
+        evals_per_chunk = default_evals_per_chunk(activation_bytes(model, params, x))
     chunk = chunk_size or chunk_size_for(cost, n, evals_per_chunk)
     # batch-shaped hyperparameters (a per-image reference of x's shape) travel with their chunk
     per_image = [k for k in entry.meta.get("batch_hparams", BATCH_HPARAMS)
@@ -324,14 +401,18 @@ def explain(
 
     def run(p, xx, tt, kk, kb, *bb):
         keys = kk if given else jax.vmap(lambda i: jax.random.fold_in(kb, i))(kk)
-        return entry.fn(model, p, xx, tt, key=keys, **static, **dict(zip(per_image, bb, strict=True)))
+        r = entry.fn(model, p, xx, tt, key=keys, **static, **dict(zip(per_image, bb, strict=True)))
+        # the finiteness check runs inside the call (one flag per example, no extra dispatch)
+        return r, jnp.isfinite(r).reshape(r.shape[0], -1).all(axis=1)
 
     if jit:
         cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given)
         run = model.cached(cache_key, lambda: jax.jit(run))
-    out = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x, target,
-                     chunked_keys, *sliced)
-    return check_output_finite(out, method, model, params, x)
+    out, finite = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x, target,
+                             chunked_keys, *sliced)
+    if _concrete(out, x) and not np.asarray(finite).all():
+        return check_output_finite(out, method, model, params, x)  # raises, naming the cause
+    return out
 
 
 def evaluate(
