@@ -43,3 +43,24 @@ def test_examples_build_on_mnist_shapes(name):
     raw, params = examples.build(name, 0, x, num_classes=10)
     logits = attrax.forward(attrax.as_model(raw), params, x)
     assert logits.shape == (3, 10) and bool(jax.numpy.isfinite(logits).all())
+
+
+def test_tiny_model_batch_is_one_compiled_call():
+    """The CPU chunk budget is scaled by the model's activation bytes: a batch of 100 through the
+    4 KB-per-image jnp MLP is ONE chunk for DeepLIFT (cost 3), not 3 chunks of 34 each paying a
+    dispatch; a model as large as the reference (cnn_a) keeps the measured 128-evaluation budget."""
+    import jax
+    import jax.numpy as jnp
+
+    import attrax
+    from attrax import examples, harness
+
+    x = jnp.zeros((100, 28, 28, 1))
+    raw, params = examples.build("jnp_mlp", 0, x)
+    model = attrax.as_model(raw)
+    attrax.explain("deeplift", model, params, x, jnp.zeros(100, jnp.int32))
+    chunks = [k[5] for k in model._cache if isinstance(k, tuple) and k[:2] == ("explain", "deeplift")]
+    assert chunks == [100]
+    if jax.default_backend() == "cpu":
+        assert harness.default_evals_per_chunk(harness.REFERENCE_ACTIVATION_BYTES) == 128
+        assert harness.default_evals_per_chunk(harness.activation_bytes(model, params, x)) >= 300
