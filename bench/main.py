@@ -315,7 +315,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
                    "train_set": train_set, "test_set": test_set, "train_config": dict(vars(tcfg)),
                    "model_seed": cfg["model_seed"], "progress": cfg["progress"]}
     key = jax.random.key(cfg["seed"])
-    frames, maps, choices, skipped, filled_info, shard_info = [], {}, {}, {}, {}, {}
+    frames, maps, choices, skipped, filled_info, shard_info, chunk_evals = [], {}, {}, {}, {}, {}, {}
     # heatmap rows: one image per class first, then the rest, up to `heatmap_images`
     firsts = [int(np.flatnonzero(sub.y == c)[0]) for c in np.unique(sub.y)]
     hidx = np.asarray((firsts + [i for i in range(len(sub)) if i not in firsts])[: cfg["heatmap_images"]])
@@ -327,12 +327,17 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         method_key = jax.random.fold_in(key, mi)  # the map's key: protocols re-explain with it
         try:
             filled, how = fill_method_hparams(meth, hp, train_set, cfg["seed"], model, params)
+            evals = cfg["chunk_evals"]
+            if cfg.get("memory_mb"):  # chunks of this method within the budget (XLA's memory analysis)
+                evals = streaming.evals_within_budget(meth, model, params, np.asarray(sub.x[:1]),
+                                                      memory_mb=float(cfg["memory_mb"]), **filled)
+                chunk_evals[meth] = evals
             mframes, mmaps, mt, mchoices, sinfo = streaming.run_method(
                 method=meth, mi=mi, hparams=hp, filled=filled, sub=sub, model=model, params=params,
                 method_key=method_key, protocol_key=lambda pi: jax.random.fold_in(key, 10_000 + pi),
                 pspecs=pspecs, run_context=run_context, heat_positions=hidx,
                 row_ids={**row_ids, "method": meth, "method_hparams": hp}, cfg=cfg, settings=settings,
-                store=store, log=log, explain_kw={"evals_per_chunk": cfg["chunk_evals"]})
+                store=store, log=log, explain_kw={"evals_per_chunk": evals})
         except AttraxError as e:
             if cfg.get("method") or len(specs) == 1:  # a single chosen method must not be skipped
                 raise
@@ -374,7 +379,8 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     results.write_run(run_dir, rows, cfg, timings, extra={"model_info": model_info,
                                                           "test_accuracy": acc, "protocol_choices": choices,
                                                           "skipped_methods": skipped,
-                                                          "filled_hparams": filled_info, "shards": shard_info})
+                                                          "filled_hparams": filled_info, "shards": shard_info,
+                                                          "memory_chunk_evals": chunk_evals})
     log("")
     log(report.format_table(report.leaderboard(rows)))
     from attrax import findings
