@@ -742,7 +742,7 @@ def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, la
                              figsize=(cell_in * cols + 0.9, len(blocks) * (cell_in * (n + 0.35) + 0.45)))
     for ax, block in zip(axes[:, 0], blocks, strict=True):
         H = n * (h + pad) + 2 * pad + bar
-        W = (1 + len(block)) * (w + pad)
+        W = cols * (w + pad)  # every block as wide as the widest: the same cell size throughout
         mos = np.ones((H, W, 3), np.float32)
         for i in range(n):
             y0 = i * (h + pad)
@@ -833,8 +833,8 @@ def glossary(df: pd.DataFrame, lb: pd.DataFrame) -> pd.DataFrame:
         aggregation=("aggregation", lambda s: "; ".join(sorted({v for v in s if v}))) if "aggregation" in d
         else ("value", "size"))
     rows = []
-    for col, g in b.groupby("column", sort=False):
-        r = g.iloc[0]
+    for col in column_order(b):
+        r = b[b["column"] == col].iloc[0]
         ch = r.get("protocol_choices", "") or ""
         m = meta.loc[(r["protocol"], ch)] if (r["protocol"], ch) in meta.index else {}
         hib = r["higher_is_better"]
@@ -994,7 +994,11 @@ def markdown(recs, checks, lb, gl, st, flags, figs, df) -> str:
               "(control) marks the controls (random relevance, Sobel edges): a method that does not beat "
               f"them on a metric tells nothing there. Mean rank: {AGG_DEFINITION}.", "", format_table(lb), ""]
     if len(gl):
-        parts += ["## Glossary", "", _md_table(gl.drop(columns=["protocol", "metric"]).rename(columns={
+        g = gl.copy()
+        again = g.duplicated(["protocol", "choices"])  # a protocol setting's shared cells once
+        for c in ("category", "source", "x_label", "version", "choices"):
+            g[c] = g[c].astype(object).where(~again, "〃")
+        parts += ["## Glossary", "", _md_table(g.drop(columns=["protocol", "metric"]).rename(columns={
             "column": "metric", "x_label": "x (curves)", "choices": "recorded choices"})), ""]
     if len(st):
         parts += ["## Model randomization", "",

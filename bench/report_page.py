@@ -326,19 +326,25 @@ def _leaderboard(lb: pd.DataFrame) -> str:
 
 
 def _glossary(gl: pd.DataFrame) -> str:
+    """One block of rows per protocol setting (protocol and its recorded choices): a row per metric
+    (direction, aggregation) and, once for the block, category, source, x label, version, choices."""
     if gl is None or gl.empty:
         return ""
-    rows = "".join(
-        f"<tr><td><b>{e(r['column'])}</b></td><td>{e(r['category'])}</td><td>{e(r['direction'])}</td>"
-        f"<td>{e(r['source'] or '-')}</td><td>{e(r['x_label'] or '-')}</td><td>{e(r['aggregation'] or '-')}</td>"
-        f"<td>{e(str(r['version']) or '-')}</td><td><code>{e(r['choices'])}</code></td></tr>"
-        for _, r in gl.iterrows())
+    rows = []
+    for _, g in gl.groupby(["protocol", "choices"], sort=False):
+        n = len(g)
+        for k, (_, r) in enumerate(g.iterrows()):
+            shared = (f"<td rowspan={n}>{e(r['category'])}</td><td rowspan={n}>{e(r['source'] or '-')}</td>"
+                      f"<td rowspan={n}>{e(r['x_label'] or '-')}</td><td rowspan={n}>{e(str(r['version']) or '-')}</td>"
+                      f"<td rowspan={n}><code>{e(r['choices'])}</code></td>") if k == 0 else ""
+            rows.append(f"<tr><td><b>{e(r['column'])}</b></td><td>{e(r['direction'])}</td>"
+                        f"<td>{e(r['aggregation'] or '-')}</td>{shared}</tr>")
     return ("<section id=glossary><h2>Glossary</h2><p class=sub>Per metric, as the result rows record it "
             "(direction, x label, aggregation, protocol version and the protocol's choices such as score "
-            "space, replacement, steps and order), not as today's code would set it.</p><table class=plain>"
-            "<thead><tr><th>metric</th><th>category</th><th>direction</th><th>source</th><th>x (curves)</th>"
-            "<th>aggregation</th><th>version</th><th>recorded choices</th></tr></thead><tbody>"
-            + rows + "</tbody></table></section>")
+            "space, replacement, steps and order), not as today's code would set it; one block per protocol "
+            "setting.</p><table class=plain><thead><tr><th>metric</th><th>direction</th><th>aggregation</th>"
+            "<th>category</th><th>source</th><th>x (curves)</th><th>version</th><th>recorded choices</th></tr>"
+            "</thead><tbody>" + "".join(rows) + "</tbody></table></section>")
 
 
 def _figure(title: str, path: Path, caption: str) -> str:
