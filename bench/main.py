@@ -373,8 +373,10 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         run_dir.mkdir(parents=True, exist_ok=True)
         figs.append(report.curve_figure(rows, run_dir / "deletion_curves.png"))
         if maps:  # the heatmap images' maps (all of them lie in shard 0's job when shards are split)
-            figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx]))
-            np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], **maps)
+            pred = np.asarray(attrax.resolve_target(model, params, jnp.asarray(sub.x[hidx]), None, "predicted"))
+            figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx],
+                                            predicted=pred))
+            np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], pred=pred, **maps)
     model_info = {k: v for k, v in info.items() if k != "losses"}
     results.write_run(run_dir, rows, cfg, timings, extra={"model_info": model_info,
                                                           "test_accuracy": acc, "protocol_choices": choices,
