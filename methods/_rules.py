@@ -8,7 +8,9 @@ The mechanism (shared by LRP, deep Taylor and PatternNet/PatternAttribution)
    max pooling, softmax, normalizations and products of two activations.
 2. `propagate` re-evaluates the computation with each linear layer as a `jax.custom_vjp`
    function: the forward is the layer's own output (with folded BatchNorm: unchanged logits),
-   the backward implements the layer's rule. Max pooling gets the selected pooling rule;
+   the backward implements the layer's rule. Max pooling gets the selected pooling rule
+   (`pooling=`: "winner" takes all, or "proportional", the z-rule over each window; also for
+   overlapping windows such as 3x3 stride 2, where each input sums its shares of every window);
    transformers get CP-LRP or AttnLRP rules (`transformer=`); everything else (ReLU, reshape,
    residual additions, average pooling, means) keeps its ordinary gradient, which is LRP-0 /
    the z-rule for linear ops and passes relevance through active ReLUs.
@@ -32,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attrax.errors import AttraxError
 from attrax.methods import _engine
@@ -403,6 +406,42 @@ def max_pool_rule(x6: Array, pooling: str) -> Array:
     return f(x6)
 
 
+def window_pool_rule(op, t: Array, pooling: str) -> Array:
+    """Any `reduce_window_max` equation `op` (overlapping windows, stride < window, e.g. the
+    3x3 stride-2 pooling of ResNets; any padding or dilation) applied to `t`, with the pooling rule.
+
+    "winner": the max's own gradient (JAX routes each window's relevance to its first maximum),
+    i.e. winner-take-all; "proportional": the z-rule over every window,
+    R_j = sum_{windows w containing j} a_j / sum_{i in w} a_i R_w, so overlapping windows
+    accumulate (padding contributes nothing). Both conserve relevance window by window.
+    """
+    maxf = _engine.bind_fn(op)
+    if pooling == "winner":
+        return maxf(t)
+    p = op.params
+
+    def wsum(u):
+        return jax.lax.reduce_window(u, np.zeros((), u.dtype), jax.lax.add, p["window_dimensions"],
+                                     p["window_strides"], p["padding"], p["base_dilation"], p["window_dilation"])
+
+    @jax.custom_vjp
+    def f(u):
+        return maxf(u)
+
+    def fwd(u):
+        y = maxf(u)
+        return y, (u, y)
+
+    def bwd(res, g):
+        u, y = res
+        s, vjp = jax.vjp(wsum, u)
+        (g_in,) = vjp(y * g / stabilize(s, TINY))  # R_j / a_j: the window shares, summed over windows
+        return (g_in,)
+
+    f.defvjp(fwd, bwd)
+    return f(t)
+
+
 def _identity_rule(fn: Callable[[Array], Array], v: Array, eps: float) -> Array:
     """Elementwise y = fn(v) passing relevance unchanged (AttnLRP's identity rule)."""
 
@@ -484,7 +523,9 @@ def lrp_handler(rule_for, *, pooling: str = "winner", canonize: bool = True, ker
             else:
                 z = ruled_linear(rule_for(node.info), layer, a, node.info)
             return _engine.finish_linear(node, env, rest, z)
-        if kind == "maxpool" and node.extra["form"] != "generic":
+        if kind == "maxpool":
+            if node.extra["form"] == "generic":  # overlapping (or otherwise irregular) windows
+                return window_pool_rule(node.ops[0], env[node.ins[0]], pooling)
             return max_pool_rule(_engine.to6(node, env[node.ins[0]]), pooling)
         if kind == "sum":
             if not sum_eps:

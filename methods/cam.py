@@ -421,7 +421,7 @@ def guided_grad_cam(
     upsample: str = "bilinear",
 ) -> Array:
     """Guided Grad-CAM (Selvaraju et al. 2017): guided backprop (Springenberg et al. 2015) times
-    the upsampled Grad-CAM map, elementwise. Needs a zoo model (stages and a swappable ReLU)."""
+    the upsampled Grad-CAM map, elementwise; any JAX model (guided ReLUs and `layer=` from the trace)."""
     from attrax.methods.backprop import guided_backprop
 
     gb = guided_backprop(model, params, x, target, score=score)

@@ -9,7 +9,10 @@ activations); then one forward + backward pass of the input runs with each of th
   f'(z) where |z - z'| <= `tol`);
 - products z = a (.) b of two activations (attention, gating): the exact Shapley split
   Delta z = Delta a (.) (b + b')/2 + (a + a')/2 (.) Delta b;
-- max pooling (window = stride): the split rule below.
+- max pooling (window = stride): the split rule below; overlapping windows (stride < window,
+  e.g. a ResNet stem's 3x3 stride 2): the max's gradient (routing to the input's winner), the
+  convention of Shrikumar et al. 2017 and of the zoo's DeepLIFT before the engine, whatever
+  `max_pool` says; summation-to-delta is then approximate there.
 Linear equations (dense, conv, BatchNorm in inference, reshape, additions, pooling sums) keep
 their gradient, which is their exact multiplier, so the map (x - x') * multiplier sums to
 f_c(x) - f_c(x') (summation-to-delta) up to float rounding on every model built from these.
@@ -275,7 +278,8 @@ def deeplift(model, params, x, target, *, key=None, reference: Any = "zero", sco
     `max_pool`: "rescale" (default; the split rule in the module docstring, exact
     summation-to-delta) or "gradient" (the max's gradient, Shrikumar et al. 2017; this is what
     the Captum reference maps in tests/data/reference show, and it sums to the delta only
-    approximately). `tol`: |Delta z| at or below which the gradient replaces the multiplier.
+    approximately). Overlapping pooling windows (stride < window) always use the gradient.
+    `tol`: |Delta z| at or below which the gradient replaces the multiplier.
     `unknown`: "error" (default) or "gradient" for primitives no rule covers.
     """
     ref = _reference(reference, x)

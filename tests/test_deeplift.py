@@ -115,3 +115,28 @@ def test_deeplift_shap():
     bank_logits = np.asarray(attrax.forward(model, params, bank))
     f_ref = np.stack([bank_logits[idx[i], int(t[i])].mean() for i in range(3)])
     np.testing.assert_allclose(a.sum((1, 2, 3)), np.asarray(_score(model, params, x, t)) - f_ref, atol=1e-5)
+
+
+def test_overlapping_max_pool_routes_the_gradient():
+    """DeepLIFT's convention on overlapping windows (3x3 stride 2, as in a ResNet stem): the max's
+    gradient whatever `max_pool` says (documented); non-overlapping windows keep the split rule."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        stride: int
+
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(4, (3, 3), name="conv1")(x))
+            pad = ((1, 1), (1, 1)) if self.stride == 2 else "VALID"
+            x = nn.max_pool(x, (3, 3), strides=(self.stride, self.stride), padding=pad)
+            return nn.Dense(3, name="dense")(x.mean(axis=(1, 2)))
+
+    x = _x((2, 12, 12, 1), seed=3)
+    t = jnp.array([0, 2], jnp.int32)
+    for stride, same in ((2, True), (3, False)):
+        module = Net(stride)
+        params = _init(attrax.as_model(module), x, seed=2)
+        a = attrax.explain("deeplift", module, params, x, t, reference=0.3, max_pool="rescale")
+        b = attrax.explain("deeplift", module, params, x, t, reference=0.3, max_pool="gradient")
+        assert np.allclose(a, b, rtol=1e-6, atol=1e-7) == same, f"stride {stride}"

@@ -369,3 +369,69 @@ def test_methods_run_on_dense_only_model():
     for name in ["lrp_alpha2beta1", "deep_taylor"]:
         r = attrax.explain(name, model, params, x, t)
         assert r.shape == x.shape and bool(jnp.isfinite(r).all()) and float(jnp.abs(r).max()) > 0
+
+
+# --------------------------------------------------------------------------- overlapping max pooling
+class OverlapPoolNet(nn.Module):
+    """Bias-free conv -> relu -> 3x3 stride-2 max pool padded 1 (a ResNet stem's) -> conv -> relu
+    -> 3x3 stride-2 max pool (VALID) -> mean -> dense: every pool has overlapping windows."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3), use_bias=False, name="conv1")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = nn.relu(nn.Conv(6, (3, 3), use_bias=False, name="conv2")(x))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2))
+        return nn.Dense(3, use_bias=False, name="dense")(x.mean(axis=(1, 2)))
+
+
+def _overlap_net():
+    x = _x((2, 11, 11, 1), seed=3)
+    module = OverlapPoolNet()
+    rng = np.random.default_rng(4)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), x)
+    params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(np.prod(s.shape[:-1])),
+                                                s.dtype), shapes)
+    return module, params, x, jnp.array([0, 2], jnp.int32)
+
+
+def test_overlapping_max_pool_winner_is_gradient_routing():
+    """winner-take-all on 3x3 stride-2 windows IS the max's gradient: LRP-0 == input x gradient."""
+    module, params, x, t = _overlap_net()
+    r = attrax.explain("lrp_0", module, params, x, t, pooling="winner")
+    _, g = input_gradient(lambda z: module.apply(params, z), x, t)
+    np.testing.assert_allclose(r, x * g, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("pooling", ["winner", "proportional"])
+def test_overlapping_max_pool_conserves_on_bias_free_net(pooling):
+    module, params, x, t = _overlap_net()
+    logits = module.apply(params, x)[jnp.arange(2), t]
+    r = attrax.explain("lrp", module, params, x, t, rules={"default": "epsilon"}, eps=1e-9, pooling=pooling)
+    np.testing.assert_allclose(r.reshape(2, -1).sum(1), logits, rtol=1e-4)
+
+
+def test_overlapping_proportional_max_pool_known_answer():
+    """One channel, 5x5, 3x3 windows stride 2 padded 1 (3x3 outputs, neighbours share a row or
+    column): R_j = sum over the windows w holding j of a_j / sum_w(a) * R_w, against NumPy loops."""
+    x = _x((1, 5, 5, 1), seed=5)
+    v = np.random.default_rng(6).uniform(0.5, 1.5, size=(9, 2))
+
+    def apply_fn(p, xx):
+        a = jax.nn.relu(xx @ p["w1"])  # a 1x1 "layer" at the input (w1 = 1): R at x == R at a
+        y = jax.lax.reduce_window(a, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
+                                  ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return y.reshape(1, 9) @ p["v"]
+
+    params = {"w1": jnp.ones((1, 1)), "v": jnp.asarray(v, jnp.float32)}
+    r = attrax.explain("lrp_0", apply_fn, params, x, jnp.array([1]), pooling="proportional")
+    a = np.pad(np.asarray(x, np.float64)[0, :, :, 0], 1)  # zero padding: no share
+    want = np.zeros_like(a)
+    for i in range(3):
+        for j in range(3):
+            win = a[2 * i:2 * i + 3, 2 * j:2 * j + 3]
+            r_w = win.max() * v[3 * i + j, 1]
+            want[2 * i:2 * i + 3, 2 * j:2 * j + 3] += win / win.sum() * r_w
+    np.testing.assert_allclose(np.asarray(r)[0, :, :, 0], want[1:-1, 1:-1], rtol=1e-5, atol=1e-7)
+    winner = attrax.explain("lrp_0", apply_fn, params, x, jnp.array([1]), pooling="winner")
+    assert not np.allclose(winner, r, atol=1e-3)  # the two rules differ here
