@@ -148,3 +148,75 @@ def test_layer_names_and_replacement():
     _, again = _engine.layer_value(res.model, res.params, res.x, "block2", replace=a)
     np.testing.assert_allclose(again, logits, rtol=1e-6)
     assert _engine.last_spatial_layer(res.model, res.params, res.x) == "relu_4"
+
+
+def test_nested_calls_are_inlined():
+    """jit, checkpoint (remat), custom_vjp and custom_jvp (jax.nn.relu) calls inside a plain
+    function become one flat list of classified equations: no call primitive is left, the layers
+    inside them are found and LRP-0 is still input x gradient."""
+
+    @jax.custom_vjp
+    def double(h):  # a user's custom_vjp op (linear)
+        return 2.0 * h
+
+    double.defvjp(lambda h: (2.0 * h, None), lambda _, g: (2.0 * g,))
+
+    @jax.jit
+    def block(w, h):
+        return jax.nn.relu(h @ w)
+
+    def apply_fn(p, x):
+        h = x.reshape(x.shape[0], -1)
+        h = jax.checkpoint(block)(p["w0"], h)
+        h = double(block(p["w1"], h))
+        return h @ p["w2"]
+
+    rng = np.random.default_rng(0)
+    p = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in (("w0", (12, 8)), ("w1", (8, 8)), ("w2", (8, 3)))}
+    x = jnp.asarray(rng.uniform(size=(2, 2, 2, 3)), jnp.float32)
+    t = jnp.array([0, 2])
+    model = attrax.as_model(apply_fn)
+    g = _engine.graph_of(model, p, x)
+    ops = [s.pname for s in g.steps if isinstance(s, _engine.Op)]
+    assert not set(ops) & (_engine.INLINE - {"custom_jvp_call"}) and not g.unknown
+    assert [i.name for i in g.layers] == ["dense_0", "dense_1", "dense_2"]
+    assert sum(n.kind == "relu" for n in g.nodes) == 2
+    _, grad = input_gradient(lambda v: apply_fn(p, v), x, t)
+    np.testing.assert_allclose(attrax.explain("lrp_0", model, p, x, t), x * grad, rtol=1e-5, atol=1e-7)
+
+
+def test_unknown_primitive_error_names_where():
+    def apply_fn(p, x):
+        h = x.reshape(x.shape[0], -1) @ p["w"]
+        with jax.named_scope("ranker"):
+            h = jnp.sort(h, axis=-1)
+        return h @ p["v"]
+
+    p = {"w": jnp.ones((12, 4)), "v": jnp.ones((4, 3))}
+    x = jnp.ones((2, 2, 2, 3))
+    with pytest.raises(AttraxError, match=r"primitive `sort` at 'ranker'.*unknown='gradient'") as err:
+        attrax.explain("deeplift", apply_fn, p, x, jnp.array([0, 1]))
+    assert "\n" not in str(err.value)
+
+
+def test_fast_max_pool_substitution():
+    """window == stride max pooling runs as the zoo's reshape + window max (measured faster than
+    select-and-scatter on CPU): neither the LRP nor the DeepLIFT computation contains
+    `select_and_scatter_add`, which the plain gradient of the same model does; the zoo's own
+    window max (a custom_jvp) is kept whole."""
+    fam = make("nonzoo_cnn")
+    g = _engine.graph_of(fam.model, fam.params, fam.x)
+    assert [n.extra["form"] for n in g.nodes if n.kind == "maxpool"] == ["window"]
+
+    def jaxpr_of(name):
+        fn = attrax.methods.get(name).fn
+        return str(jax.make_jaxpr(lambda v: fn(fam.model, fam.params, v, fam.target))(fam.x))
+
+    assert "select_and_scatter_add" in str(jax.make_jaxpr(lambda v: input_gradient(
+        lambda z: fam.model(fam.params, z), v, fam.target)[1])(fam.x))
+    for name in ("lrp_epsilon", "deeplift", "guided_backprop"):
+        assert "select_and_scatter_add" not in jaxpr_of(name), name
+    zoo = attrax.models.create("cnn_a", channels=(4, 6), dense=(8,))
+    xz = jnp.zeros((1, 28, 28, 1))
+    pz = attrax.models.init(zoo, jax.random.key(0), xz)
+    assert {n.extra["form"] for n in _engine.graph_of(zoo, pz, xz).nodes if n.kind == "maxpool"} == {"6d"}
