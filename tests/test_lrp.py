@@ -435,3 +435,28 @@ def test_overlapping_proportional_max_pool_known_answer():
     np.testing.assert_allclose(np.asarray(r)[0, :, :, 0], want[1:-1, 1:-1], rtol=1e-5, atol=1e-7)
     winner = attrax.explain("lrp_0", apply_fn, params, x, jnp.array([1]), pooling="winner")
     assert not np.allclose(winner, r, atol=1e-3)  # the two rules differ here
+
+
+def test_user_rule_map_from_config():
+    """A rule map written in the config (`method.rules={...}` on the command line, keys by
+    position, kind and module path) reaches the method as the same map as from Python."""
+    from hydra import compose, initialize_config_module
+
+    from attrax import main
+
+    overrides = ["method=lrp", "method.rules={first:flat,conv2:{name:gamma,gamma:0.5},dense:epsilon}"]
+    with initialize_config_module(config_module="attrax.conf", version_base="1.3"):
+        cfg = main._plain(compose(config_name="config", overrides=overrides))
+    (name, hp), = main.method_specs(cfg).items()
+    assert name == "lrp" and hp["rules"] == {"first": "flat", "conv2": {"name": "gamma", "gamma": 0.5},
+                                             "dense": "epsilon"}
+    model = _tiny_cnn()
+    x = _x((2, 28, 28, 1))
+    params = _init(model, x)
+    t = jnp.array([1, 3])
+    r = attrax.explain(name, model, params, x, t, **hp)
+    want = attrax.explain("lrp", model, params, x, t, rules={"first": "flat", "conv2": {"name": "gamma", "gamma": 0.5},
+                                                           "dense": "epsilon"})
+    np.testing.assert_allclose(r, want, rtol=1e-6)
+    plain = attrax.explain("lrp", model, params, x, t, rules={"first": "flat", "dense": "epsilon"})
+    assert not np.allclose(r, plain, atol=1e-4)  # the module-path key took effect
