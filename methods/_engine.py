@@ -17,7 +17,8 @@ computation itself.
      constants (BatchNorm in inference mode: the canonizer);
    - `relu`: `jax.nn.relu` (its custom_jvp) or `max(x, 0)`;
    - `maxpool`: the zoo's reshape + window max, or `reduce_window_max` with window = stride
-     (substituted by the reshape form, which is exact and faster on CPU);
+     (substituted by the reshape form, which is exact and faster on CPU), or any other
+     `reduce_window_max` (overlapping windows such as 3x3 stride 2: kept as it is);
    - `softmax`: exp(u) / sum(exp(u)) (how `jax.nn.softmax` traces);
    - `bilinear`: `dot_general` or `mul` of two activations (attention q k^T, attention x v,
      gating);
