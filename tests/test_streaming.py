@@ -150,3 +150,34 @@ def _trained(over):
     model = attrax.models.create("mlp", num_classes=3)
     model, params, _ = attrax.train(model, tr, seed=0, cfg=attrax.TrainConfig(**cfg["train"]), progress=False)
     return model, params
+
+
+SHARDED = """
+import sys, jax, jax.numpy as jnp, numpy as np, attrax
+from attrax.methods import per_example_keys
+model = attrax.models.create("cnn_a")
+x = jax.random.uniform(jax.random.key(0), (10, 28, 28, 1))
+params = attrax.models.init(model, jax.random.key(1), x)
+y = jnp.arange(10) % 10
+# the streamed path: each batch passes the per-example keys of its positions in the selection
+parts = [attrax.explain("smoothgrad", model, params, x[a:b], y[a:b], key=per_example_keys(7, b - a, a),
+                        n_samples=4, chunk_size=3) for a, b in ((0, 4), (4, 10))]
+np.savez(sys.argv[1], n=jax.local_device_count(), maps=np.concatenate([np.asarray(p) for p in parts]))
+"""
+
+
+def test_streamed_batches_shard_over_devices_with_the_same_maps(tmp_path):
+    """Per-example key arrays travel through the batch sharding of several (forced CPU) devices."""
+    import os
+    import subprocess
+    import sys
+
+    out = {}
+    for d in (1, 2):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}", JAX_PLATFORMS="cpu")
+        p = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / f"{d}.npz")], env=env,
+                           capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[d] = dict(np.load(tmp_path / f"{d}.npz"))
+    assert int(out[1]["n"]) == 1 and int(out[2]["n"]) == 2
+    np.testing.assert_allclose(out[2]["maps"], out[1]["maps"], rtol=1e-5, atol=1e-6)
