@@ -74,19 +74,24 @@ CARRIED = ("direction", "x_label", "aggregation", "version", "flag")
 
 def curve_areas(df: pd.DataFrame) -> pd.DataFrame:
     """Scalar rows from curves: the trapezoid area under each curve divided by its x range (the
-    curve's mean height), metric `<metric>_area`, one row per curve (run, method, seed, example)."""
+    curve's mean height; its mean where the range is 0), metric `<metric>_area`, one row per curve
+    (run, method, seed, example); values at a repeated x are averaged first."""
     cur = df[df["x"].notna()]
     if cur.empty:
         return cur
     keys = [c for c in ("run_id", *IDENTITY, "example", *CARRIED) if c in cur.columns]
-    rows = []
-    for k, g in cur.groupby(keys, sort=False, dropna=False):
-        g = g.groupby("x", as_index=False)["value"].mean().sort_values("x")
-        x, v = g["x"].to_numpy(float), g["value"].to_numpy(float)
-        span = x[-1] - x[0]
-        area = float(np.sum((v[1:] + v[:-1]) * np.diff(x)) / 2 / span) if span > 0 else float(v.mean())
-        rows.append(dict(zip(keys, k, strict=True), value=area))
-    out = pd.DataFrame(rows)
+    g = cur.groupby([*keys, "x"], sort=True, dropna=False)["value"].mean().reset_index()  # x sorted per curve
+    kid = g.groupby(keys, sort=False, dropna=False).ngroup().to_numpy()
+    x, v = g["x"].to_numpy(float), g["value"].to_numpy(float)
+    n = int(kid.max()) + 1
+    same = kid[1:] == kid[:-1]
+    seg = np.where(same, (v[1:] + v[:-1]) * np.diff(x) / 2, 0.0)
+    area = np.bincount(kid[1:], weights=seg, minlength=n)
+    span = np.bincount(kid[1:], weights=np.where(same, np.diff(x), 0.0), minlength=n)
+    mean = np.bincount(kid, weights=v, minlength=n) / np.bincount(kid, minlength=n)
+    out = g.drop(columns=["x", "value"]).groupby(kid).first().reset_index(drop=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["value"] = np.where(span > 0, area / np.where(span > 0, span, 1.0), mean)
     out["metric"] = out["metric"] + AREA
     out["x"] = np.nan
     return out
@@ -729,7 +734,7 @@ def heatmap_grid(images: np.ndarray, maps: dict[str, np.ndarray], path: Path, la
     n, h, w = images.shape[0], images.shape[1], images.shape[2]
     step = max(1, int(np.ceil(max(h, w) / 64)))
     names = list(maps)
-    colors = colors or {}
+    colors = colors or method_colors(names)
     summed = {m: (np.asarray(maps[m]).sum(-1) if np.asarray(maps[m]).ndim == 4 else np.asarray(maps[m]))
               for m in names}
     scale = {m: float(np.nanmax(np.abs(summed[m]))) or 1.0 for m in names}
