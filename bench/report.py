@@ -852,8 +852,9 @@ def glossary(df: pd.DataFrame, lb: pd.DataFrame) -> pd.DataFrame:
                                       else ""),
             "source": SOURCES.get(r["protocol"], ""),
             "x_label": (m.get("x_label", "") if len(m) else "") or "",
-            "aggregation": ((m.get("aggregation", "") if len(m) else "") or "")
-            + ("; ranked by the area under each curve (mean height)" if metric.endswith(AREA) else ""),
+            "aggregation": "; ".join(a for a in (
+                (m.get("aggregation", "") if len(m) else "") or "",
+                "ranked by the area under each curve (mean height)" if metric.endswith(AREA) else "") if a),
             "version": int(r["version"]) if int(r.get("version", -1)) >= 0 else "",
             "choices": _choices_text(ch) or ("not recorded (rows written before choices were recorded)"
                                              if legacy else "none"),
