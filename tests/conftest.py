@@ -1,11 +1,19 @@
 """Shared fixtures: small models with known answers and a quickly trained CNN.
 
 Every test session uses its own model cache folder, so tests never depend on a user's cache.
+
+The end-to-end tests start `python -m attrax.cli` subprocesses that compile the same small jobs
+again and again; they share one persistent XLA compilation cache per test session (a temporary
+folder, removed at the end). The test process itself never uses a persistent cache: several tests
+count backend compiles to catch a recompilation, which a cache hit would hide.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import flax.linen as nn
@@ -15,6 +23,44 @@ import numpy as np
 import pytest
 
 REF_DIR = Path(__file__).parent / "data" / "reference"
+
+# in this process: always compile (a user's JAX_COMPILATION_CACHE_DIR must not hide recompiles)
+jax.config.update("jax_compilation_cache_dir", None)
+
+_XLA_CACHE_ENV = "ATTRAX_TEST_XLA_CACHE"  # set by the controlling pytest process, inherited by xdist workers
+
+
+def pytest_configure(config):
+    if os.environ.get(_XLA_CACHE_ENV):
+        return  # an xdist worker: the controller made the folder
+    path = tempfile.mkdtemp(prefix="attrax-test-xla-")
+    config._attrax_xla_cache = path
+    os.environ[_XLA_CACHE_ENV] = path
+    # read by the subprocesses' JAX at import (this process imported JAX already, see above)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+#: fixtures trained once per process: every test using one runs in the same xdist worker
+_SHARED_TRAINED = ("tiny_cnn",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup in pyproject)
+def pytest_collection_modifyitems(config, items):
+    """xdist groups: a test file's tests stay in one worker (its module fixtures are built once),
+    except that the tests using a session-trained model share one worker, and so do the CLI tests
+    marked `xdist_group("cli_cnn_a")` (they reuse the model the first one trains into the cache)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        shared = [f for f in _SHARED_TRAINED if f in getattr(item, "fixturenames", ())]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+
+
+def pytest_unconfigure(config):
+    path = getattr(config, "_attrax_xla_cache", None)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

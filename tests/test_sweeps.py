@@ -20,6 +20,7 @@ def _cli(args, cwd):
                           capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.xdist_group("cli_cnn_a")  # one worker trains the TINY model once (tests/conftest.py)
 def test_multirun_report_and_resume(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "method=gradient,integrated_gradients", f"hydra.sweep.dir={sweep}"]
@@ -71,6 +72,7 @@ def test_findings_verdicts():
     assert findings.check(missing)[0]["verdict"] == "n/a"
 
 
+@pytest.mark.xdist_group("cli_cnn_a")
 @pytest.mark.parametrize("preset", ["kindermans2017_invariance", "petsiuk2018_deletion_insertion"])
 def test_preset_runs_small(tmp_path, preset):
     over = {"kindermans2017_invariance": ["methods=gradient", "+methods.input_x_gradient={}"],
