@@ -910,8 +910,11 @@ def against_records(anchor: dict[str, Any], source: str, cfg: dict[str, Any], re
     out = []
     for w in anchor_workloads(anchor):
         key = f"{w['section']}.{w['name']}"
+        meta = anchor.get("meta") or {}
         base = {"kind": "against", "name": key, "anchor_settings": w["settings"], "anchor_foreign": w["foreign"],
-                "bar": w["images_per_s"], "source": source}
+                "bar": w["images_per_s"], "source": source, "anchor_quick": bool(meta.get("quick")),
+                "anchor_date": meta.get("date_utc"), "anchor_versions": {
+                    k: (meta.get("versions") or {}).get(k) for k in ("torch", "captum", "quantus", "zennit")}}
         specs = counterparts(cfg, w["section"], w["name"])
         if w["images_per_s"] is None:
             out.append({**base, "hparams": {}, "note": f"anchor entry {w['status']}: {(w.get('error') or '')[:120]}"})
@@ -982,9 +985,13 @@ def against_markdown(records: list[dict], target: float) -> list[str]:
            "`against:`). ratio = attrax images/s / PyTorch images/s (CPU est.: attrax's process CPU time spread "
            f"over all cores, for a loaded machine); goal >= {target:g}x. PyTorch foreign load: CPU cores other "
            "processes used while the anchor timed it (trust a figure only where it is ~0).", "",
-           "| PyTorch workload | PyTorch settings | PyTorch images/s | foreign load | attrax counterpart | "
-           "attrax images/s | ratio | CPU est. ratio | goal |",
-           "|---|---|---:|---:|---|---:|---:|---:|---|"]
+           f"Anchor run {rows[0].get('anchor_date') or '?'}, "
+           + ", ".join(f"{k} {v}" for k, v in (rows[0].get("anchor_versions") or {}).items() if v) + ".", ""]
+    if rows[0].get("anchor_quick"):
+        out += ["**The anchor JSON is a --quick smoke run: its figures are not valid for claims.**", ""]
+    out += ["| PyTorch workload | PyTorch settings | PyTorch images/s | foreign load | attrax counterpart | "
+            "attrax images/s | ratio | CPU est. ratio | goal |",
+            "|---|---|---:|---:|---|---:|---:|---:|---|"]
     for r in rows:
         settings = r.get("anchor_settings", "").replace("|", "/")[:90]
         if r.get("speedup") is None:

@@ -302,3 +302,67 @@ def test_bound_is_the_fastest_rate_at_any_batch_size(cnn, monkeypatch):
     assert ref["forward"] == pytest.approx(6 * 0.001 / 2) and ref["forward_best_batch"] == 2
     assert ref["gradient_batch"] == 0.024 and ref["forward_batch"] == 0.006
     assert ref["gradient_cpu"] == pytest.approx(perf.cpu_equivalent_s(2 * 0.024) * 6 / 12)
+
+
+def test_against_markdown_flags_a_quick_anchor_run():
+    from attrax import perf
+
+    rec = {"kind": "against", "name": "quantus.Sparseness", "anchor_settings": "defaults", "bar": 10.0,
+           "source": "x.json", "anchor_quick": True, "counterpart": "sparseness", "images_per_s": 20.0,
+           "speedup": 2.0}
+    md = "\n".join(perf.against_markdown([rec], 1.5))
+    assert "smoke run" in md and "| quantus.Sparseness |" in md and "| 2.00 |" in md and "| ok" in md
+    assert "smoke run" not in "\n".join(perf.against_markdown([{**rec, "anchor_quick": False}], 1.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# The faster protocols give the numbers of the straightforward computation
+
+
+def test_selectivity_and_continuity_scores_equal_one_forward_of_all_states(cnn):
+    """Per-state chunked scoring (selectivity) and CPU-sized score chunks (continuity) against
+    the plain computation: every state stacked and scored by one `target_scores` call."""
+    import attrax
+    from attrax.protocols._common import example_keys, repeat_keys, repeat_targets, target_scores
+    from attrax.protocols.continuity import explain_path, translate
+    from attrax.protocols.selectivity import _remove_best
+
+    model, params, x, t = cnn
+    r0 = attrax.explain("gradient", model, params, x, t)
+    s = attrax.evaluate("selectivity", model, params, x, t, r0, key=0, method="gradient", steps=3)
+    keys = example_keys(None, x.shape[0])
+    cur, removed, r, states = x, jnp.zeros(x.shape[:3], bool), r0, [x]
+    for i in range(3):
+        if i:
+            r = attrax.explain("gradient", model, params, cur, t, key=keys)
+        cur, removed = _remove_best(cur, removed, r.sum(-1), jnp.zeros((4,)))
+        states.append(cur)
+    xs = jnp.stack(states, 1)
+    ref = target_scores(model, params, xs.reshape((-1,) + x.shape[1:]), repeat_targets(t, 4)).reshape(-1, 4)
+    np.testing.assert_allclose(np.asarray(s.values["curve"]), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+    c = attrax.evaluate("continuity", model, params, x, t, r0, key=0, method="gradient", max_shift=2)
+    path = translate(x, np.arange(-2, 3))
+    ref_f = target_scores(model, params, path.reshape((-1,) + x.shape[1:]), repeat_targets(t, 5)).reshape(-1, 5)
+    np.testing.assert_allclose(np.asarray(c.values["score"]), np.asarray(ref_f), rtol=1e-6, atol=1e-6)
+    rp = explain_path(model, params, path, t, key=repeat_keys(keys, 5), method="gradient")
+    np.testing.assert_allclose(np.asarray(c.values["quadrant_top_left"]),
+                               np.asarray(rp[:, :, :14, :14].sum(axis=(2, 3, 4))), rtol=1e-5, atol=1e-6)
+
+
+def test_input_invariance_memoizes_the_first_layer_lookup(cnn):
+    import attrax
+    from attrax.protocols.invariance import first_linear_layer
+
+    model, params, x, t = cnn
+    m = attrax.as_model(model)
+    assert first_linear_layer(m, params, x) == (("conv1",), "conv")
+    calls = []
+    orig = m.apply_fn
+    m2 = attrax.models.Model(m.name, lambda p, z: calls.append(1) or orig(p, z), m.module)
+    assert first_linear_layer(m2, params, x) == first_linear_layer(m2, params, x) == (("conv1",), "conv")
+    assert len(calls) == 1  # traced once: the second lookup is memoized
+    r = attrax.explain("gradient", m, params, x, t)
+    a = attrax.evaluate("input_invariance", m, params, x, t, r, key=0, method="gradient")
+    b = attrax.evaluate("input_invariance", m, params, x, t, r, key=0, method="gradient")
+    np.testing.assert_array_equal(np.asarray(a.values["distance"]), np.asarray(b.values["distance"]))

@@ -12,7 +12,11 @@ Quantus): over `n_samples` uniform perturbations d in the L-inf ball of radius `
 norm, normalized by ||R(x)|| (Quantus defaults differ: radius 0.2, 200 samples).
 
 All perturbed inputs of all images are explained by one batched `attrax.explain` call and scored
-by one batched forward.
+by compiled forwards in CPU-sized chunks (`selectivity.state_scores`).
+
+Speed (cnn_a, 100 digits x 41 shifts, 2 shared CPU cores, process CPU time): the scores of the
+4,100 shifted digits cost 1.8 s in `target_scores`' chunks of 1,024 (5 chunks, the last padded:
+5,120 forwards) and 0.81 s in chunks of ~256, next to 1.96 s for their 4,100 gradients.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from attrax.protocols._common import (
     reexplainer,
     repeat_keys,
     repeat_targets,
-    target_scores,
 )
+from attrax.protocols.selectivity import state_scores
 
 Array = jax.Array
 QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -129,7 +133,7 @@ def continuity(
         model, params, path, target, key=repeat_keys(example_keys(method_key, n), k), method=method,
         method_hparams=method_hparams,
     )
-    f = target_scores(
+    f = state_scores(
         model, params, path.reshape((n * k,) + x.shape[1:]), repeat_targets(target, k), score
     ).reshape(n, k)
     r2 = aggregate_channels(r.reshape((n * k,) + x.shape[1:]), aggregate).reshape(
