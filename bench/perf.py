@@ -917,7 +917,8 @@ def against_records(anchor: dict[str, Any], source: str, cfg: dict[str, Any], re
                     k: (meta.get("versions") or {}).get(k) for k in ("torch", "captum", "quantus", "zennit")}}
         specs = counterparts(cfg, w["section"], w["name"])
         if w["images_per_s"] is None:
-            out.append({**base, "hparams": {}, "note": f"anchor entry {w['status']}: {(w.get('error') or '')[:120]}"})
+            why = (w.get("error") or "")[:120]
+            out.append({**base, "hparams": {}, "note": f"anchor entry {w['status']}" + (f": {why}" if why else "")})
             continue
         if not specs:
             out.append({**base, "hparams": {}, "note": "no attrax counterpart named in the config's `against:` table"})
@@ -975,6 +976,13 @@ def _effective(kind: str, name: str, settings: dict[str, Any], cfg: dict[str, An
     return dict(settings)
 
 
+def _rate(v: Any) -> str:
+    """images/s with 3 significant digits below 100 (the anchor's slow entries: 0.0261)."""
+    if isinstance(v, int | float) and np.isfinite(v) and 0 < abs(v) < 100:
+        return f"{v:.3g}"
+    return _fmt(v)
+
+
 def against_markdown(records: list[dict], target: float) -> list[str]:
     rows = [r for r in records if r["kind"] == "against"]
     if not rows:
@@ -995,14 +1003,14 @@ def against_markdown(records: list[dict], target: float) -> list[str]:
     for r in rows:
         settings = r.get("anchor_settings", "").replace("|", "/")[:90]
         if r.get("speedup") is None:
-            out.append(f"| {r['name']} | {settings} | {_fmt(r.get('bar'))} | {_fmt(r.get('anchor_foreign'), 2)} | "
+            out.append(f"| {r['name']} | {settings} | {_rate(r.get('bar'))} | {_fmt(r.get('anchor_foreign'), 2)} | "
                        f"{r.get('counterpart', '-')} | - | - | - | {r.get('note', '')} |")
             continue
         verdict = "ok" if r["speedup"] >= target else ("ok (CPU est.)" if (r.get("cpu_speedup") or 0) >= target
                                                        else "BELOW")
         note = f" {r['note']}" if r.get("note") else ""
-        out.append(f"| {r['name']} | {settings} | {_fmt(r['bar'])} | {_fmt(r.get('anchor_foreign'), 2)} | "
-                   f"{r['counterpart']} | {_fmt(r['images_per_s'])} | {r['speedup']:.2f} | "
+        out.append(f"| {r['name']} | {settings} | {_rate(r['bar'])} | {_fmt(r.get('anchor_foreign'), 2)} | "
+                   f"{r['counterpart']} | {_rate(r['images_per_s'])} | {r['speedup']:.2f} | "
                    f"{_fmt(r.get('cpu_speedup'), 2)} | {verdict}{note} |")
     out.append("")
     return out
