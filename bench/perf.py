@@ -34,6 +34,28 @@ comma-separated lists; the families section then times `families.methods` (LRP-e
 guided backprop) on every listed model as a ratio to one raw batched gradient of the same batch,
 measured in the same run (goal <= 2x): `attrax-bench --families-only --model nonzoo_cnn,vit_tiny`.
 Settings and per-method benchmark hyperparameters: conf/bench/default.yaml.
+
+Against the PyTorch stack (issue 17): `attrax-bench --against PATH/torch_cpu.json` reads the JSON
+of ../shared/anchors/torch_anchor.py (run just before, on the same machine) and adds a row per
+anchor workload: the attrax counterpart named in the config's `against:` table, run with those
+settings, and the ratio of images/s; a workload without a counterpart, or one that failed in the
+anchor, says so. `bench/anchor_side_by_side.sh OUT` runs both back to back into one folder.
+
+What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0.10.2):
+- XLA_FLAGS, each in a fresh process (`--flags`, the `probe` figures, two rounds under load
+  7-12; wall figures were meaningless, CPU estimates of the batch-100 gradient moved within
+  +-15% between rounds for every flag): --xla_cpu_use_onednn=true, --xla_cpu_use_xnnpack=true,
+  --xla_cpu_experimental_xnn_fusion_type=dot,eltwise, --xla_cpu_experimental_onednn_custom_call=true,
+  --xla_cpu_multi_thread_eigen=false gave no gain outside that noise (onednn and xnnpack made the
+  training step 10-25% slower in both rounds); --xla_cpu_experimental_ynn_fusion_type=dot,eltwise
+  halved the gradient and failed in the second round; --xla_cpu_enable_fast_math=true changes
+  the numbers and is not an option. None is set.
+- NCHW/OIHW convolutions (torch's layout) instead of NHWC/HWIO: cnn_a's batch-100 input gradient
+  1.8x slower (127 vs 70 ms CPU), the forward 1.5x slower (27 vs 18 ms) on XLA:CPU.
+- Protocols: one compiled call per selectivity step (re-explain + removal + score) was 0.84x of
+  separate calls; all steps in one call compiled for ~60 s (unrolled) or ran 1.5x slower
+  (`fori_loop`: XLA:CPU runs convolutions in while loops slower). What paid: scoring in CPU-sized
+  chunks instead of padded 1,024-image chunks (see protocols/selectivity.py, continuity.py).
 """
 
 from __future__ import annotations
