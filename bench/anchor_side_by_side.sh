@@ -39,7 +39,7 @@ die() { echo "anchor_side_by_side: error: $*" >&2; exit 2; }
 [ -x "$TORCH_PYTHON" ] || die "no python at TORCH_PYTHON=$TORCH_PYTHON (set up the anchor venv as in ../shared/anchors/README.md)"
 [ -f "$ANCHOR" ] || die "no anchor script at ANCHOR=$ANCHOR"
 command -v "$ATTRAX_BENCH" >/dev/null 2>&1 || die "no benchmark command ATTRAX_BENCH=$ATTRAX_BENCH"
-"$TORCH_PYTHON" -c "import torch, captum, quantus" 2>/dev/null || die "$TORCH_PYTHON lacks torch/captum/quantus"
+"$TORCH_PYTHON" -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ('torch', 'captum', 'quantus', 'zennit')))" || die "$TORCH_PYTHON lacks torch/captum/quantus/zennit"
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
