@@ -1265,7 +1265,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
            "xla_flags": os.environ.get("XLA_FLAGS", "")}
     model, params, x, target, info = setup(cfg)
     ref = reference_times(model, params, x, target, repeats=cfg["repeats"], max_seconds=cfg["max_seconds"],
-                          batches=cfg.get("bound_batches"))
+                          batches=cfg.get("bound_batches") if (methods or protocols or against) else None)
     env["ref"] = ref
     n = x.shape[0]
     for r in ref["sweep"]:
