@@ -3,7 +3,9 @@
 Both score many perturbed copies of each image. The copies are evaluated in blocks of
 perturbations x the whole batch per forward call (about `images_per_call()` images), inside one
 compiled `lax.scan`, so the number of compiled calls does not grow with the number of windows or
-masks and memory stays bounded by the block size.
+masks. The masks are built block by block inside the scan from small per-mask arrays (window
+corners, RISE's coarse grids and shifts) and their weighted sum is accumulated there, so memory
+stays bounded by one block, not by the number of masks.
 """
 
 from __future__ import annotations
@@ -41,46 +43,68 @@ def _pair(v: Any, what: str) -> tuple[int, int]:
     return v
 
 
-def occlusion_windows(height: int, width: int, window: Any = 4, stride: Any = 4) -> np.ndarray:
-    """(P, H, W) 0/1 masks of every window position (top-left corners 0, s, 2s, ... that fit)."""
+def _window_corners(height: int, width: int, window: Any = 4, stride: Any = 4) -> np.ndarray:
+    """(P, 2) top-left corners (0, s, 2s, ... that fit) of every window position, row-major."""
     wh, ww = _pair(window, "window")
     sh, sw = _pair(stride, "stride")
     if wh > height or ww > width:
         raise AttraxError(f"occlusion window {(wh, ww)} is larger than the image {(height, width)}")
-    tops = range(0, height - wh + 1, sh)
-    lefts = range(0, width - ww + 1, sw)
-    masks = np.zeros((len(tops) * len(lefts), height, width), np.float32)
-    for i, (t, l) in enumerate((t, l) for t in tops for l in lefts):
+    return np.asarray([(t, l) for t in range(0, height - wh + 1, sh) for l in range(0, width - ww + 1, sw)],
+                      np.int32)
+
+
+def occlusion_windows(height: int, width: int, window: Any = 4, stride: Any = 4) -> np.ndarray:
+    """(P, H, W) 0/1 masks of every window position (top-left corners 0, s, 2s, ... that fit)."""
+    wh, ww = _pair(window, "window")
+    corners = _window_corners(height, width, window, stride)
+    masks = np.zeros((len(corners), height, width), np.float32)
+    for i, (t, l) in enumerate(corners):
         masks[i, t : t + wh, l : l + ww] = 1.0
     return masks
 
 
-def _blocks(masks: Array, n: int) -> tuple[Array, int]:
-    """Masks padded with all-zero masks and reshaped to (n_blocks, block, H, W).
+def _block_layout(p: int, n: int) -> tuple[int, int]:
+    """(n_blocks, block): p perturbations in blocks of about `images_per_call() // n`.
 
     Blocks are balanced (49 windows at most 40 per block -> 2 x 25, not 40 + 9 padded to 40)."""
-    p = masks.shape[0]
     most = int(max(1, min(p, images_per_call() // max(1, n))))
     n_blocks = -(-p // most)
-    block = -(-p // n_blocks)
-    pad = n_blocks * block - p
+    return n_blocks, -(-p // n_blocks)
+
+
+def _in_blocks(a: Array, n_blocks: int, block: int) -> Array:
+    """a (p, ...) zero-padded to n_blocks * block rows and reshaped to (n_blocks, block, ...)."""
+    pad = n_blocks * block - a.shape[0]
     if pad:
-        masks = jnp.concatenate([masks, jnp.zeros((pad,) + masks.shape[1:], masks.dtype)])
-    return masks.reshape((n_blocks, block) + masks.shape[1:]), block
+        a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+    return a.reshape((n_blocks, block) + a.shape[1:])
 
 
-def _scores_of_blocks(model, params, x, target, blocks: Array, perturb, score: str) -> Array:
-    """Target scores of perturb(x, mask) for every mask: (n_blocks * block, n)."""
+def _weighted_mask_sum(model, params, x, target, p: int, specs, make_masks, perturb, weigh, score: str) -> Array:
+    """sum_j weigh(score of perturb(x, M_j)) M_j over p masks: (n, H, W).
+
+    The masks are never held all at once: `specs` are small per-mask arrays (p, ...) that
+    `make_masks` turns into one block of (block, H, W) masks inside a `lax.scan`, each block is
+    scored in one batched forward and its weighted masks are added to a running (n, H, W) sum.
+    Memory is one block of masks and perturbed images, whatever p is (RISE's 4,000 masks at
+    224x224 are 800 MB). Padding rows (past p) get weight 0.
+    """
     n = x.shape[0]
+    n_blocks, block = _block_layout(p, n)
+    blocks = jax.tree.map(lambda a: _in_blocks(a, n_blocks, block), specs)
+    index = jnp.arange(n_blocks * block).reshape(n_blocks, block)
 
-    def one(_, mb):  # mb: (block, H, W)
+    def one(acc, blk):
+        spec, idx = blk
+        mb = make_masks(spec).astype(x.dtype)  # (block, H, W)
         xs = jax.vmap(lambda m: perturb(x, m))(mb)  # (block, n, H, W, C)
-        b = mb.shape[0]
-        s = class_score(model(params, xs.reshape((b * n,) + x.shape[1:])), jnp.tile(target, b), score)
-        return None, s.reshape(b, n)
+        s = class_score(model(params, xs.reshape((block * n,) + x.shape[1:])), jnp.tile(target, block), score)
+        wgt = jnp.where((idx < p)[:, None], weigh(s.reshape(block, n)), 0).astype(x.dtype)
+        return acc + jnp.einsum("bn,bhw->nhw", wgt, mb), None
 
-    _, s = jax.lax.scan(one, None, blocks)
-    return s.reshape((-1, n))
+    acc0 = jnp.zeros((n,) + x.shape[1:3], x.dtype)
+    acc, _ = jax.lax.scan(one, acc0, (blocks, index))
+    return acc
 
 
 def _fill_value(x: Array, fill: Any) -> Array:
@@ -122,36 +146,58 @@ def occlusion(
     if x.ndim != 4:
         raise AttraxError(f"occlusion needs NHWC images, got shape {x.shape}")
     n, h, w, _ = x.shape
-    masks_np = occlusion_windows(h, w, window, stride)
-    counts = masks_np.sum(0)
+    wh, ww = _pair(window, "window")
+    corners_np = _window_corners(h, w, window, stride)  # (P, 2) top-left corners
+    counts = np.zeros((h, w), np.float32)  # windows covering each pixel
+    for t, l in corners_np:
+        counts[t : t + wh, l : l + ww] += 1.0
     inv = jnp.asarray(np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0), x.dtype)
-    masks = jnp.asarray(masks_np, x.dtype)
+    corners = jnp.asarray(corners_np)
     value = _fill_value(x, fill)
+    rows, cols = jnp.arange(h), jnp.arange(w)
+
+    def make_masks(tl):  # (block, 2) corners -> (block, H, W) 0/1 windows
+        t, l = tl[:, :1], tl[:, 1:]
+        in_r = (rows[None] >= t) & (rows[None] < t + wh)
+        in_c = (cols[None] >= l) & (cols[None] < l + ww)
+        return (in_r[:, :, None] & in_c[:, None, :]).astype(x.dtype)
 
     def perturb(xx, m):
         m = m[None, :, :, None]
         return xx * (1 - m) + value * m
 
-    blocks, _ = _blocks(masks, n)
-    s = _scores_of_blocks(model, params, x, target, blocks, perturb, score)[: masks.shape[0]]
     s0 = class_score(model(params, x), target, score)
-    drop = s0[None] - s  # (P, n)
-    r = jnp.einsum("pn,phw->nhw", drop, masks) * inv
+    r = _weighted_mask_sum(model, params, x, target, corners.shape[0], corners, make_masks, perturb,
+                           lambda s: s0[None] - s, score) * inv
     return jnp.broadcast_to(r[..., None], x.shape)
 
 
-def rise_masks(n_masks: int, cells: int, p_keep: float, height: int, width: int, seed: int = 0) -> Array:
-    """RISE masks (Petsiuk et al. 2018): a cells x cells Bernoulli(p_keep) grid, bilinearly
-    upsampled to (cells + 1) * cell size and cropped to H x W at a random shift within one cell.
-    Returns (n_masks, H, W) float32 in [0, 1], reproducible from `seed`."""
+def _rise_specs(n_masks: int, cells: int, p_keep: float, height: int, width: int, seed: int) -> tuple[Array, Array]:
+    """What defines RISE's masks, small enough to hold for thousands of masks: the (n, cells,
+    cells) Bernoulli grids and the (n, 2) shifts of the crop."""
     if not 0.0 < p_keep <= 1.0:
         raise AttraxError(f"p_keep must be in (0, 1], got {p_keep}")
     ch, cw = -(-height // cells), -(-width // cells)
     k_grid, k_shift = jax.random.split(jax.random.key(seed))
     grid = jax.random.bernoulli(k_grid, p_keep, (n_masks, cells, cells)).astype(jnp.float32)
-    up = jax.image.resize(grid, (n_masks, (cells + 1) * ch, (cells + 1) * cw), "linear")
     shifts = jax.random.randint(k_shift, (n_masks, 2), 0, jnp.array([ch, cw]))
+    return grid, shifts
+
+
+def _rise_upsample(grid: Array, shifts: Array, height: int, width: int) -> Array:
+    """(k, cells, cells) grids -> (k, H, W) smooth masks (each mask on its own)."""
+    k, cells = grid.shape[0], grid.shape[1]
+    ch, cw = -(-height // cells), -(-width // cells)
+    up = jax.image.resize(grid, (k, (cells + 1) * ch, (cells + 1) * cw), "linear")
     return jax.vmap(lambda u, s: jax.lax.dynamic_slice(u, (s[0], s[1]), (height, width)))(up, shifts)
+
+
+def rise_masks(n_masks: int, cells: int, p_keep: float, height: int, width: int, seed: int = 0) -> Array:
+    """RISE masks (Petsiuk et al. 2018): a cells x cells Bernoulli(p_keep) grid, bilinearly
+    upsampled to (cells + 1) * cell size and cropped to H x W at a random shift within one cell.
+    Returns (n_masks, H, W) float32 in [0, 1], reproducible from `seed`. (`rise` itself builds
+    them block by block inside its scan; these are the same masks.)"""
+    return _rise_upsample(*_rise_specs(n_masks, cells, p_keep, height, width, seed), height, width)
 
 
 @METHODS.register(
@@ -183,10 +229,10 @@ def rise(
     """
     if x.ndim != 4:
         raise AttraxError(f"rise needs NHWC images, got shape {x.shape}")
-    n, h, w, _ = x.shape
-    masks = rise_masks(n_masks, cells, p_keep, h, w, mask_seed).astype(x.dtype)
-    blocks, _ = _blocks(masks, n)
-    s = _scores_of_blocks(model, params, x, target, blocks, lambda xx, m: xx * m[None, :, :, None], score)
-    s = s[:n_masks]
-    r = jnp.einsum("pn,phw->nhw", s, masks) / (n_masks * p_keep)
+    _, h, w, _ = x.shape
+    specs = _rise_specs(n_masks, cells, p_keep, h, w, mask_seed)
+    r = _weighted_mask_sum(model, params, x, target, n_masks, specs,
+                           lambda gs: _rise_upsample(gs[0], gs[1], h, w),
+                           lambda xx, m: xx * m[None, :, :, None], lambda s: s, score)
+    r = r / (n_masks * p_keep)
     return jnp.broadcast_to(r[..., None], x.shape)
