@@ -132,38 +132,12 @@ def accuracy(model, params, ds, batch_size: int = 256) -> float:
 
 
 def evals_within_budget(method: str, model, params, x, *, memory_mb: float, tries: int = 6, **hparams) -> int:
-    """Model evaluations per chunk whose compiled chunk fits `memory_mb`, CHECKED.
+    """Model evaluations per chunk whose compiled chunk fits `memory_mb`, checked by XLA's memory
+    analysis: `attrax.harness.evals_per_chunk_for_memory` (which now compiles its estimate and
+    shrinks it until it fits), kept under this name for the run's callers."""
+    from attrax.harness import evals_per_chunk_for_memory
 
-    `attrax.harness.evals_per_chunk_for_memory` extrapolates linearly from two small probe chunks;
-    XLA's buffers are not exactly linear in the chunk (measured: the chosen chunk overshot the
-    budget by 0.6% for occlusion and 10% for RISE on a small CNN, 9% for the gradient of a small
-    ResNet-18), so the chunk it picks is compiled (not run) and shrunk in proportion to the
-    overshoot until XLA's memory analysis puts it within the budget.
-    """
-    from attrax.harness import compiled_memory_bytes, evals_per_chunk_for_memory
-    from attrax.methods import per_example_keys
-    from attrax.methods.combinators import resolve
-    from attrax.models import as_model
-
-    entry = resolve(method)
-    model = as_model(model)
-    shape, dtype = tuple(np.shape(x)[1:]), jnp.float32
-    cost = max(1, int(entry.meta.get("cost", lambda hp: 1)({**entry.hparams(), **hparams})))
-    images = evals_per_chunk_for_memory(method, model, params, np.zeros((1, *shape), np.float32),
-                                        memory_mb=memory_mb, **hparams) // cost
-    fn = jax.jit(lambda p, xx, tt, kk: entry.fn(model, p, xx, tt, key=kk, **hparams))
-    budget = memory_mb * 2**20
-    for _ in range(tries):
-        compiled = fn.lower(params, jnp.zeros((images, *shape), dtype), jnp.zeros((images,), jnp.int32),
-                            per_example_keys(0, images)).compile()
-        used = compiled_memory_bytes(compiled) or 0
-        if used <= budget:
-            return images * cost
-        if images == 1:
-            break
-        images = max(1, min(images - 1, int(images * budget / used)))
-    raise AttraxError(f"memory budget {memory_mb} MB is too small for {method!r}: a chunk of {images} image(s) "
-                      f"needs {used / 2**20:.1f} MB")
+    return evals_per_chunk_for_memory(method, model, params, x, memory_mb=memory_mb, tries=tries, **hparams)
 
 
 class Progress:
