@@ -244,6 +244,10 @@ def check_paper_inputs(cfg: dict) -> None:
 def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     cfg = at_scale(_plain(cfg))
     check_paper_inputs(cfg)
+    from .errors import unknown_name
+    from .harness import TARGET_MODES
+    if cfg.get("target", "label") not in TARGET_MODES:  # before any data, training or method work
+        raise unknown_name("target mode", str(cfg.get("target")), TARGET_MODES)
     run_dir = Path(run_dir)
     if results.is_complete(run_dir):
         log(f"[attrax] {run_dir} is already complete: skipping (delete it to recompute)")
@@ -360,6 +364,8 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
             cfg, run_dir, model, params, train_set,
             {"run_id": run_dir.name, "experiment": cfg["experiment_name"], "dataset": dname, "model": mname,
              "model_seed": cfg["model_seed"], "seed": cfg["seed"]}, log))
+    if not frames:  # every method was skipped: say why in one line instead of an empty table
+        raise AttraxError("no method produced a map: " + "; ".join(f"{m}: {e}" for m, e in skipped.items()))
     rows = pd.concat(frames, ignore_index=True)
     acc_row = results.conform(pd.DataFrame([{
         "run_id": run_dir.name, "experiment": cfg["experiment_name"], "dataset": dname, "model": mname,
