@@ -1028,8 +1028,9 @@ def against_markdown(records: list[dict], target: float) -> list[str]:
             out.append(f"| {r['name']} | {settings} | {_rate(r.get('bar'))} | {_fmt(r.get('anchor_foreign'), 2)} | "
                        f"{r.get('counterpart', '-')} | - | - | - | {r.get('note', '')} |")
             continue
-        verdict = "ok" if r["speedup"] >= target else ("ok (CPU est.)" if (r.get("cpu_speedup") or 0) >= target
-                                                       else "BELOW")
+        # the goal is the wall-clock ratio on an idle machine; the CPU estimate only says what a loaded run hides
+        verdict = "ok" if r["speedup"] >= target else ("BELOW (CPU est. >= goal)"
+                                                       if (r.get("cpu_speedup") or 0) >= target else "BELOW")
         note = f" {r['note']}" if r.get("note") else ""
         out.append(f"| {r['name']} | {settings} | {_rate(r['bar'])} | {_fmt(r.get('anchor_foreign'), 2)} | "
                    f"{r['counterpart']} | {_rate(r['images_per_s'])} | {r['speedup']:.2f} | "
