@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
 import math
 import weakref
@@ -195,11 +196,18 @@ def check_relevance(r: Any, x: Array, name: str = "relevance") -> Array:
 
 def resolve_target(model: Model, params: Any, x: Array, y: Any, mode: str = "label") -> Array:
     """Explicit target choice: the true `label` or the model's `predicted` class."""
-    if mode == "label":
-        return jnp.asarray(y, jnp.int32)
+    check_target_mode(mode)
     if mode == "predicted":
         return jnp.argmax(forward(model, params, x), axis=-1).astype(jnp.int32)
-    raise AttraxError(f"unknown target mode {mode!r}: use one of {', '.join(TARGET_MODES)}")
+    return jnp.asarray(y, jnp.int32)
+
+
+def check_target_mode(mode: Any) -> None:
+    """One-line error (with a did-you-mean) for a target mode other than `label` / `predicted`."""
+    if mode not in TARGET_MODES:
+        close = difflib.get_close_matches(str(mode), TARGET_MODES, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise AttraxError(f"unknown target mode {mode!r}: use one of {', '.join(TARGET_MODES)}{hint}")
 
 
 def chunk_size_for(cost: int, n: int, evals_per_chunk: int | None = None) -> int:

@@ -14,6 +14,7 @@ import pandas as pd
 import attrax
 from attrax import report, results, streaming
 from attrax.errors import AttraxError
+from attrax.harness import check_target_mode
 
 
 def _plain(cfg: Any) -> Any:
@@ -244,10 +245,7 @@ def check_paper_inputs(cfg: dict) -> None:
 def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     cfg = at_scale(_plain(cfg))
     check_paper_inputs(cfg)
-    from .errors import unknown_name
-    from .harness import TARGET_MODES
-    if cfg.get("target", "label") not in TARGET_MODES:  # before any data, training or method work
-        raise unknown_name("target mode", str(cfg.get("target")), TARGET_MODES)
+    check_target_mode(cfg.get("target", "label"))  # before any data, training or method work
     run_dir = Path(run_dir)
     if results.is_complete(run_dir):
         log(f"[attrax] {run_dir} is already complete: skipping (delete it to recompute)")
