@@ -1395,12 +1395,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--against", default=None, metavar="PATH",
                     help="the PyTorch stack's torch_cpu.json (../shared/anchors/torch_anchor.py, run just "
                          "before): adds the ratio column for every workload it timed")
+    ap.add_argument("--dataset-root", default=None, metavar="DIR",
+                    help="the image folder of --dataset image_folder (none given: a small synthetic folder is "
+                         "generated); with a large zoo --model (resnet18, resnet50, vgg16, vit) the paper-scale "
+                         "section runs (attrax.perf_scale, conf/bench/scale.yaml)")
+    ap.add_argument("--weights", default=None, metavar="PATH",
+                    help="weights of the large zoo --model (attrax.models.import_weights; default: random init)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     if a.probe:
         print(json.dumps(probe()))
         return 0
+    from attrax import perf_scale
+
+    if perf_scale.wanted(a):  # large zoo models / image folders: the paper-scale section
+        return perf_scale.main(a)
     import attrax
 
     try:
