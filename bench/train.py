@@ -271,7 +271,7 @@ def open_npy(path: str | os.PathLike, *, mmap: bool = True, what: str = "data sh
             raise ValueError(f"not an array of rows: {type(a).__name__} of shape {np.shape(a)}")
     except (OSError, ValueError, EOFError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AttraxError(f"{what}: cannot read {path} ({reason}){hint}") from None
+        raise AttraxError(f"cannot read {what} {path} ({reason}){hint}") from None
     return a
 
 
@@ -436,6 +436,9 @@ def fit_stream(
 
     from tqdm.auto import tqdm
 
+    model = as_model(model)
+    if model.module is None:
+        raise AttraxError("training needs a Flax module (a zoo name or an nn.Module)")
     src = as_source(source, y)
     n = len(src)
     if n == 0:
@@ -691,6 +694,12 @@ def train_many(
     threads, default one per CPU core, each training whole models through the same compiled
     step; results equal sequential) or "auto" (see `pick_many_mode`); `cfg.loop` still picks a
     Python loop of steps or one `lax.scan` per epoch. `losses` is (models, epochs) mean losses.
+
+    Streamed: `x` a StreamSource (or a list with one per seed; `y` may then be None: the
+    sources' labels are used) trains each model with `fit_stream`, never holding a data set in
+    memory: "parallel" runs whole models in `workers` threads (one un-split step each, as the
+    in-memory parallel mode), "sequential" (also what "vmap" and "auto" off CPU give: a vmapped
+    step would need every model's batch gathered at once) one after another with `fit`'s step.
     """
     from tqdm.auto import tqdm
 
@@ -701,6 +710,8 @@ def train_many(
     m = len(seeds)
     if m == 0:
         return [], np.zeros((0, cfg.epochs))
+    if isinstance(x, StreamSource) or (isinstance(x, list | tuple) and any(isinstance(a, StreamSource) for a in x)):
+        return _train_many_stream(model, x, y, seeds, cfg=cfg, mode=mode, progress=progress, workers=workers)
     xs, xi = _per_model_data(x, m)
     ys, yi = _per_model_data(y, m)
     n = int(np.shape(xs[0])[0])
@@ -785,3 +796,33 @@ def train_many(
             job(i)
     bar.close()
     return [r[0] for r in results], np.asarray([r[1][:, 0] for r in results])
+
+
+def _train_many_stream(model: Model, x, y, seeds: list[int], *, cfg: TrainConfig, mode: str, progress: bool,
+                       workers: int | None) -> tuple[list[Any], np.ndarray]:
+    """train_many over StreamSources: one `fit_stream` per seed (see `train_many`)."""
+    m = len(seeds)
+    xs, xi = _per_model_data(x, m)
+    if y is None:
+        sources = [as_source(xs[xi[i]]) for i in range(m)]
+    else:
+        ys, yi = _per_model_data(y, m)
+        sources = [as_source(xs[xi[i]], ys[yi[i]]) for i in range(m)]
+    if len({len(s) for s in sources}) != 1:
+        raise AttraxError(f"train_many needs data sets of equal size, got {sorted({len(s) for s in sources})}")
+    chosen = pick_many_mode(mode)
+    n_workers = min(m, workers or cpu_workers()) if chosen == "parallel" else 1
+    parts = 1 if chosen == "parallel" else None  # as the in-memory modes: no split where models share the cores
+    results: list[Any] = [None] * m
+
+    def job(i: int) -> None:
+        results[i] = fit_stream(model, sources[i], seed=seeds[i], cfg=cfg, progress=progress, parts=parts)
+
+    if n_workers > 1:
+        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="attrax-train") as pool:
+            for f in [pool.submit(job, i) for i in range(m)]:
+                f.result()
+    else:
+        for i in range(m):
+            job(i)
+    return [r[0] for r in results], np.asarray([r[1] for r in results], dtype=np.float64).reshape(m, cfg.epochs)

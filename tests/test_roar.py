@@ -246,3 +246,19 @@ def test_modified_data_sets_are_written_once_as_shards(tiny_sets, tmp_path, monk
     with pytest.raises(AttraxError, match="test-00001.npy") as e:
         roar.run("gradient", model, tr, te, shard_images=32, **kw)
     assert "\n" not in str(e.value)
+
+
+def test_streamed_retraining_gives_the_in_memory_rows(tiny_sets):
+    """train_in_memory_mb=0 streams every retrain from the memory-mapped shards (3 train shards
+    of 32 images): the same accuracies as the in-memory retrains; the threshold is recorded."""
+    tr, te = tiny_sets
+    model = attrax.models.create("mlp", hidden=(16,))
+    kw = dict(fractions=(0.0, 0.5), seeds=(0, 1), train_config={"epochs": 1, "batch_size": 16}, cache=False,
+              shard_images=32)
+    mem = roar.run("gradient", model, tr, te, **kw)
+    streamed = roar.run("gradient", model, tr, te, train_in_memory_mb=0, **kw)
+    assert mem.attrs["timings"]["n_streamed"] == 0 and streamed.attrs["timings"]["n_streamed"] == 3
+    np.testing.assert_array_equal(streamed.value, mem.value)
+    assert '"train_in_memory_mb": 0' in streamed.protocol_choices.iloc[0]
+    with pytest.raises(AttraxError, match="train_in_memory_mb"):
+        roar.run("gradient", model, tr, te, train_in_memory_mb=-1, **kw)

@@ -31,9 +31,10 @@ hyperparameters, key) and per-image rank positions keyed by (maps, rank, tie, ke
 chunk of `shard_images` images; every modified data set (ROAR or KAR at one fraction, the random
 control at one fraction) is written ONCE as shards of `shard_images` images under
 `roar/data/<hash>/`, the hash covering the train and test data, the map's settings, fraction,
-replacement value, rank, mask_only and key, and read back shard by shard: retraining loads one
-modified train set at a time (the training step itself keeps its data on the device), evaluation
-streams the test shards. Retrained models are cached by the data set's hash, config and seed. A
+replacement value, rank, mask_only and key, and read back shard by shard: a retrain's train set
+up to `train_in_memory_mb` is loaded (one at a time) and trained in memory, a bigger one streams
+from its memory-mapped shards (`attrax.train.fit_stream`: only a few batches in host memory, the
+same models), and evaluation streams the test shards. Retrained models are cached by the data set's hash, config and seed. A
 sweep over methods, fractions or seeds, also as separate jobs (one per (method, fraction, seed)),
 never recomputes a model, a map, a ranking or a modified data set.
 """
@@ -62,11 +63,13 @@ from attrax.models import as_model, init
 from attrax.protocols import PROTOCOLS
 from attrax.results import conform, hparams_json
 from attrax.train import (
+    StreamSource,
     TrainConfig,
     atomic_write_bytes,
     cache_dir,
     cache_key,
     load_cached,
+    open_npy,
     save_cached,
     train,
     train_many,
@@ -240,16 +243,21 @@ class ShardedData:
     def _names(self, dig: str, split: str) -> list[str]:
         return json.loads((self.root / dig / "done.json").read_text())["shards"][split]
 
+    def paths(self, dig: str, split: str) -> list[Path]:
+        return [self.root / dig / name for name in self._names(dig, split)]
+
+    _ERR = dict(what="ROAR/KAR data cache shard")
+
+    def _hint(self, dig: str) -> dict:
+        return dict(self._ERR, hint=f": delete {self.root / dig} to rebuild it")
+
     def iter_split(self, dig: str, split: str) -> Iterator[np.ndarray]:
-        for name in self._names(dig, split):
-            path = self.root / dig / name
-            try:
-                a = np.load(path, allow_pickle=False)
-            except (OSError, ValueError, EOFError) as e:
-                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise AttraxError(f"ROAR/KAR data cache: cannot read shard {path} ({reason}): delete "
-                                  f"{path.parent} to rebuild it") from None
-            yield a
+        for path in self.paths(dig, split):
+            yield np.asarray(open_npy(path, mmap=False, **self._hint(dig)))
+
+    def source(self, dig: str, split: str, y: np.ndarray) -> StreamSource:
+        """The split's shards memory-mapped (rows read from disk when a batch needs them)."""
+        return StreamSource.from_files(self.paths(dig, split), y, **self._hint(dig))
 
     def read(self, dig: str, split: str) -> np.ndarray:
         parts = list(self.iter_split(dig, split))
@@ -293,6 +301,7 @@ def run(
     progress: bool = False,
     mask_only: bool = False,
     shard_images: int = 4096,
+    train_in_memory_mb: float = 2048,
 ) -> pd.DataFrame:
     """ROAR and/or KAR test accuracy of retrained models vs the fraction replaced.
 
@@ -310,6 +319,12 @@ def run(
     `shard_images`: images per chunk of maps and per shard of a modified data set on disk (see
     the module docstring, "Caching"); `df.attrs["timings"]` counts `n_data_written` /
     `n_data_reused` modified data sets.
+
+    `train_in_memory_mb`: a retrain's train set (modified or not) of at most this many MiB is
+    loaded and trained in memory (`train_many`, the fastest path); a bigger one, or any with 0,
+    streams from its shards on disk (`train_many` over memory-mapped `StreamSource`s:
+    `attrax.train.fit_stream`, the same models to float rounding; an unmodified image_folder
+    split streams from its files). `df.attrs["timings"]["n_streamed"]` counts streamed data sets.
     """
     protocols = tuple(protocols)
     fractions = tuple(float(f) for f in fractions)
@@ -322,6 +337,9 @@ def run(
     timings = {"maps_s": 0.0, "rank_s": 0.0, "data_s": 0.0, "train_s": 0.0, "eval_s": 0.0}
     if not isinstance(shard_images, int) or shard_images < 1:
         raise AttraxError(f"shard_images must be a positive integer, got {shard_images!r}")
+    if isinstance(train_in_memory_mb, bool) or not isinstance(train_in_memory_mb, int | float) \
+            or not train_in_memory_mb >= 0:
+        raise AttraxError(f"train_in_memory_mb must be a number >= 0 (0: always stream), got {train_in_memory_mb!r}")
 
     model, variables, _ = train(model, train_set, seed=model_seed, cfg=base_cfg, cache=cache,
                                 progress=progress)
@@ -403,11 +421,18 @@ def run(
                 n_written += 1
     timings["data_s"] = time.perf_counter() - t0 - timings["maps_s"] - timings["rank_s"]
 
-    def split_data(vid: tuple, split: str) -> np.ndarray:
-        dig = variants[vid]
-        return np.asarray(splits[split].x) if dig is None else store.read(dig, split)
+    y_train = np.asarray(train_set.y)
 
-    # 4. retrain every (variant, seed) missing from the cache, one variant's data in memory at a time
+    def train_data(vid: tuple) -> tuple[Any, Any]:
+        """(x, y) for train_many: in memory up to `train_in_memory_mb`, else a StreamSource."""
+        dig = variants[vid]
+        src = StreamSource([train_set.x], y_train) if dig is None else store.source(dig, "train", y_train)
+        if src.nbytes / 2**20 > train_in_memory_mb:
+            return src, None
+        return (np.asarray(train_set.x) if dig is None else store.read(dig, "train")), y_train
+
+    # 4. retrain every (variant, seed) missing from the cache, one variant's data at a time: in
+    #    memory or streamed from its shards
     t0 = time.perf_counter()
     template = init(model, jax.random.key(0), jnp.asarray(train_set.x[:1]))
     trained: dict[tuple, Any] = {}
@@ -422,9 +447,12 @@ def run(
             else:
                 jobs.setdefault(vid, []).append((int(s), ck))
     n_cached = len(trained)
+    n_streamed = 0
     for vid, todo in jobs.items():
-        out, _ = train_many(model, split_data(vid, "train"), train_set.y, [s for s, _ in todo], cfg=re_cfg,
-                            mode=mode, progress=progress)
+        xs, ys = train_data(vid)
+        n_streamed += isinstance(xs, StreamSource)
+        out, _ = train_many(model, xs, ys, [s for s, _ in todo], cfg=re_cfg, mode=mode, progress=progress)
+        del xs
         for (s, ck), v in zip(todo, out, strict=True):
             trained[(vid, s)] = v
             if cache:
@@ -438,7 +466,8 @@ def run(
     acc: dict[tuple, float] = {}
     y_test = np.asarray(test_set.y)
     for vid, dig in variants.items():
-        parts = ([np.asarray(test_set.x)] if dig is None else store.iter_split(dig, "test"))
+        parts = ((np.asarray(test_set.x[a:b]) for a, b in chunks["test"]) if dig is None
+                 else store.iter_split(dig, "test"))
         right = {s: 0 for s in seeds if (vid, s) in trained}
         at = 0
         for xt in parts:
@@ -469,12 +498,12 @@ def run(
     choices = dict(rank=rank, tie=tie, key=key, mask_only=mask_only,
                    replacement="0/1 mask images" if mask_only else "train channel mean",
                    target="predicted", fractions=list(fractions), seeds=list(seeds),
-                   retrain_config=dataclasses.asdict(re_cfg))
+                   retrain_config=dataclasses.asdict(re_cfg), train_in_memory_mb=train_in_memory_mb)
     from attrax.results import with_metadata
 
     df = conform(with_metadata(df, "roar_kar", choices))
     df.attrs["timings"] = dict(timings, n_trained=sum(len(j) for j in jobs.values()), n_cached=n_cached,
-                               n_data_written=n_written, n_data_reused=n_reused)
+                               n_data_written=n_written, n_data_reused=n_reused, n_streamed=n_streamed)
     df.attrs["choices"] = choices
     return df
 
@@ -492,12 +521,14 @@ def roar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[fl
          method_hparams: dict[str, Any] | None = None, model_seed: int = 0,
          train_config: TrainConfig | dict | None = None,
          retrain_config: TrainConfig | dict | None = None, mode: str = "auto", cache: bool = True,
-         progress: bool = False, mask_only: bool = False, shard_images: int = 4096) -> pd.DataFrame:
+         progress: bool = False, mask_only: bool = False, shard_images: int = 4096,
+         train_in_memory_mb: float = 2048) -> pd.DataFrame:
     """ROAR only (Hooker et al. 2019): replace the most relevant fraction, retrain; see `run`."""
     return run(method, model, train_set, test_set, protocols=("roar",), fractions=fractions,
                seeds=seeds, rank=rank, tie=tie, key=key, method_hparams=method_hparams,
                model_seed=model_seed, train_config=train_config, retrain_config=retrain_config,
-               mode=mode, cache=cache, progress=progress, mask_only=mask_only, shard_images=shard_images)
+               mode=mode, cache=cache, progress=progress, mask_only=mask_only, shard_images=shard_images,
+               train_in_memory_mb=train_in_memory_mb)
 
 
 PROTOCOLS.register("roar", roar, higher_is_better={"test_accuracy": False, "roar_mask/test_accuracy": False},
@@ -509,12 +540,14 @@ def kar(method: str, model: Any, train_set, test_set, *, fractions: Sequence[flo
         method_hparams: dict[str, Any] | None = None, model_seed: int = 0,
         train_config: TrainConfig | dict | None = None,
         retrain_config: TrainConfig | dict | None = None, mode: str = "auto", cache: bool = True,
-        progress: bool = False, mask_only: bool = False, shard_images: int = 4096) -> pd.DataFrame:
+        progress: bool = False, mask_only: bool = False, shard_images: int = 4096,
+        train_in_memory_mb: float = 2048) -> pd.DataFrame:
     """KAR only (Hooker et al. 2019): keep the most relevant 1-t, replace the rest; see `run`."""
     return run(method, model, train_set, test_set, protocols=("kar",), fractions=fractions,
                seeds=seeds, rank=rank, tie=tie, key=key, method_hparams=method_hparams,
                model_seed=model_seed, train_config=train_config, retrain_config=retrain_config,
-               mode=mode, cache=cache, progress=progress, mask_only=mask_only, shard_images=shard_images)
+               mode=mode, cache=cache, progress=progress, mask_only=mask_only, shard_images=shard_images,
+               train_in_memory_mb=train_in_memory_mb)
 
 
 PROTOCOLS.register("kar", kar, higher_is_better={"test_accuracy": True, "kar_mask/test_accuracy": False},
