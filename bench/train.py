@@ -586,17 +586,32 @@ def train(
         if hit is not None:
             variables, meta = hit
             return model, variables, dict(meta, cached=True)
+    from attrax.streaming import accuracy as batched_accuracy
+
     t0 = time.perf_counter()
-    variables, losses = fit(model, train_set.x, train_set.y, seed=seed, cfg=cfg, progress=progress)
+    if streams_from_files(train_set):  # an image_folder split: batches decoded from its files
+        variables, losses = fit_stream(model, StreamSource([train_set.x], train_set.y), seed=seed, cfg=cfg,
+                                       progress=progress)
+    else:
+        variables, losses = fit(model, train_set.x, train_set.y, seed=seed, cfg=cfg, progress=progress)
     jax.block_until_ready(variables)
     info: dict[str, Any] = {"seconds": time.perf_counter() - t0, "losses": losses, "seed": seed,
-                            "model": model.name, "train_config": dataclasses.asdict(cfg)}
-    info["train_accuracy"] = accuracy(model, variables, train_set.x, train_set.y)
+                            "model": model.name, "train_config": dataclasses.asdict(cfg),
+                            "streamed": streams_from_files(train_set)}
+    info["train_accuracy"] = batched_accuracy(model, variables, train_set)
     if test_set is not None:
-        info["test_accuracy"] = accuracy(model, variables, test_set.x, test_set.y)
+        info["test_accuracy"] = batched_accuracy(model, variables, test_set)
     if cache:
         save_cached(key, variables, info)
     return model, variables, dict(info, cached=False)
+
+
+def streams_from_files(ds) -> bool:
+    """A lazily decoded data set (an image_folder split) bigger than its own `max_memory_mb`."""
+    x = ds.x
+    if isinstance(x, np.ndarray) or not callable(getattr(ds, "batches", None)):
+        return False
+    return getattr(x, "nbytes", 0) / 2**20 > getattr(x, "max_memory_mb", 0)
 
 
 def train_module_accuracy(model: Model, variables, dataset) -> float:

@@ -149,3 +149,26 @@ def test_train_many_over_sources_equals_in_memory(data, tmp_path, mode):
     for a, b in zip(ref, out, strict=True):
         assert _max_diff(a, b) < 1e-6
     np.testing.assert_allclose(losses, l_ref, rtol=1e-6)
+
+
+def test_train_streams_an_image_folder_too_big_for_memory(tmp_path, monkeypatch):
+    """attrax.train on an image_folder split above its max_memory_mb (np.asarray refused) trains
+    from batches decoded from the files: fit's parameters on the same rows; accuracy by batches."""
+    from PIL import Image
+
+    monkeypatch.setenv("ATTRAX_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / "tree" / c).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 256, (9, 9, 3), dtype=np.uint8)).save(tmp_path / "tree" / c / f"{i}.png")
+    kw = dict(root=str(tmp_path / "tree"), image_size=4, test_fraction=0.25, max_memory_mb=1e-4)
+    tr = attrax.datasets.load("image_folder", split="train", **kw)
+    te = attrax.datasets.load("image_folder", split="test", **kw)
+    with pytest.raises(AttraxError, match="max_memory_mb"):
+        np.asarray(tr.x)
+    model = attrax.models.create("mlp", hidden=(16,), num_classes=2)
+    _, variables, info = attrax.train(model, tr, cfg=CFG, cache=False, progress=False, test_set=te)
+    assert info["streamed"] and 0 <= info["test_accuracy"] <= 1
+    ref, _ = fit(model, tr.x[np.arange(len(tr))], tr.y, seed=0, cfg=CFG, progress=False)
+    assert _max_diff(ref, variables) == 0.0

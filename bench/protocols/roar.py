@@ -71,6 +71,7 @@ from attrax.train import (
     load_cached,
     open_npy,
     save_cached,
+    streams_from_files,
     train,
     train_many,
 )
@@ -427,7 +428,7 @@ def run(
         """(x, y) for train_many: in memory up to `train_in_memory_mb`, else a StreamSource."""
         dig = variants[vid]
         src = StreamSource([train_set.x], y_train) if dig is None else store.source(dig, "train", y_train)
-        if src.nbytes / 2**20 > train_in_memory_mb:
+        if src.nbytes / 2**20 > train_in_memory_mb or (dig is None and streams_from_files(train_set)):
             return src, None
         return (np.asarray(train_set.x) if dig is None else store.read(dig, "train")), y_train
 
