@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from attrax import fastconv
 from attrax.errors import AttraxError, unknown_name
 from attrax.registry import Registry
 
@@ -83,6 +84,12 @@ def max_pool(x: Array, window: int = 2, padding: str = "SAME") -> Array:
     else:
         return nn.max_pool(x, (k, k), strides=(k, k), padding=padding)
     return _window_max(x.reshape(n, oh, k, ow, k, c))
+
+
+def Conv(features: int, kernel_size, **kwargs) -> nn.Conv:  # noqa: N802 (a module factory)
+    """`flax.linen.Conv` whose convolution has the faster backward pass of `attrax.fastconv` on
+    CPU (same parameters, values and gradients; `jax.jvp` through it is not available there)."""
+    return nn.Conv(features, kernel_size, conv_general_dilated=fastconv.conv_general_dilated, **kwargs)
 
 
 class MaxPool(nn.Module):
@@ -162,7 +169,7 @@ class CNN(nn.Module):
 
     def setup(self):
         for i, c in enumerate(self.channels):
-            setattr(self, f"conv{i + 1}", nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias))
+            setattr(self, f"conv{i + 1}", Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias))
             setattr(self, f"pool{i + 1}", MaxPool(2))
         for i, d in enumerate((*self.dense, self.num_classes)):
             setattr(self, f"dense{i + 1}", nn.Dense(d, use_bias=self.use_bias))
@@ -206,8 +213,8 @@ class AllConv(nn.Module):
     def setup(self):
         for i, c in enumerate(self.channels):
             stride = 2 if i % 2 == 1 else 1
-            setattr(self, f"conv{i + 1}", nn.Conv(c, (3, 3), strides=stride, padding="SAME", use_bias=self.use_bias))
-        self.classifier = nn.Conv(self.num_classes, (1, 1), use_bias=self.use_bias)
+            setattr(self, f"conv{i + 1}", Conv(c, (3, 3), strides=stride, padding="SAME", use_bias=self.use_bias))
+        self.classifier = Conv(self.num_classes, (1, 1), use_bias=self.use_bias)
         self.gap = GlobalAvgPool()
 
     def features(self, x):
@@ -233,7 +240,7 @@ class CAMNet(nn.Module):
 
     def setup(self):
         for i, c in enumerate(self.channels):
-            setattr(self, f"conv{i + 1}", nn.Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias))
+            setattr(self, f"conv{i + 1}", Conv(c, (3, 3), padding="SAME", use_bias=self.use_bias))
             if i < len(self.channels) - 1:
                 setattr(self, f"pool{i + 1}", MaxPool(2))
         self.gap = GlobalAvgPool()
@@ -258,12 +265,12 @@ class _Block(nn.Module):
     @nn.compact
     def __call__(self, x):
         norm = lambda name: nn.BatchNorm(use_running_average=not self.train, momentum=0.9, name=name)  # noqa: E731
-        y = nn.Conv(self.channels, (3, 3), strides=self.stride, padding="SAME", use_bias=False, name="conv1")(x)
+        y = Conv(self.channels, (3, 3), strides=self.stride, padding="SAME", use_bias=False, name="conv1")(x)
         y = self.act(norm("bn1")(y))
-        y = nn.Conv(self.channels, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
+        y = Conv(self.channels, (3, 3), padding="SAME", use_bias=False, name="conv2")(y)
         y = norm("bn2")(y)
         if self.stride != 1 or x.shape[-1] != self.channels:
-            x = nn.Conv(self.channels, (1, 1), strides=self.stride, use_bias=False, name="proj")(x)
+            x = Conv(self.channels, (1, 1), strides=self.stride, use_bias=False, name="proj")(x)
             x = norm("bn_proj")(x)
         return self.act(x + y)
 
@@ -282,7 +289,7 @@ class ResNet(nn.Module):
     train: bool = False
 
     def setup(self):
-        self.stem = nn.Conv(self.stages[0], (3, 3), padding="SAME", use_bias=False)
+        self.stem = Conv(self.stages[0], (3, 3), padding="SAME", use_bias=False)
         self.bn_stem = nn.BatchNorm(use_running_average=not self.train, momentum=0.9)
         for i, c in enumerate(self.stages):
             setattr(self, f"block{i + 1}", _Block(c, 1 if i == 0 else 2, self.act, self.train))
