@@ -24,6 +24,13 @@ step). On this CPU vmap was ~3x slower than sequential (XLA:CPU lowers a vmapped
 grouped convolution) and parallel ~0.55x of sequential. "auto" picks per backend (python/parallel
 on CPU, scan/vmap on GPU/TPU). The benchmark command re-measures all of them (`attrax-bench`,
 training and ROAR grid sections).
+
+Streamed training (`fit_stream`, `StreamSource`): for train sets that do not fit in memory (ROAR/KAR
+retrains on ImageNet-sized modified sets, an image_folder split) the rows stay on disk in
+memory-mapped `.npy` shards (or are decoded from image files); each epoch's permutation is the
+one `fit` draws, pulled to the host once, and a background thread gathers and puts each batch on
+the device a few batches ahead of the compiled step. Same parameters as `fit`, bit for bit on
+this CPU; speed within noise of the in-memory fit (see `fit_stream`).
 """
 
 from __future__ import annotations
@@ -218,9 +225,14 @@ def fit(
     compiled call (unrolled, no while loop) were measured and not kept: cnn_a, 2,000 digits, batch
     64 on the shared 2-core CPU, 927 vs 888 images/s wall, the same process CPU time (1.58 vs
     1.53 s), the epoch loss different in the 7th digit.
+
+    `x` a StreamSource (memory-mapped shards; `y` ignored, its labels are used): trained by
+    `fit_stream`, the same parameters with only a few batches in memory.
     """
     from tqdm.auto import tqdm
 
+    if isinstance(x, StreamSource):
+        return fit_stream(model, x, seed=seed, cfg=cfg, progress=progress, variables=variables)
     key = jax.random.key(seed)
     k_init, k_data = jax.random.split(key)
     if variables is None:

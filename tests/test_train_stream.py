@@ -99,6 +99,34 @@ def test_reads_only_batches_never_the_whole_array(data):
     assert _max_diff(ref, out) == 0.0
 
 
+def test_prefetch_runs_at_most_a_few_batches_ahead(data, monkeypatch):
+    """With prefetch=1 the reader is never more than 2 batches ahead of the step being run (one
+    queued, one waiting to be queued), even when the steps are slow."""
+    import importlib
+    import time
+
+    T = importlib.import_module("attrax.train")
+    x, y = data
+    part = _Guarded(x)
+    ahead = []
+    real = T._stream_runner
+
+    def slow_runner(*a, **k):
+        run = real(*a, **k)
+
+        def wrapped(carry, xb, yb):
+            time.sleep(0.02)  # a slow step: an unbounded reader would race ahead meanwhile
+            ahead.append(sum(part.reads) // 16 - (len(ahead) + 1))  # batches read - batches stepped
+            return run(carry, xb, yb)
+
+        return wrapped
+
+    monkeypatch.setattr(T, "_stream_runner", slow_runner)
+    fit_stream(_model(), StreamSource([part], y), seed=0, cfg=dataclasses.replace(CFG, epochs=2), progress=False,
+               prefetch=1)
+    assert len(ahead) == 2 * (70 // 16) and 0 <= min(ahead) and max(ahead) <= 2
+
+
 def test_a_failing_read_surfaces_and_the_thread_ends(data):
     x, y = data
     part = _Guarded(x, fail_at=3)
