@@ -33,6 +33,7 @@ fast=False)` or `jax.lax.conv_general_dilated` give it.
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -53,9 +54,12 @@ _NHWC = (0, 3, 1, 2)
 _HWIO = (3, 2, 0, 1)
 
 
-def use_fast(choice: str = "auto") -> bool:
+def use_fast(choice: str | None = None) -> bool:
     """"auto": the fast form on the CPU backend (measured there; GPU/TPU keep XLA's own backward,
-    which cuDNN / the TPU compiler already handle), "fast": always, "xla": never."""
+    which cuDNN / the TPU compiler already handle), "fast": always, "xla": never. None: the
+    `ATTRAX_CONV_VJP` environment variable (default "auto"; "xla" gives the before/after figure)."""
+    if choice is None:
+        choice = os.environ.get("ATTRAX_CONV_VJP", "auto")
     if choice == "auto":
         return jax.default_backend() == "cpu"
     if choice in ("fast", "xla"):
@@ -206,33 +210,13 @@ def _fast(strides, pads, dil, precision):
 def _substitute_eqn(eqn, invals):
     p = eqn.params
     if eqn.primitive.name == "conv_general_dilated":
-        lhs, rhs = invals
-        dn = p["dimension_numbers"]
-        if (p.get("feature_group_count", 1) == 1 and p.get("batch_group_count", 1) == 1
-                and p.get("preferred_element_type") is None and lhs.ndim == 4
-                and all(d == 1 for d in p["lhs_dilation"]) and lhs.dtype == jnp.float32
-                and tuple(dn.lhs_spec) == _NHWC and tuple(dn.rhs_spec) == _HWIO
-                and tuple(dn.out_spec) == _NHWC):
-            prec = p.get("precision")
-            return [_fast(tuple(p["window_strides"]), tuple(tuple(int(v) for v in q) for q in p["padding"]),
-                          tuple(p["rhs_dilation"]), _hashable(prec))(lhs, rhs)]
-        return None
-    if eqn.primitive.name in ("pjit", "jit", "closed_call") and _has_conv(p.get("jaxpr")):
+        out = bind_conv(p, *invals)
+        return None if out is None else [out]
+    if eqn.primitive.name in ("pjit", "jit", "closed_call") and any(
+            _substitute_target(e) for e in _all_eqns(p["jaxpr"].jaxpr)):
         sub = p["jaxpr"]
         return eval_substituted(sub.jaxpr, sub.consts, *invals)
     return None
-
-
-def _has_conv(closed) -> bool:
-    if closed is None:
-        return False
-    jaxpr = getattr(closed, "jaxpr", closed)
-    for e in jaxpr.eqns:
-        if e.primitive.name == "conv_general_dilated":
-            return True
-        if e.primitive.name in ("pjit", "jit", "closed_call") and _has_conv(e.params.get("jaxpr")):
-            return True
-    return False
 
 
 def eval_substituted(jaxpr, consts, *args):
@@ -261,9 +245,49 @@ def eval_substituted(jaxpr, consts, *args):
     return [read(v) for v in jaxpr.outvars]
 
 
-def has_conv(fn, *args) -> bool:
-    """Whether `fn(*args)` traces to at least one `conv_general_dilated`."""
-    return _has_conv(jax.make_jaxpr(fn)(*args))
+def for_gradients(fn, x):
+    """`fn` (x -> output) with its convolutions in the fast form when `use_fast()` and its trace
+    at `x` has a supported top-level `conv_general_dilated` (a zoo model's convolutions are
+    already fast: they sit inside their own custom_vjp); else `fn` itself."""
+    if not use_fast():
+        return fn
+    closed, shape = jax.make_jaxpr(fn, return_shape=True)(x)
+    if not any(_substitute_target(e) for e in _all_eqns(closed.jaxpr)):
+        return fn
+    treedef = jax.tree.structure(shape)
+    return lambda xx: jax.tree.unflatten(treedef, eval_substituted(closed.jaxpr, closed.consts, xx))
+
+
+def _all_eqns(jaxpr):
+    for e in jaxpr.eqns:
+        yield e
+        if e.primitive.name in ("pjit", "jit", "closed_call") and "jaxpr" in e.params:
+            yield from _all_eqns(e.params["jaxpr"].jaxpr)
+
+
+def _substitute_target(eqn) -> bool:
+    return eqn.primitive.name == "conv_general_dilated" and _fast_params(
+        eqn.params, eqn.invars[0].aval, eqn.invars[1].aval)
+
+
+def _fast_params(p: dict, lhs, rhs) -> bool:
+    dn = p["dimension_numbers"]
+    return (p.get("feature_group_count", 1) == 1 and p.get("batch_group_count", 1) == 1
+            and p.get("preferred_element_type") is None and lhs.ndim == 4
+            and all(d == 1 for d in p["lhs_dilation"]) and lhs.dtype == jnp.float32
+            and rhs.dtype == jnp.float32
+            and tuple(dn.lhs_spec) == _NHWC and tuple(dn.rhs_spec) == _HWIO and tuple(dn.out_spec) == _NHWC)
+
+
+def bind_conv(params: dict, lhs: Array, rhs: Array) -> Array | None:
+    """The `conv_general_dilated` equation with these params applied to (lhs, rhs) in the fast
+    form, or None where it is not supported (the caller binds the primitive itself)."""
+    if not _fast_params(params, lhs, rhs):
+        return None
+    pads = tuple(tuple(int(v) for v in q) for q in params["padding"])
+    fn = _fast(tuple(params["window_strides"]), pads, tuple(params["rhs_dilation"]),
+               _hashable(params.get("precision")))
+    return fn(lhs, rhs)
 
 
 def substitute(fn, *example_args):

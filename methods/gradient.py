@@ -4,6 +4,13 @@ Every gradient of a batch comes from ONE backward pass of the summed target scor
 (`input_gradient`); integrated gradients puts all interpolation points of all images of the
 batch through that one pass. These methods need nothing but `model(params, x)`, so they also work
 on a plain `apply_fn(params, x) -> logits`.
+
+Convolutions: on CPU every supported `conv_general_dilated` of the model's trace is evaluated in
+the form of `attrax.fastconv` (same values; the input gradient of few-channel layers as a dot +
+col2im instead of XLA's transposed convolution); zoo models already use it. Measured (process
+CPU time, shared 2-core machine, cnn_a, medians of 3 interleaved rounds): input gradient at
+batch 25 / 100 / 400: 9.3 / 36.8 / 239 ms vs 9.9 / 39.1 / 297 ms with XLA's backward.
+`ATTRAX_CONV_VJP=xla` turns it off.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrax import fastconv
 from attrax.errors import AttraxError
 from attrax.methods._core import METHODS, input_gradient
 from attrax.methods._core import postprocess as apply_postprocess
@@ -23,6 +31,12 @@ RULES = ("left", "right", "midpoint", "trapezoid", "gausslegendre")
 BASELINES = ("zero", "black", "mean", "blur", "uniform")
 
 
+def _logits(model, params, x):
+    """x -> model(params, x), with the trace's convolutions in the fast form on CPU
+    (`attrax.fastconv.for_gradients`)."""
+    return fastconv.for_gradients(lambda xx: model(params, xx), x)
+
+
 @METHODS.register("gradient", family="gradient", needs="apply", stochastic=False, cost=lambda hp: 1)
 def gradient(model, params, x, target, *, key=None, score: str = "logit", postprocess: str = "raw") -> Array:
     """Gradient of the target score w.r.t. the input (Simonyan et al. 2014).
@@ -30,7 +44,7 @@ def gradient(model, params, x, target, *, key=None, score: str = "logit", postpr
     `score`: "logit" (default), "probability" or "log_probability" of the target class.
     `postprocess`: "raw" (default), "abs" (saliency map), "square" (sensitivity analysis).
     """
-    _, g = input_gradient(lambda xx: model(params, xx), x, target, score)
+    _, g = input_gradient(_logits(model, params, x), x, target, score)
     return apply_postprocess(g, postprocess)
 
 
@@ -40,7 +54,7 @@ def input_x_gradient(model, params, x, target, *, key=None, score: str = "logit"
 
     R = x * d f_c / d x. On bias-free ReLU networks sum R = f_c(x). Default score: the logit.
     """
-    _, g = input_gradient(lambda xx: model(params, xx), x, target, score)
+    _, g = input_gradient(_logits(model, params, x), x, target, score)
     return x * g
 
 
@@ -150,7 +164,7 @@ def path_gradients(model, params, x, base, target, alphas, score: str) -> Array:
     path = base[None] + a * (x - base)[None]  # (m, n, ...)
     m, n = path.shape[:2]
     flat = path.reshape((m * n,) + x.shape[1:])
-    _, g = input_gradient(lambda xx: model(params, xx), flat, jnp.tile(target, m), score)
+    _, g = input_gradient(_logits(model, params, flat), flat, jnp.tile(target, m), score)
     return g.reshape(path.shape)
 
 
