@@ -34,9 +34,9 @@ control at one fraction) is written ONCE as shards of `shard_images` images unde
 replacement value, rank, mask_only and key, and read back shard by shard: a retrain's train set
 up to `train_in_memory_mb` is loaded (one at a time) and trained in memory, a bigger one streams
 from its memory-mapped shards (`attrax.train.fit_stream`: only a few batches in host memory, the
-same models), and evaluation streams the test shards. Retrained models are cached by the data set's hash, config and seed. A
-sweep over methods, fractions or seeds, also as separate jobs (one per (method, fraction, seed)),
-never recomputes a model, a map, a ranking or a modified data set.
+same models), and evaluation streams the test shards. Retrained models are cached by the data
+set's hash, config and seed. A sweep over methods, fractions or seeds, also as separate jobs (one
+per (method, fraction, seed)), never recomputes a model, a map, a ranking or a modified data set.
 """
 
 from __future__ import annotations
