@@ -103,18 +103,17 @@ def test_gradient_methods_substitute_a_user_models_convolutions(monkeypatch):
     monkeypatch.setenv("ATTRAX_CONV_VJP", "xla")
     assert "custom_vjp" not in _trace_of(gradient._logits(model, params, x), x)
     n = len(calls)
-    for m, r in fast.items():
-        ref = _run(m, model, params, x, t)
-        np.testing.assert_allclose(r, ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()), err_msg=m)
+    ref = _run("guided_backprop", model, params, x, t)
+    np.testing.assert_allclose(fast["guided_backprop"], ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
     assert len(calls) == n  # off: XLA's own convolutions
-    ref = jax.grad(lambda xx: jnp.take_along_axis(model(params, xx), t[:, None], 1).sum())(x)
+    ref = jax.jit(jax.grad(lambda xx: jnp.take_along_axis(model(params, xx), t[:, None], 1).sum()))(x)
     np.testing.assert_allclose(fast["gradient"], ref, rtol=1e-5, atol=1e-6 * float(jnp.abs(ref).max()))
 
 
 def test_zoo_convolutions_are_fast_and_train_the_same(monkeypatch):
     model = attrax.models.create("cnn", channels=(3, 4), dense=(8,), num_classes=3)
     x = jax.random.uniform(jax.random.key(0), (2, 8, 8, 1))
-    params = attrax.models.init(model, jax.random.key(1), x)
+    params = examples.init_variables(model.module, 1, x)  # no Flax init compile
 
     def grads():  # a new function each time: traces are cached per function
         def loss(p):
