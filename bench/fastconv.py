@@ -246,14 +246,13 @@ def eval_substituted(jaxpr, consts, *args):
 
 
 def for_gradients(fn, x):
-    """`fn` (x -> output) with its convolutions in the fast form when `use_fast()` and its trace
-    at `x` has a supported top-level `conv_general_dilated` (a zoo model's convolutions are
-    already fast: they sit inside their own custom_vjp); else `fn` itself."""
+    """`fn` (x -> output) with the supported convolutions of its trace at `x` in the fast form
+    when `use_fast()` (a zoo model's convolutions are already fast: they sit inside their own
+    custom_vjp, which stays as it is); else `fn` itself. The model is traced once either way:
+    what is returned evaluates that trace."""
     if not use_fast():
         return fn
     closed, shape = jax.make_jaxpr(fn, return_shape=True)(x)
-    if not any(_substitute_target(e) for e in _all_eqns(closed.jaxpr)):
-        return fn
     treedef = jax.tree.structure(shape)
     return lambda xx: jax.tree.unflatten(treedef, eval_substituted(closed.jaxpr, closed.consts, xx))
 
