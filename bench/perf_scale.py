@@ -325,7 +325,7 @@ def bench_entry(kind: str, name: str, entry: dict[str, Any], model, params, batc
             return [attrax.explain(name, model, params, xb, tb, key=0, evals_per_chunk=evals, **hp)
                     for xb, tb in parts]
     else:
-        rels = [relevance[s:s + bsz] for s in range(0, n_img, bsz)]
+        rels = [relevance[:n_img][s:s + bsz] for s in range(0, n_img, bsz)]
 
         def call():
             return [jax.tree.map(jnp.asarray, attrax.evaluate(name, model, params, xb, tb, r, key=0, **hp).values)
@@ -358,13 +358,19 @@ def _conv_eqns(jaxpr) -> list[Any]:
     return out
 
 
-def _conv_timings(model, params, x, repeats: int, layouts: list[str]) -> tuple[list[dict], dict[str, Any]]:
+def _conv_timings(model, params, x, repeats: int, layouts: list[str], with_fastconv: bool = True
+                  ) -> tuple[list[dict], dict[str, Any]]:
     """Every distinct convolution of the model's forward at x's batch, timed alone: forward, backward data
-    (input vjp) and backward filter (kernel vjp), in NHWC/HWIO (the model's) and optionally NCHW/OIHW."""
+    (input vjp) and backward filter (kernel vjp), in NHWC/HWIO (the model's) and optionally NCHW/OIHW, and
+    `attrax.fastconv`'s backward pass where it applies. Returns (per shape, sums weighted by count)."""
     from jax import lax
 
     from attrax.perf import time_calls
 
+    try:
+        from attrax import fastconv
+    except ImportError:  # pragma: no cover - an older tree
+        fastconv = None
     eqns = _conv_eqns(jax.make_jaxpr(lambda z: model(params, z))(x))
     groups: dict[Any, list] = collections.OrderedDict()
     for e in eqns:
@@ -372,6 +378,7 @@ def _conv_timings(model, params, x, repeats: int, layouts: list[str]) -> tuple[l
         key = (lhs.shape, rhs.shape, tuple(sorted((k, str(v)) for k, v in e.params.items())))
         groups.setdefault(key, [e, 0])[1] += 1
     totals: dict[str, float] = collections.defaultdict(float)
+    per_shape: list[dict] = []
     rng = np.random.default_rng(0)
     kw = {"repeats": repeats, "warmup": 1, "max_seconds": 3.0}
     for (lshape, rshape, _), (e, count) in groups.items():
@@ -379,27 +386,51 @@ def _conv_timings(model, params, x, repeats: int, layouts: list[str]) -> tuple[l
         dn = p["dimension_numbers"]
         lhs = jnp.asarray(rng.random(lshape, np.float32))
         rhs = jnp.asarray(rng.random(rshape, np.float32))
-        for layout in layouts:
+        row: dict[str, Any] = {"lhs": list(lshape), "rhs": list(rshape), "strides": list(p["window_strides"]),
+                               "count": count}
+        variants = [(lay, None) for lay in layouts]
+        if with_fastconv and fastconv is not None and "NHWC" in layouts:
+            variants.append(("fastconv", fastconv))
+        for layout, fc in variants:
             if layout == "NCHW":
                 q = {**p, "dimension_numbers": lax.ConvDimensionNumbers((0, 1, 2, 3), (0, 1, 2, 3), (0, 1, 2, 3))}
                 a, b = lhs.transpose(dn.lhs_spec), rhs.transpose(dn.rhs_spec)
             else:
                 q, a, b = p, lhs, rhs
 
-            def f(u, w, q=q):
+            def f(u, w, q=q, fc=fc):
+                if fc is not None:
+                    y = fc.bind_conv(q, u, w)
+                    if y is not None:
+                        return y
+                    raise NotImplementedError
                 return lax.conv_general_dilated_p.bind(u, w, **q)
 
-            out = jax.eval_shape(f, a, b)
+            try:
+                out = jax.eval_shape(f, a, b)
+            except NotImplementedError:
+                continue  # fastconv does not apply to this convolution
             g = jnp.ones(out.shape, out.dtype)
             fwd = jax.jit(f)
             bwd_data = jax.jit(lambda u, w, g, f=f: jax.vjp(lambda uu: f(uu, w), u)[1](g)[0])
             bwd_filter = jax.jit(lambda u, w, g, f=f: jax.vjp(lambda ww: f(u, ww), w)[1](g)[0])
-            totals[f"{layout} forward"] += count * time_calls(lambda: fwd(a, b), **kw)["median_s"]
-            totals[f"{layout} backward data"] += count * time_calls(lambda: bwd_data(a, b, g), **kw)["median_s"]
-            if layout == "NHWC":
-                totals[f"{layout} backward filter"] += count * time_calls(lambda: bwd_filter(a, b, g),
-                                                                          **kw)["median_s"]
-    return [], {"convolutions": len(eqns), "distinct": len(groups), **dict(totals)}
+            parts = [("backward data", bwd_data), ("backward filter", bwd_filter)]
+            if layout != "fastconv":
+                parts.insert(0, ("forward", fwd))
+            if layout == "NCHW":
+                parts = parts[:2]
+            for what, fn in parts:
+                sec = time_calls(lambda fn=fn, what=what: fn(a, b) if what == "forward" else fn(a, b, g),
+                                 **kw)["median_s"]
+                row[f"{layout} {what}"] = sec
+                totals[f"{layout} {what}"] += count * sec
+        per_shape.append(row)
+    if "fastconv backward data" in totals:  # the same convolutions in XLA's form, for the comparison
+        totals["XLA form of the fastconv-supported: backward data"] = sum(
+            r["count"] * r["NHWC backward data"] for r in per_shape if "fastconv backward data" in r)
+        totals["XLA form of the fastconv-supported: backward filter"] = sum(
+            r["count"] * r["NHWC backward filter"] for r in per_shape if "fastconv backward filter" in r)
+    return per_shape, {"convolutions": len(eqns), "distinct": len(groups), **dict(totals)}
 
 
 def _hlo_conv_layouts(compiled) -> dict[str, int]:
@@ -458,9 +489,10 @@ def where_time_goes(mname: str, model, params, x, target, cfg: dict[str, Any], l
     log(f"profile   {mname}: HLO {layouts} GFLOP {recs[-1]['gflops']}")
     if pc.get("convolutions", True) and _conv_eqns(jax.make_jaxpr(lambda z: model(params, z))(xb[:1])):
         want = [s for s in pc.get("layouts", ["NHWC", "NCHW"])]
-        _, conv = _conv_timings(model, params, xb, max(2, rep), want)
+        per_shape, conv = _conv_timings(model, params, xb, max(2, rep), want, bool(pc.get("fastconv", True)))
         recs.append({"kind": "profile", "model": mname, "name": "convolutions timed alone",
-                     "hparams": {"variant": "sum over the model's convolutions", "batch": b}, "conv": conv})
+                     "hparams": {"variant": "sum over the model's convolutions", "batch": b}, "conv": conv,
+                     "per_shape": per_shape})
         log(f"profile   {mname}: convolutions {conv}")
     base = default_evals_per_chunk(activation_bytes(model, params, xb[:1]))
     recs.append({"kind": "profile", "model": mname, "name": "harness default chunk",
@@ -535,7 +567,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, log=lambda *a: None) -> list[d
                            "error": _short(e)}
                 rec["model"] = mname
                 records.append(rec)
-                log(f"{k:9s} {mname}:{name:28s} " + (f"{rec['images_per_s']:10.3f} img/s, compile "
+                log(f"{k:9s} {mname}:{name:28s} " + (f"{rec['images_per_s']:10.4g} img/s, compile "
                                                      f"{rec['compile_s']:.1f} s" if rec.get("images_per_s")
                                                      else rec.get("error", "")))
         if cfg.get("profile") is not None:
@@ -578,6 +610,13 @@ def to_rows(records: list[dict], cfg: dict[str, Any], data: dict[str, Any]):
     return conform(pd.DataFrame(rows))
 
 
+def _rate(v: Any) -> str:
+    """Three significant digits (RISE's images/s at ResNet-50 scale is ~1e-3)."""
+    if v is None or not np.isfinite(float(v)) or v <= 0:
+        return "-"
+    return f"{v:,.{max(0, 2 - int(np.floor(np.log10(v))))}f}"
+
+
 def _f(v: Any, nd: int = 2) -> str:
     if v is None or (isinstance(v, float) and not np.isfinite(v)):
         return "-"
@@ -610,8 +649,8 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any], data
         if r.get("error"):
             out.append(f"| {r['model']} | {r['name']} | {hp} | | - | - | | | | | | | {r['error']} |")
             continue
-        out.append(f"| {r['model']} | {r['name']} | {hp} | {r['images']} | {_f(r['images_per_s'], 3)} | "
-                   f"{_f(r.get('cpu_images_per_s'), 3)} | {_f(r['compile_s'], 1)} | {_f(r['seconds'], 2)} | "
+        out.append(f"| {r['model']} | {r['name']} | {hp} | {r['images']} | {_rate(r['images_per_s'])} | "
+                   f"{_rate(r.get('cpu_images_per_s'))} | {_f(r['compile_s'], 1)} | {_f(r['seconds'], 2)} | "
                    f"{r['repeats'] or '1 (first - compile)'} | {_f(r.get('chunk'))} | {_f(r.get('evals_per_chunk'))} | "
                    f"{_f(r.get('chunk_s'), 1)} | {r.get('extrapolated', '')} |")
     prof = [r for r in records if r["kind"] == "profile"]
@@ -625,7 +664,7 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any], data
                 extra.append(f"- {r['model']}: {r['name']} failed: {r['error']}")
             elif "seconds" in r:
                 out.append(f"| {r['model']} | {r['name']} | {r['hparams'].get('variant', '')} | {r['hparams']['batch']} "
-                           f"| {_f(r['seconds'], 3)} | {_f(r['images_per_s'], 2)} | {_f(r.get('cpu_images_per_s'), 2)} "
+                           f"| {_f(r['seconds'], 3)} | {_rate(r['images_per_s'])} | {_rate(r.get('cpu_images_per_s'))} "
                            f"| {_f(r.get('compile_s'), 1)} |")
             elif "layouts" in r:
                 extra.append(f"- {r['model']}: compiled HLO of the input gradient (batch {r['hparams']['batch']}): "
@@ -634,7 +673,11 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any], data
                 c = r["conv"]
                 parts = ", ".join(f"{k} {v:.3f} s" for k, v in c.items() if isinstance(v, float))
                 extra.append(f"- {r['model']}: its {c['convolutions']} convolutions ({c['distinct']} distinct shapes) "
-                             f"timed alone at batch {r['hparams']['batch']}, summed: {parts}")
+                             f"timed alone at batch {r['hparams']['batch']}, summed (x count): {parts}")
+                top = sorted(r.get("per_shape") or [], key=lambda q: -q["count"] * q.get("NHWC backward data", 0))
+                for q in top[:5]:
+                    t = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in q.items() if isinstance(v, float))
+                    extra.append(f"  - input {q['lhs']} kernel {q['rhs']} stride {q['strides']} x{q['count']}: {t}")
             elif "chunk" in r:
                 extra.append(f"- {r['model']}: the harness's default CPU budget gives {r['evals_per_chunk']} evaluations "
                              f"per chunk = {r['chunk']} images of the gradient at batch {r['hparams']['batch']}")

@@ -24,7 +24,7 @@ def tiny_config(tmp_path, models, profile=True):
         "methods": {"gradient": {}, "integrated_gradients": {"hparams": {"steps": 2}},
                     "smoothgrad": {"hparams": {"n_samples": 2}, "images": 2}, "lrp_epsilon_plus": {}, "grad_cam": {},
                     "rise": {"hparams": {"n_masks": 16, "cells": 2}, "images": 2, "timed_masks": 8}},
-        "protocols": {"pixel_flipping": {"choices": {"steps": 2, "random_runs": 0}, "images": 2}},
+        "protocols": {"pixel_flipping": {"choices": {"steps": 2, "random_runs": 0}, "images": 3}},
     }
     if profile:
         cfg["profile"] = {"batch": 2, "repeats": 1, "max_seconds": 2, "layouts": ["NHWC", "NCHW"], "chunks": [1, 2]}
