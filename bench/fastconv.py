@@ -149,7 +149,7 @@ def kernel_grad(x: Array, g: Array, kshape, strides, pads, dil, precision=None) 
         p = p.reshape(kh * kw * cin, -1)
         return jnp.dot(p, gc.reshape(-1, cout), precision=precision)
 
-    chunk = int(max(1, min(n, CHUNK_BYTES // max(1, kh * kw * cin * oh * ow * x.dtype.itemsize))))
+    chunk = _chunk(n, CHUNK_BYTES // max(1, kh * kw * cin * oh * ow * x.dtype.itemsize))
     m, rest = divmod(n, chunk)
     if m == 1 and rest == 0:
         acc = one(x, g)
@@ -161,6 +161,16 @@ def kernel_grad(x: Array, g: Array, kshape, strides, pads, dil, precision=None) 
         if rest:
             acc = acc + one(x[m * chunk:], g[m * chunk:])
     return acc.reshape(kh, kw, cin, cout)
+
+
+def _chunk(n: int, most: int) -> int:
+    """Images per kernel-gradient chunk: at most `most` (>= 1), a divisor of n when one is at
+    least half of that (no remainder chunk), else the even split of n into ceil(n / most)."""
+    most = int(max(1, min(n, most)))
+    for c in range(most, (most + 1) // 2 - 1, -1):
+        if n % c == 0:
+            return c
+    return -(-n // -(-n // most))
 
 
 def input_grad_col2im(g: Array, w: Array, xshape, strides, pads, dil, precision=None) -> Array:
