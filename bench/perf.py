@@ -52,6 +52,16 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
   the numbers and is not an option. None is set.
 - NCHW/OIHW convolutions (torch's layout) instead of NHWC/HWIO: cnn_a's batch-100 input gradient
   1.8x slower (127 vs 70 ms CPU), the forward 1.5x slower (27 vs 18 ms) on XLA:CPU.
+- Convolution backward rewrites (attrax.fastconv keeps the two that won: the kernel gradient as
+  scanned im2col + dot, the few-input-channel input gradient as dot + col2im; see its docstring
+  for all figures): the input gradient of wide layers as an explicit convolution of the
+  cotangent with the flipped, transposed kernel (XLA already emits that canonical form: same
+  11.2 ms for cnn_a's conv2 at batch 100) or as col2im (16.3 ms); the forward as im2col + dot
+  (53 vs 10.5 ms) or 9 tap dots; one patch matrix for the whole batch (1.7x slower than XLA's
+  kernel gradient from ~100 images on). Whether two independent halves of a batch (in one
+  compiled call or two Python threads) run on both cores stayed unmeasured: under that
+  session's load (5-10 on 2 cores) a process got ~0.65 cores whatever its threads (NumPy's
+  threaded matmul too); the halves cost the same CPU time as one batch.
 - Protocols: one compiled call per selectivity step (re-explain + removal + score) was 0.84x of
   separate calls; all steps in one call compiled for ~60 s (unrolled) or ran 1.5x slower
   (`fori_loop`: XLA:CPU runs convolutions in while loops slower). What paid: scoring in CPU-sized
