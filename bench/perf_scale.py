@@ -38,6 +38,14 @@ jaxpr; their sum against the whole passes gives the convolution share), the same
 in NCHW/OIHW (torch's layout) against NHWC/HWIO, the dim_labels of the convolutions in the
 compiled HLO (the layout XLA:CPU chose), and images/s of the gradient against the chunk size.
 
+Measured with it (results/bench/resnet50_224_20261201/, shared 2-core CPU, load 7-10, jaxlib 0.10.2):
+ResNet-50's input gradient is ~2 forwards and convolutions are most of both passes; XLA:CPU keeps every
+convolution NHWC/HWIO and NCHW/OIHW is 1.2-1.4x slower; chunks of >= 8 gradient images are ~20% faster
+than chunks of 1 (the harness default already gives 8); the kernel gradients attribution does not
+need are 5.7x the forward convolutions (JAX prunes them). What helped here: random init from numpy
+(`fast_random_init`, 2-5 s) instead of Flax's `init` (32 s jitted, 53 s eager for ResNet-50 on this
+CPU). What did not: fastconv's col2im input gradient on the ResNet stem (176 vs 100 ms).
+
 Without `--dataset-root` a small synthetic folder (smooth random JPEGs, `synthetic:`) is written
 to a temporary folder; the output says "synthetic" wherever the data is named.
 """
@@ -125,8 +133,7 @@ def load_settings(a: argparse.Namespace) -> dict[str, Any]:
                           "generated synthetic one)")
     import attrax
 
-    for kind, arg, known in (("methods", a.methods, attrax.methods.names()),
-                             ("protocols", a.protocols, attrax.protocols.names())):
+    for kind, arg in (("methods", a.methods), ("protocols", a.protocols)):
         table = dict(cfg.get(kind) or {})
         if arg in ("none", ""):
             table = {}
@@ -420,8 +427,8 @@ def _conv_timings(model, params, x, repeats: int, layouts: list[str], with_fastc
             if layout == "NCHW":
                 parts = parts[:2]
             for what, fn in parts:
-                sec = time_calls(lambda fn=fn, what=what: fn(a, b) if what == "forward" else fn(a, b, g),
-                                 **kw)["median_s"]
+                sec = time_calls(lambda fn=fn, what=what, a=a, b=b, g=g: fn(a, b) if what == "forward"
+                                 else fn(a, b, g), **kw)["median_s"]
                 row[f"{layout} {what}"] = sec
                 totals[f"{layout} {what}"] += count * sec
         per_shape.append(row)
@@ -476,7 +483,7 @@ def where_time_goes(mname: str, model, params, x, target, cfg: dict[str, Any], l
     res = vjp_fwd(params, xb, tb)
     add("forward keeping residuals (jax.vjp)", time_calls(lambda: vjp_fwd(params, xb, tb), **kw))
     add("backward alone (vjp of the residuals)", time_calls(lambda: vjp_bwd(res), **kw))
-    del res
+    res = None  # the residuals (~1 GB for ResNet-50 at batch 8) go before the next figure
     add("input + kernel gradients (training's)", time_calls(lambda: grad_all(params, xb, tb), **kw))
     compiled = grad_in.lower(params, xb, tb).compile()
     layouts = _hlo_conv_layouts(compiled)
@@ -539,7 +546,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, log=lambda *a: None) -> list[d
         model, params, minfo = build_model(mname, cfg, batches[0][0][:1])
         minfo["init_s"] = time.perf_counter() - t0
         x_all = jnp.asarray(np.concatenate([x for x, _ in batches]))
-        nclass = int(jax.eval_shape(lambda z: model(params, z), x_all[:1]).shape[-1])
+        nclass = int(jax.eval_shape(lambda z, m=model, p=params: m(p, z), x_all[:1]).shape[-1])
         y_all = np.concatenate([y for _, y in batches])
         if y_all.max() >= nclass:  # folder labels beyond the model's head: explain its predicted class
             y_all = np.asarray(jnp.argmax(model(params, x_all), -1), np.int32)
@@ -663,8 +670,9 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any], data
             if r.get("error"):
                 extra.append(f"- {r['model']}: {r['name']} failed: {r['error']}")
             elif "seconds" in r:
-                out.append(f"| {r['model']} | {r['name']} | {r['hparams'].get('variant', '')} | {r['hparams']['batch']} "
-                           f"| {_f(r['seconds'], 3)} | {_rate(r['images_per_s'])} | {_rate(r.get('cpu_images_per_s'))} "
+                out.append(f"| {r['model']} | {r['name']} | {r['hparams'].get('variant', '')} "
+                           f"| {r['hparams']['batch']} | {_f(r['seconds'], 3)} | {_rate(r['images_per_s'])} "
+                           f"| {_rate(r.get('cpu_images_per_s'))} "
                            f"| {_f(r.get('compile_s'), 1)} |")
             elif "layouts" in r:
                 extra.append(f"- {r['model']}: compiled HLO of the input gradient (batch {r['hparams']['batch']}): "
@@ -679,8 +687,9 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any], data
                     t = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in q.items() if isinstance(v, float))
                     extra.append(f"  - input {q['lhs']} kernel {q['rhs']} stride {q['strides']} x{q['count']}: {t}")
             elif "chunk" in r:
-                extra.append(f"- {r['model']}: the harness's default CPU budget gives {r['evals_per_chunk']} evaluations "
-                             f"per chunk = {r['chunk']} images of the gradient at batch {r['hparams']['batch']}")
+                extra.append(f"- {r['model']}: the harness's default CPU budget gives {r['evals_per_chunk']} "
+                             f"evaluations per chunk = {r['chunk']} images of the gradient at batch "
+                             f"{r['hparams']['batch']}")
         out += ["", *extra]
     out += ["", "Settings (as run):", "", "```", _yaml(cfg), "```", ""]
     return "\n".join(out)
