@@ -89,3 +89,29 @@ def test_bad_arguments_are_one_line_errors(args, msg, capsys):
     assert perf.main([*args, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err
+
+
+def test_scale_section_with_imported_weights(tmp_path):
+    import jax.numpy as jnp
+
+    import attrax
+    from attrax import perf_scale
+
+    model = attrax.models.create("resnet18", width=4, layers=(1,), num_classes=3)
+    variables = perf_scale.fast_random_init(model.module, jnp.zeros((1, 32, 32, 3)))  # Flax's init is slow
+    path = attrax.models.save_weights(tmp_path / "r18.safetensors", model, variables)
+    out = tmp_path / "out"
+    cfg = tiny_config(tmp_path, ["resnet18"], profile=False)
+    assert perf.main(["--config", str(cfg), "--model", "resnet18", "--weights", str(path), "--methods", "gradient",
+                      "--protocols", "none", "--no-steps", "--out", str(out), "--quiet"]) == 0
+    recs = json.loads((out / "run.json").read_text())["bench"]["records"]
+    info = next(r for r in recs if r["kind"] == "model")
+    assert info["weights"] == str(path) and info["num_classes"] == 3
+    assert info["target"].startswith("folder label")  # 2 synthetic classes fit the 3-way head
+    assert next(r for r in recs if r["kind"] == "method")["images_per_s"] > 0
+
+
+def test_missing_weights_file_is_one_line_error(tmp_path, capsys):
+    assert perf.main(["--model", "resnet50", "--weights", str(tmp_path / "none.safetensors"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("attrax-bench: error: --weights") and "\n" not in err
