@@ -8,9 +8,10 @@ on a plain `apply_fn(params, x) -> logits`.
 Convolutions: on CPU every supported `conv_general_dilated` of the model's trace is evaluated in
 the form of `attrax.fastconv` (same values; the input gradient of few-channel layers as a dot +
 col2im instead of XLA's transposed convolution); zoo models already use it. Measured (process
-CPU time, shared 2-core machine, cnn_a, medians of 3 interleaved rounds): input gradient at
-batch 25 / 100 / 400: 9.3 / 36.8 / 239 ms vs 9.9 / 39.1 / 297 ms with XLA's backward.
-`ATTRAX_CONV_VJP=xla` turns it off.
+CPU time, shared 2-core machine under load, cnn_a, jitted `gradient`, medians of 5 interleaved
+rounds): batch 100 45.6 vs 51.4 ms with XLA's backward, batch 400 274 vs 300 ms, batch 25 within
+the noise (a 1.05-1.3x gain: the forward and conv2's input gradient, most of the time, are
+XLA's own, which no rewrite beat; see `attrax.fastconv`). `ATTRAX_CONV_VJP=xla` turns it off.
 """
 
 from __future__ import annotations
