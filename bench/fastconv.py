@@ -47,7 +47,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from attrax.errors import AttraxError
@@ -195,7 +194,7 @@ def input_grad_col2im(g: Array, w: Array, xshape, strides, pads, dil, precision=
     return jax.linear_transpose(patches, jax.ShapeDtypeStruct(xshape, g.dtype))(y)[0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fast(strides, pads, dil, precision):
     dn = ("NHWC", "HWIO", "NHWC")
 
