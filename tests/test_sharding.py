@@ -33,7 +33,8 @@ def _run(tmp_path, devices):
         ns = {}  # this process already is the one-CPU-device run: no second interpreter start
         exec(BODY, ns)
         return {k: np.asarray(v) for k, v in ns["out"].items()}
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"  # keeps conftest's
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
     path = tmp_path / f"out{devices}.npz"
     p = subprocess.run([sys.executable, "-c", SCRIPT, str(path)], env=env, capture_output=True, text=True,
                        timeout=600)

@@ -182,7 +182,8 @@ def test_streamed_batches_shard_over_devices_with_the_same_maps(tmp_path):
     for d in (1, 2):
         if d in out:
             continue
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={d}", JAX_PLATFORMS="cpu")
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={d}"  # keeps conftest's
+        env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
         p = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / f"{d}.npz")], env=env,
                            capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stderr[-3000:]
