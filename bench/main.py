@@ -25,6 +25,21 @@ def _plain(cfg: Any) -> Any:
     return cfg
 
 
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The main job's configuration for command-line `overrides`, composed as `attrax` does
+    (resolved, as plain dicts), to run a job from Python: `run(compose(["model=mlp"]), "out/run")`
+    (the run folder is `run`'s argument; `hydra.*` settings do not apply)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+
+    from attrax.cli import CONF_MODULE, check_overrides
+
+    overrides = list(overrides)
+    check_overrides(overrides)  # unknown choices / bad counts: the CLI's one-line errors
+    with initialize_config_module(config_module=CONF_MODULE, version_base="1.3"):
+        return _plain(hydra_compose(config_name="config", overrides=overrides))
+
+
 def method_specs(cfg: dict) -> dict[str, dict]:
     """{method name: hparams} from `method` (one) or `methods` (a named set)."""
     if cfg.get("method"):

@@ -17,10 +17,7 @@ TINY = ["model=mlp", "train=fast", "progress=false", "figures=false", "controls=
 
 
 def _cfg(overrides):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module(config_module="attrax.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=[*TINY, *overrides])
+    return main.compose([*TINY, *overrides])
 
 
 def _quiet(*a, **k):

@@ -11,12 +11,7 @@ PRESETS = ("petsiuk2018_deletion_insertion", "adebayo2018_sanity", "hooker2019_r
 
 
 def _cfg(overrides):
-    from hydra import compose, initialize_config_module
-
-    import attrax  # noqa: F401 - registers the by_scale resolver
-
-    with initialize_config_module(config_module="attrax.conf", version_base="1.3"):
-        return main._plain(compose(config_name="config", overrides=overrides))
+    return main.compose(overrides)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -125,12 +125,12 @@ def test_reference_report_is_committed():
 
 
 def test_main_job_activation_maximization(tmp_path):
-    args = ["model=mlp", "train=fast", "n_images=10", "methods=default", "methods.integrated_gradients.steps=4",
-            "progress=false", "activation_maximization.enabled=true", "activation_maximization.steps=20",
-            "activation_maximization.decoder_steps=20", "activation_maximization.code_steps=20",
-            f"hydra.run.dir={tmp_path / 'run'}"]
-    p = _cli(args, tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
+    from attrax import main  # the job in this process (the CLI around it: tests/test_foundation.py)
+
+    args = ["model=mlp", "train=fast", "n_images=10", "method=gradient", "progress=false",
+            "activation_maximization.enabled=true", "activation_maximization.steps=20",
+            "activation_maximization.decoder_steps=20", "activation_maximization.code_steps=20"]
+    main.run(main.compose(args), tmp_path / "run", log=lambda *a: None)
     assert (tmp_path / "run" / "am_image.png").exists() and (tmp_path / "run" / "am_code.png").exists()
     df = results.load(tmp_path / "run")
     am = df[df["method"].isin(["activation_maximization", "activation_maximization_code"])]
