@@ -211,6 +211,9 @@ SMALL = {
 }
 
 
+# the module's own, older conformance check: tests/test_conformance.py holds every registered method
+# (these included) to the same properties in the default run, and checks their configs
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_conformance_of_this_module(gap_pool, name):
     """Shape, finiteness, jit == eager, determinism and batch independence; config keys."""
