@@ -440,14 +440,12 @@ def create(name: str, **kwargs: Any) -> Model:
 
 
 def init(model: Model, key: Array, sample_x: Array) -> Any:
-    """Fresh variables for a module-backed model: one compiled init per model and input shape
-    (run eagerly, Flax's init dispatches and compiles every initializer op one by one: seconds
-    per call for a small ResNet on CPU; the jitted init draws the same values)."""
+    """Fresh variables for a module-backed model. Eager on purpose: Flax returns the collections'
+    layers in the order the forward pass creates them, which the model-randomization cascade
+    reads as the layer order; a jitted init returns them with sorted keys (tests/test_sanity.py)."""
     if model.module is None:
         raise AttraxError("init needs a Flax module; a plain apply_fn brings its own params")
-    sample_x = jnp.asarray(sample_x)
-    fn = model.cached(("init", sample_x.shape, str(sample_x.dtype)), lambda: jax.jit(model.module.init))
-    return fn(key, sample_x)
+    return model.module.init(key, sample_x)
 
 
 def names() -> list[str]:

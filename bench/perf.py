@@ -163,16 +163,20 @@ def cpu_equivalent_s(cpu_s: float) -> float:
 
 class count_compilations:  # noqa: N801 - used as a context manager, like a function
     """Counts XLA backend compilations inside a `with` block (`.count`), e.g. to check that a
-    second batch of the same shape compiles nothing."""
+    second batch of the same shape compiles nothing, and sums the seconds of tracing, lowering and
+    compiling (`.seconds`, from JAX's events: a method's compile time apart from its run time)."""
 
     EVENT = "/jax/core/compile/backend_compile_duration"
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration", EVENT)
 
     def __init__(self):
         self.count = 0
+        self.seconds = 0.0
 
     def _listener(self, event: str, duration: float, **kwargs: Any) -> None:
-        if event == self.EVENT:
-            self.count += 1
+        if event in self.EVENTS:
+            self.seconds += duration
+            self.count += event == self.EVENT
 
     def __enter__(self):
         jax.monitoring.register_event_duration_secs_listener(self._listener)

@@ -71,8 +71,6 @@ from attrax.errors import AttraxError
 
 #: zoo models of the paper-scale section (`attrax.zoo_large`)
 SCALE_MODELS = ("resnet18", "resnet50", "vgg16", "vit")
-COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
 
 
 def _model_list(spec: str | None) -> list[str]:
@@ -247,31 +245,12 @@ def fast_random_init(module, x1, seed: int = 0) -> Any:
 # Timing
 
 
-class compile_seconds:  # noqa: N801 - a context manager
-    """Seconds of tracing, lowering and XLA compilation inside a `with` block (JAX's events)."""
-
-    def __init__(self):
-        self.seconds = 0.0
-        self.count = 0
-
-    def _listener(self, event: str, duration: float, **kwargs: Any) -> None:
-        if event in COMPILE_EVENTS:
-            self.seconds += duration
-            self.count += event == COMPILE_EVENTS[-1]
-
-    def __enter__(self):
-        jax.monitoring.register_event_duration_secs_listener(self._listener)
-        return self
-
-    def __exit__(self, *exc):
-        jax.monitoring.unregister_event_duration_listener(self._listener)
-        return False
-
-
 def timed_passes(fn, *, repeats: int, max_seconds: float) -> dict[str, float]:
     """One first pass (compile seconds from JAX's events) and up to `repeats` steady passes while they
     fit in `max_seconds` (none when the first pass's steady part alone exceeds it)."""
-    with compile_seconds() as cs:
+    from attrax.perf import count_compilations
+
+    with count_compilations() as cs:
         t0, c0 = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
