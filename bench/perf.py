@@ -123,6 +123,17 @@ def load_config(name: str = "default", overrides: dict[str, Any] | None = None) 
 # Timing
 
 
+def steady_calls(fn: Callable[[], Any], n: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds of `n` calls, each ended by `jax.block_until_ready`."""
+    times, cpu = [], []
+    for _ in range(n):
+        t0, c0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return times, cpu
+
+
 def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
                max_seconds: float = 15.0) -> dict[str, float]:
     """First-call seconds (compile + run) and the median of `repeats` steady calls.
@@ -140,12 +151,7 @@ def time_calls(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1,
         times.append(time.perf_counter() - t0)
     one = times[-1] if times else first
     n = int(max(2, min(repeats, max_seconds // max(one, 1e-9))))
-    times, cpu = [], []
-    for _ in range(n):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    times, cpu = steady_calls(fn, n)
     med = statistics.median(times)
     return {"first_s": first, "median_s": med, "compile_s": max(0.0, first - med), "repeats": n,
             "min_s": min(times), "cpu_s": statistics.median(cpu)}

@@ -248,7 +248,7 @@ def fast_random_init(module, x1, seed: int = 0) -> Any:
 def timed_passes(fn, *, repeats: int, max_seconds: float) -> dict[str, float]:
     """One first pass (compile seconds from JAX's events) and up to `repeats` steady passes while they
     fit in `max_seconds` (none when the first pass's steady part alone exceeds it)."""
-    from attrax.perf import count_compilations
+    from attrax.perf import count_compilations, steady_calls
 
     with count_compilations() as cs:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -256,12 +256,7 @@ def timed_passes(fn, *, repeats: int, max_seconds: float) -> dict[str, float]:
         first, first_cpu = time.perf_counter() - t0, time.process_time() - c0
     steady_first = max(first - cs.seconds, 1e-9)
     n = int(min(repeats, max_seconds // steady_first)) if repeats > 0 else 0
-    times, cpu = [], []
-    for _ in range(n):
-        t0, c0 = time.perf_counter(), time.process_time()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-        cpu.append(time.process_time() - c0)
+    times, cpu = steady_calls(fn, n)
     if times:
         steady, steady_cpu = statistics.median(times), statistics.median(cpu)
     else:  # the first pass minus its compilation (the compile's CPU time taken as its wall time)
