@@ -5,8 +5,9 @@ model, any JAX callable (see `attrax.methods._engine` and `_rules` for the mecha
 attached to each linear layer of the trace (dense / conv) by a composite, BatchNorm is merged
 into the preceding layer first, transformers get AttnLRP (default) or CP-LRP rules,
 max pooling redistributes relevance to the winner ("winner", default) or in proportion to the
-inputs ("proportional"; with overlapping windows each input sums its shares of every window). Relevance starts at the target logit (`start="logit"`); the tutorial's
-softmax start is `start="probability"`, Zennit's one-hot start `start="one"`.
+inputs ("proportional"; with overlapping windows each input sums its shares of every window).
+Relevance starts at the target logit (`start="logit"`); the tutorial's softmax start is
+`start="probability"`, Zennit's one-hot start `start="one"`.
 
 References: Bach et al. 2015 "On pixel-wise explanations ... by layer-wise relevance
 propagation"; Montavon et al. 2017 "Explaining nonlinear classification decisions with deep
