@@ -268,11 +268,7 @@ def for_gradients(fn, x):
     when `use_fast()` (a zoo model's convolutions are already fast: they sit inside their own
     custom_vjp, which stays as it is); else `fn` itself. The model is traced once either way:
     what is returned evaluates that trace."""
-    if not use_fast():
-        return fn
-    closed, shape = jax.make_jaxpr(fn, return_shape=True)(x)
-    treedef = jax.tree.structure(shape)
-    return lambda xx: jax.tree.unflatten(treedef, eval_substituted(closed.jaxpr, closed.consts, xx))
+    return substitute(fn, x) if use_fast() else fn
 
 
 def _all_eqns(jaxpr):
@@ -288,12 +284,9 @@ def _substitute_target(eqn) -> bool:
 
 
 def _fast_params(p: dict, lhs, rhs) -> bool:
-    dn = p["dimension_numbers"]
-    return (p.get("feature_group_count", 1) == 1 and p.get("batch_group_count", 1) == 1
-            and p.get("preferred_element_type") is None and lhs.ndim == 4
-            and all(d == 1 for d in p["lhs_dilation"]) and lhs.dtype == jnp.float32
-            and rhs.dtype == jnp.float32
-            and tuple(dn.lhs_spec) == _NHWC and tuple(dn.rhs_spec) == _HWIO and tuple(dn.out_spec) == _NHWC)
+    """`supported` for a `conv_general_dilated` equation's params (lhs / rhs: arrays or avals)."""
+    return supported(lhs, rhs, p["lhs_dilation"], p["dimension_numbers"], p.get("feature_group_count", 1),
+                     p.get("batch_group_count", 1), p.get("preferred_element_type"))
 
 
 def bind_conv(params: dict, lhs: Array, rhs: Array) -> Array | None:
