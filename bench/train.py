@@ -209,6 +209,19 @@ def _fit_runner(model: Model, cfg: TrainConfig, parts: int, loop: str):
     return _memo(("fit", _model_key(model, cfg), parts, loop), make)
 
 
+def _start(model: Model, cfg: TrainConfig, seed: int, sample_x, variables):
+    """(variables, training state, data key) of a fit from `seed`: a fresh seeded init, or copies
+    of the caller's `variables` (they stay valid: the steps donate their state)."""
+    k_init, k_data = jax.random.split(jax.random.key(seed))
+    if variables is None:
+        variables = init(model, k_init, jnp.asarray(sample_x))
+    else:
+        variables = jax.tree.map(jnp.copy, variables)
+    params = variables["params"]
+    other = {k: v for k, v in variables.items() if k != "params"}
+    return variables, (params, other, _optimizer(cfg).init(params)), k_data
+
+
 def fit(
     model: Model, x: np.ndarray, y: np.ndarray, *, seed: int, cfg: TrainConfig, progress: bool = True,
     variables=None,
@@ -233,21 +246,12 @@ def fit(
 
     if isinstance(x, StreamSource):
         return fit_stream(model, x, seed=seed, cfg=cfg, progress=progress, variables=variables)
-    key = jax.random.key(seed)
-    k_init, k_data = jax.random.split(key)
-    if variables is None:
-        variables = init(model, k_init, jnp.asarray(x[:1]))
-    else:  # the caller's arrays stay valid (the steps donate their state)
-        variables = jax.tree.map(jnp.copy, variables)
-    params = variables["params"]
-    other = {k: v for k, v in variables.items() if k != "params"}
-    tx = _optimizer(cfg)
+    variables, state, k_data = _start(model, cfg, seed, x[:1], variables)
     n = len(x)
     batch = min(cfg.batch_size, n)
     n_batches = n // batch
     data = (jnp.asarray(x), jnp.asarray(y, jnp.int32))
     loop = pick_loop(cfg.loop)
-    state = (params, other, tx.init(params))
     run = _fit_runner(model, cfg, split_parts(variables, batch), loop)
     epoch_idx = _epoch_idx_fn(n, batch)
     losses = []
@@ -459,21 +463,11 @@ def fit_stream(
     n = len(src)
     if n == 0:
         raise AttraxError("fit_stream: the stream source has no rows")
-    key = jax.random.key(seed)
-    k_init, k_data = jax.random.split(key)
-    first = jnp.asarray(src.rows(np.arange(1)))
-    if variables is None:
-        variables = init(model, k_init, first)
-    else:
-        variables = jax.tree.map(jnp.copy, variables)
-    params = variables["params"]
-    other = {k: v for k, v in variables.items() if k != "params"}
-    tx = _optimizer(cfg)
+    variables, state, k_data = _start(model, cfg, seed, src.rows(np.arange(1)), variables)
     batch = min(cfg.batch_size, n)
     n_batches = n // batch
     run = _stream_runner(model, cfg, split_parts(variables, batch) if parts is None else int(parts))
     epoch_idx = _epoch_idx_fn(n, batch)
-    state = (params, other, tx.init(params))
     losses: list[float] = []
     bar = tqdm(total=cfg.epochs * n_batches * batch, desc=f"train {model.name} seed {seed} (streamed)",
                unit="img", unit_scale=True, disable=not progress, leave=False)
@@ -605,15 +599,12 @@ def train(
     from attrax.streaming import accuracy as batched_accuracy
 
     t0 = time.perf_counter()
-    if streams_from_files(train_set):  # an image_folder split: batches decoded from its files
-        variables, losses = fit_stream(model, StreamSource([train_set.x], train_set.y), seed=seed, cfg=cfg,
-                                       progress=progress)
-    else:
-        variables, losses = fit(model, train_set.x, train_set.y, seed=seed, cfg=cfg, progress=progress)
+    streamed = streams_from_files(train_set)  # an image_folder split: batches decoded from its files
+    x = StreamSource([train_set.x], train_set.y) if streamed else train_set.x
+    variables, losses = fit(model, x, train_set.y, seed=seed, cfg=cfg, progress=progress)
     jax.block_until_ready(variables)
     info: dict[str, Any] = {"seconds": time.perf_counter() - t0, "losses": losses, "seed": seed,
-                            "model": model.name, "train_config": dataclasses.asdict(cfg),
-                            "streamed": streams_from_files(train_set)}
+                            "model": model.name, "train_config": dataclasses.asdict(cfg), "streamed": streamed}
     info["train_accuracy"] = batched_accuracy(model, variables, train_set)
     if test_set is not None:
         info["test_accuracy"] = batched_accuracy(model, variables, test_set)
@@ -817,16 +808,21 @@ def train_many(
         results[i] = train_group([i], fn)
         bar.update(1)
 
-    n_workers = min(m, workers or cpu_workers()) if chosen == "parallel" else 1
+    _run_jobs(job, m, min(m, workers or cpu_workers()) if chosen == "parallel" else 1)
+    bar.close()
+    return [r[0] for r in results], np.asarray([r[1][:, 0] for r in results])
+
+
+def _run_jobs(job, m: int, n_workers: int) -> None:
+    """job(0) ... job(m - 1): in `n_workers` threads when more than one, else in turn; a job's
+    exception is re-raised here."""
     if n_workers > 1:
         with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="attrax-train") as pool:
             for f in [pool.submit(job, i) for i in range(m)]:
-                f.result()  # re-raises a worker's exception
+                f.result()
     else:
         for i in range(m):
             job(i)
-    bar.close()
-    return [r[0] for r in results], np.asarray([r[1][:, 0] for r in results])
 
 
 def _train_many_stream(model: Model, x, y, seeds: list[int], *, cfg: TrainConfig, mode: str, progress: bool,
@@ -849,11 +845,5 @@ def _train_many_stream(model: Model, x, y, seeds: list[int], *, cfg: TrainConfig
     def job(i: int) -> None:
         results[i] = fit_stream(model, sources[i], seed=seeds[i], cfg=cfg, progress=progress, parts=parts)
 
-    if n_workers > 1:
-        with ThreadPoolExecutor(max_workers=n_workers, thread_name_prefix="attrax-train") as pool:
-            for f in [pool.submit(job, i) for i in range(m)]:
-                f.result()
-    else:
-        for i in range(m):
-            job(i)
+    _run_jobs(job, m, n_workers)
     return [r[0] for r in results], np.asarray([r[1] for r in results], dtype=np.float64).reshape(m, cfg.epochs)
