@@ -598,13 +598,9 @@ def _rate(v: Any) -> str:
     return f"{v:,.{max(0, 2 - int(np.floor(np.log10(v))))}f}"
 
 
-def _f(v: Any, nd: int = 2) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "-"
-    return f"{v:,.{nd}f}" if isinstance(v, float) else str(v)
-
-
 def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any], data: dict[str, Any]) -> str:
+    from attrax.perf import _fmt as _f
+
     size = data["image_size"]
     out = [f"# attrax paper-scale benchmark ({size}x{size})", "",
            f"`attrax-bench` scale section on {env['cpus']} CPU cores ({env['backend']}, jax {env['jax']}), "
@@ -632,7 +628,8 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any], data
             continue
         out.append(f"| {r['model']} | {r['name']} | {hp} | {r['images']} | {_rate(r['images_per_s'])} | "
                    f"{_rate(r.get('cpu_images_per_s'))} | {_f(r['compile_s'], 1)} | {_f(r['seconds'], 2)} | "
-                   f"{r['repeats'] or '1 (first - compile)'} | {_f(r.get('chunk'))} | {_f(r.get('evals_per_chunk'))} | "
+                   f"{r['repeats'] or '1 (first - compile)'} | {_f(r.get('chunk'), 2)} | "
+                   f"{_f(r.get('evals_per_chunk'), 2)} | "
                    f"{_f(r.get('chunk_s'), 1)} | {r.get('extrapolated', '')} |")
     prof = [r for r in records if r["kind"] == "profile"]
     if prof:

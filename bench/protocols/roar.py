@@ -247,10 +247,9 @@ class ShardedData:
     def paths(self, dig: str, split: str) -> list[Path]:
         return [self.root / dig / name for name in self._names(dig, split)]
 
-    _ERR = dict(what="ROAR/KAR data cache shard")
-
     def _hint(self, dig: str) -> dict:
-        return dict(self._ERR, hint=f": delete {self.root / dig} to rebuild it")
+        """How a damaged shard of set `dig` is named in its one-line error (`open_npy`)."""
+        return {"what": "ROAR/KAR data cache shard", "hint": f": delete {self.root / dig} to rebuild it"}
 
     def iter_split(self, dig: str, split: str) -> Iterator[np.ndarray]:
         for path in self.paths(dig, split):
