@@ -102,7 +102,9 @@ def test_unknown_primitive_one_line_error():
 
 def test_second_batch_neither_retraces_nor_recompiles(monkeypatch):
     fam = make("nonzoo_cnn")
-    model = attrax.as_model(fam.raw)  # a fresh Model: its own caches
+    # a fresh Model with its own caches: as_model memoizes per module object, and another test in
+    # this worker may have explained with the same family object already
+    model = attrax.as_model(fam.raw.clone())
     traces = []
     real = _engine.trace
     monkeypatch.setattr(_engine, "trace", lambda *a: traces.append(1) or real(*a))
