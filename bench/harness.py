@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import threading
 import weakref
 from collections.abc import Callable
 from types import MappingProxyType
@@ -345,16 +346,68 @@ def device_multiple(chunk: int) -> int:
     return int(math.ceil(chunk / d) * d)
 
 
-def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
+def chunk_workers() -> int:
+    """Threads `map_chunks` runs chunks in: on a CPU backend with one local device, one per core
+    this process may use (`ATTRAX_CHUNK_THREADS` overrides, 1 = in turn); elsewhere 1.
+
+    Why: XLA:CPU runs one compiled call of a small model (cnn_a's batch-100 input gradient) on
+    about 1.2 cores, and one thread's calls run one after another; calls from two threads run
+    at the same time. Measured on the 2-core CPU (`bench/perf.py` docstring): the batch-100
+    gradient as two 50-image calls in two threads took 24-25 ms against 40-45 ms for one call
+    and 41-47 ms for two calls from one thread; process CPU time the same (47 vs 50-56 ms).
+    """
+    import os
+
+    env = os.environ.get("ATTRAX_CHUNK_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise AttraxError(f"ATTRAX_CHUNK_THREADS must be a whole number, got {env!r}") from None
+    if jax.default_backend() != "cpu" or jax.local_device_count() > 1:
+        return 1
+    from attrax.train import cpu_workers
+
+    return cpu_workers()
+
+
+_POOL: dict[int, Any] = {}
+_IN_POOL = threading.local()  # set in the pool's threads: a nested map_chunks runs in turn there
+
+
+def _pool(workers: int):
+    from concurrent.futures import ThreadPoolExecutor
+
+    if workers not in _POOL:
+        def mark():
+            _IN_POOL.active = True
+
+        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="attrax-chunk", initializer=mark)
+    return _POOL[workers]
+
+
+def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array, workers: int | None = None) -> Array:
     """Apply a compiled `fn(*batch_arrays)` over fixed-size chunks (last one padded).
 
     Padding keeps one shape, so a second chunk never retraces. With several local devices the
     chunk is rounded up to a multiple of the device count and sharded along the batch axis.
+    With `workers` > 1 threads (default `chunk_workers()`: one per core on CPU) a chunk of two or
+    more images is cut into `workers` equal chunks (the same images in flight at once, so the
+    same memory) and the chunks run in the threads, their results in order; chunks of one image
+    run in turn. `fn` must be
+    per-example (every registered method is: the conformance suite checks it), so the result
+    does not depend on the split.
     """
+    workers = chunk_workers() if workers is None else max(1, int(workers))
+    if getattr(_IN_POOL, "active", False):
+        workers = 1
+    threaded = workers > 1 and min(chunk, n) >= 2  # a chunk of one image stays one (its memory)
+    if threaded:
+        chunk = -(-min(chunk, n) // workers)
     chunk = device_multiple(chunk)
     sharding = batch_sharding(chunk)
-    outs = []
-    for start in range(0, n, chunk):
+
+    def piece(start: int):
         stop = min(n, start + chunk)
         parts = []
         for a in arrays:
@@ -370,7 +423,15 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
             parts.append(part)
         out = fn(*parts)
         k = stop - start
-        outs.append(out if k == chunk else jax.tree.map(lambda o, k=k: o[:k], out))
+        return out if k == chunk else jax.tree.map(lambda o, k=k: o[:k], out)
+
+    starts = range(0, n, chunk)
+    if threaded and len(starts) > 1:
+        # wait for each result in its thread: the next chunk starts only when a core is free
+        pool = _pool(workers)
+        outs = [f.result() for f in [pool.submit(lambda s=s: jax.block_until_ready(piece(s))) for s in starts]]
+    else:
+        outs = [piece(s) for s in starts]
     if len(outs) == 1:
         return outs[0]
     return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)

@@ -58,10 +58,14 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
   cotangent with the flipped, transposed kernel (XLA already emits that canonical form: same
   11.2 ms for cnn_a's conv2 at batch 100) or as col2im (16.3 ms); the forward as im2col + dot
   (53 vs 10.5 ms) or 9 tap dots; one patch matrix for the whole batch (1.7x slower than XLA's
-  kernel gradient from ~100 images on). Whether two independent halves of a batch (in one
-  compiled call or two Python threads) run on both cores stayed unmeasured: under that
-  session's load (5-10 on 2 cores) a process got ~0.65 cores whatever its threads (NumPy's
-  threaded matmul too); the halves cost the same CPU time as one batch.
+  kernel gradient from ~100 images on).
+- Two halves of a batch in ONE compiled call (or two calls from one thread): on the idle 2-core
+  CPU the cnn_a batch-100 gradient took 45-47 ms as halves in one call and 41-47 ms as two calls
+  from one thread against 40-54 ms for one call: XLA:CPU runs a thread's calls one after another
+  and barely overlaps independent halves inside one program. What paid: the halves from two
+  Python threads (`harness.map_chunks`, `chunk_workers`), 24-25 ms; per explain call (threads 1
+  vs 2, batch 100): gradient 45-58 vs 24-34 ms, input x gradient 58-60 vs 31-32, guided backprop
+  53-55 vs 33, LRP epsilon-plus-flat 74-77 vs 46-47; process CPU time 5-15% lower.
 - Protocols: one compiled call per selectivity step (re-explain + removal + score) was 0.84x of
   separate calls; all steps in one call compiled for ~60 s (unrolled) or ran 1.5x slower
   (`fori_loop`: XLA:CPU runs convolutions in while loops slower). What paid: scoring in CPU-sized
@@ -239,11 +243,15 @@ def reference_times(model, params, x, target, *, repeats: int, max_seconds: floa
     With `batches` (the config's `bound_batches`) each is also timed at those batch sizes (the
     batch tiled or cut) and the bound is the FASTEST per-image rate at any of them, scaled to a
     batch of len(x): a method that beats the batch-size-n figure by running small cache-friendly
-    chunks then does not look faster than its bound. `sweep` keeps every size's figures;
+    chunks then does not look faster than its bound. With chunk threads (CPU, `harness.chunk_workers`)
+    each size is also timed as explain runs it (equal chunks in threads) and the faster form counts
+    (`*_one_call` keeps the single call's seconds). `sweep` keeps every size's figures;
     `forward_batch` / `gradient_batch` the seconds at len(x) itself.
     """
+    from attrax.harness import chunk_workers, map_chunks
     from attrax.methods import input_gradient
 
+    threads = chunk_workers()
     fwd = jax.jit(lambda p, xx: model(p, xx))
     grad = jax.jit(lambda p, xx, tt: input_gradient(lambda z: model(p, z), xx, tt)[1])
     kw = {"repeats": max(repeats, 7), "warmup": 2, "max_seconds": max_seconds}
@@ -258,6 +266,15 @@ def reference_times(model, params, x, target, *, repeats: int, max_seconds: floa
         g = time_calls(lambda xb=xb, tb=tb: grad(params, xb, tb), **kw)
         row = {"batch": b, "forward": f["median_s"], "gradient": g["median_s"],
                "forward_cpu": cpu_equivalent_s(f["cpu_s"]), "gradient_cpu": cpu_equivalent_s(g["cpu_s"])}
+        if threads > 1 and b >= 2:
+            # the batch as `threads` chunks in threads, as attrax.explain runs it on CPU: the
+            # bound is the fastest form this machine reaches, one call or several at once
+            ft = time_calls(lambda xb=xb: map_chunks(lambda z: fwd(params, z), b, b, xb), **kw)
+            gt = time_calls(lambda xb=xb, tb=tb: map_chunks(lambda z, u: grad(params, z, u), b, b, xb, tb), **kw)
+            row.update(forward_one_call=row["forward"], gradient_one_call=row["gradient"],
+                       forward=min(row["forward"], ft["median_s"]), gradient=min(row["gradient"], gt["median_s"]),
+                       forward_cpu=min(row["forward_cpu"], cpu_equivalent_s(ft["cpu_s"])),
+                       gradient_cpu=min(row["gradient_cpu"], cpu_equivalent_s(gt["cpu_s"])))
         sweep.append(row)
         for k in ("forward", "gradient", "forward_cpu", "gradient_cpu"):
             per_image = row[k] / b
