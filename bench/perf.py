@@ -269,8 +269,9 @@ def reference_times(model, params, x, target, *, repeats: int, max_seconds: floa
         if threads > 1 and b >= 2:
             # the batch as `threads` chunks in threads, as attrax.explain runs it on CPU: the
             # bound is the fastest form this machine reaches, one call or several at once
-            ft = time_calls(lambda xb=xb: map_chunks(lambda z: fwd(params, z), b, b, xb), **kw)
-            gt = time_calls(lambda xb=xb, tb=tb: map_chunks(lambda z, u: grad(params, z, u), b, b, xb, tb), **kw)
+            ft = time_calls(lambda xb=xb, b=b: map_chunks(lambda z: fwd(params, z), b, b, xb), **kw)
+            gt = time_calls(lambda xb=xb, tb=tb, b=b: map_chunks(lambda z, u: grad(params, z, u), b, b, xb, tb),
+                            **kw)
             row.update(forward_one_call=row["forward"], gradient_one_call=row["gradient"],
                        forward=min(row["forward"], ft["median_s"]), gradient=min(row["gradient"], gt["median_s"]),
                        forward_cpu=min(row["forward_cpu"], cpu_equivalent_s(ft["cpu_s"])),
