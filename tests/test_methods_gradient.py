@@ -292,8 +292,9 @@ def test_smoothgrad_noise_has_requested_std():
     np.testing.assert_allclose(np.asarray(var[0]).mean(), 0.15**2, rtol=0.06)
 
 
-def test_smoothgrad_is_batched_in_one_call(relu_net):
+def test_smoothgrad_is_batched_in_one_call(relu_net, monkeypatch):
     """All noisy copies go through the wrapped method in ONE call (counted at trace time)."""
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "1")  # the batch as one chunk (not one per core)
     model, params, x, target = relu_net
     calls = []
 

@@ -302,12 +302,23 @@ def test_bound_is_the_fastest_rate_at_any_batch_size(cnn, monkeypatch):
         return {"median_s": v, "cpu_s": 2 * v, "first_s": v, "compile_s": 0.0, "repeats": 1, "min_s": v}
 
     monkeypatch.setattr(perf, "time_calls", fake_time_calls)
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "1")  # one call per size (the threaded form below)
     ref = perf.reference_times(model, params, x, t, repeats=1, max_seconds=1, batches=[12, 2])
     assert [r["batch"] for r in ref["sweep"]] == [2, 6, 12]
     assert ref["gradient"] == pytest.approx(6 * 0.024 / 12) and ref["gradient_best_batch"] == 12
     assert ref["forward"] == pytest.approx(6 * 0.001 / 2) and ref["forward_best_batch"] == 2
     assert ref["gradient_batch"] == 0.024 and ref["forward_batch"] == 0.006
     assert ref["gradient_cpu"] == pytest.approx(perf.cpu_equivalent_s(2 * 0.024) * 6 / 12)
+
+    # with chunk threads each size is also timed as explain runs it (forward, gradient, threaded
+    # forward, threaded gradient): the faster form is the bound, the single call is kept
+    fake = iter([0.004, 0.010, 0.002, 0.020])
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "2")
+    ref = perf.reference_times(model, params, x, t, repeats=1, max_seconds=1)
+    row = ref["sweep"][0]
+    assert row["forward"] == 0.002 and row["forward_one_call"] == 0.004
+    assert row["gradient"] == 0.010 and row["gradient_one_call"] == 0.010
+    assert ref["forward"] == pytest.approx(0.002) and ref["gradient"] == pytest.approx(0.010)
 
 
 def test_against_markdown_flags_a_quick_anchor_run():

@@ -95,8 +95,9 @@ def test_patches_rank_by_summed_relevance():
     assert int(idx[0, 0]) == 8 and int(idx[0, 1]) == 0
 
 
-def test_all_steps_go_through_the_model_in_batches(linear):
+def test_all_steps_go_through_the_model_in_batches(linear, monkeypatch):
     """The model sees whole chunks of (images x steps), never one image-step at a time."""
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "1")  # the batch as one chunk (not one per core)
     _, params, x, target, _ = linear
     seen = []
 
