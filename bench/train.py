@@ -252,7 +252,9 @@ def fit(
     n_batches = n // batch
     data = (jnp.asarray(x), jnp.asarray(y, jnp.int32))
     loop = pick_loop(cfg.loop)
-    run = _fit_runner(model, cfg, split_parts(variables, batch), loop)
+    parts = split_parts(variables, batch)
+    threaded = _threaded(model, cfg, parts) if loop == "python" else None
+    run = threaded.fit_call if threaded else _fit_runner(model, cfg, parts, loop)
     epoch_idx = _epoch_idx_fn(n, batch)
     losses = []
     bar = tqdm(range(cfg.epochs), desc=f"train {model.name} seed {seed}", disable=not progress, leave=False)
@@ -380,6 +382,78 @@ def _stream_runner(model: Model, cfg: TrainConfig, parts: int):
     return _memo(("stream", _model_key(model, cfg), parts), make)
 
 
+class _ThreadedStep:
+    """`fit`'s split step (`split_parts` = 2) with its sub-batch gradients computed by two Python
+    threads at once, then one compiled update: on CPU one thread's compiled calls run one after
+    another and sub-batches inside one call barely overlap (see `harness.chunk_workers`), while
+    calls from two threads run on both cores. The same sums as `_make_step` (each sub-batch's
+    summed loss and gradient, added and divided by the batch), the optimizer state untouched
+    until both are done; parameters and optimizer state donated to the update.
+
+    `fit_call(carry, data, idx, i) -> carry` gathers batch i inside each half's call (as `fit`'s
+    step); `stream_call(carry, xb, yb) -> (carry, loss)` takes host batches (as `fit_stream`'s).
+    Measured (cnn_a, 2,000 digits, batch 64, idle 2-core CPU, two rounds): 2,091 / 1,985 images/s
+    against 1,683 / 1,768 for the fused split step, process CPU time per image the same
+    (0.87-0.91 vs 0.83-0.85 ms)."""
+
+    def __init__(self, model: Model, cfg: TrainConfig, parts: int):
+        module = model.module
+        tx = _optimizer(cfg)
+        self.parts = parts
+
+        def sum_loss(params, xb, yb):
+            return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": params}, xb), yb).sum()
+
+        grad = jax.value_and_grad(sum_loss)
+
+        @functools.partial(jax.jit, static_argnums=(4, 5))
+        def gather_half(params, data, idx, i, a, b):
+            rows = jax.lax.dynamic_index_in_dim(idx, i, axis=0, keepdims=False)[a:b]
+            return grad(params, *(d[rows] for d in data))
+
+        @functools.partial(jax.jit, static_argnums=(3, 4))
+        def host_half(params, xb, yb, a, b):
+            return grad(params, xb[a:b], yb[a:b])
+
+        @functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+        def update(carry, outs, n):
+            (params, other, opt_state), tot = carry
+            loss = sum(o[0] for o in outs) / n
+            g = jax.tree.map(lambda *a: sum(a) / n, *(o[1] for o in outs))
+            updates, opt_state = tx.update(g, opt_state, params)
+            return ((optax.apply_updates(params, updates), other, opt_state), tot + loss), loss
+
+        self._gather, self._host, self._update = gather_half, host_half, update
+
+    def _halves(self, call, n: int):
+        from attrax.harness import _pool
+
+        bounds = np.linspace(0, n, self.parts + 1).astype(int)
+        futures = [_pool(self.parts).submit(lambda a=a, b=b: jax.block_until_ready(call(int(a), int(b))))
+                   for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return tuple(f.result() for f in futures)
+
+    def fit_call(self, carry, data, idx, i):
+        params = carry[0][0]
+        outs = self._halves(lambda a, b: self._gather(params, data, idx, i, a, b), idx.shape[1])
+        return self._update(carry, outs, idx.shape[1])[0]
+
+    def stream_call(self, carry, xb, yb):
+        params = carry[0][0]
+        outs = self._halves(lambda a, b: self._host(params, xb, yb, a, b), xb.shape[0])
+        return self._update(carry, outs, xb.shape[0])
+
+
+def _threaded(model: Model, cfg: TrainConfig, parts: int) -> _ThreadedStep | None:
+    """The threaded split step where it applies: a split step (CPU, no mutable state, see
+    `split_parts`) and as many chunk threads (`harness.chunk_workers`, `ATTRAX_CHUNK_THREADS`)."""
+    from attrax.harness import _IN_POOL, chunk_workers
+
+    if parts < 2 or chunk_workers() < parts or getattr(_IN_POOL, "active", False):
+        return None  # (inside a pool thread: its halves would wait on the pool they occupy)
+    return _memo(("threaded", _model_key(model, cfg), parts), lambda: _ThreadedStep(model, cfg, parts))
+
+
 class _Prefetch:
     """Batches gathered on the host and put on the device by a background thread, `depth` ahead
     of the consumer (the disk read and gather overlap the compiled steps); an error in the thread
@@ -466,7 +540,9 @@ def fit_stream(
     variables, state, k_data = _start(model, cfg, seed, src.rows(np.arange(1)), variables)
     batch = min(cfg.batch_size, n)
     n_batches = n // batch
-    run = _stream_runner(model, cfg, split_parts(variables, batch) if parts is None else int(parts))
+    parts = split_parts(variables, batch) if parts is None else int(parts)
+    threaded = _threaded(model, cfg, parts)
+    run = threaded.stream_call if threaded else _stream_runner(model, cfg, parts)
     epoch_idx = _epoch_idx_fn(n, batch)
     losses: list[float] = []
     bar = tqdm(total=cfg.epochs * n_batches * batch, desc=f"train {model.name} seed {seed} (streamed)",

@@ -19,6 +19,7 @@ from attrax.train import (
     _fit_runner,
     _make_step,
     _optimizer,
+    _threaded,
     cache_key,
     fit,
     load_cached,
@@ -68,15 +69,24 @@ def test_deterministic_per_seed_and_learns(data):
     assert len(la) == 3 and la[-1] < la[0]
     more, _ = fit(model, x, y, seed=5, cfg=cfg, progress=False, variables=a)  # continue training
     assert _max_diff(a, b) == 0.0 and _max_diff(a, more) > 1e-4  # `a` not donated away
-    # one compiled step for all three calls (it used to be recompiled by every call)
-    run = _fit_runner(model, cfg, split_parts(a, 32), "python")
-    assert run is _fit_runner(model, cfg, split_parts(a, 32), "python") and run._cache_size() == 1
+    # one compiled step for all three calls (it used to be recompiled by every call): the
+    # threaded split step where chunk threads exist (CPU, 2+ cores), else the fused step
+    parts = split_parts(a, 32)
+    threaded = _threaded(model, cfg, parts)
+    if threaded is not None:
+        assert threaded is _threaded(model, cfg, parts)
+        assert threaded._gather._cache_size() == parts and threaded._update._cache_size() == 1
+    else:
+        run = _fit_runner(model, cfg, parts, "python")
+        assert run is _fit_runner(model, cfg, parts, "python") and run._cache_size() == 1
 
 
-@pytest.mark.parametrize("loop", ["python", "scan"])
-def test_equals_reference_with_remainder(data, loop):
+@pytest.mark.parametrize(("loop", "threads"), [("python", "2"), ("python", "1"), ("scan", "2")])
+def test_equals_reference_with_remainder(data, loop, threads, monkeypatch):
     """70 images, batch 32: 2 steps per epoch, 6 images left out (a different 6 each epoch);
-    the split step (2 sub-batches on CPU) and the device-side loop give the plain result."""
+    the split step (2 sub-batches on CPU: from two threads, or fused in one call with one chunk
+    thread) and the device-side loop give the plain result."""
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", threads)
     x, y = data
     model = attrax.models.create("mlp", hidden=(16,))
     cfg = TrainConfig(epochs=2, batch_size=32, loop=loop)
