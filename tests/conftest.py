@@ -45,6 +45,11 @@ if _OPT == "0" and "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAG
 _XLA_CACHE_ENV = "ATTRAX_TEST_XLA_CACHE"  # set by the controlling pytest process, inherited by xdist workers
 
 
+# MLIR locations carry up to 100 Python frames per op by default (pytest's stack is deep): off in
+# the tests, lowering ~7% faster (the conformance files: 36.6 -> 34.0 s of lowering)
+jax.config.update("jax_include_full_tracebacks_in_locations", False)
+
+
 def _use_cache(path: str) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

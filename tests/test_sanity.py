@@ -203,3 +203,19 @@ def test_sanity_table_and_figure_summarize_every_method(tmp_path):
     assert "| a | - / 0.91 / 0.91 / - |" in md
     assert report.sanity_figure(df, tmp_path / "s.png").exists()
     assert report.sanity_figure(df[df.protocol != "sanity_model_randomization"], tmp_path / "t.png") is None
+
+
+@pytest.mark.parametrize("shape", [(6, 28, 28), (3, 5, 9), (2, 12, 12)])
+def test_batched_ssim_equals_scikit_images_per_image_ssim(shape):
+    """similarity()'s batched SSIM against scikit-image's structural_similarity called per image
+    pair with the recorded settings (Gaussian weights, sigma 1.5 or what fits, data range 1)."""
+    from attrax.protocols.sanity import _ssim_one, normalize_abs, similarity, ssim_batch
+
+    rng = np.random.default_rng(3)
+    r0 = rng.standard_normal(shape)
+    r1 = rng.standard_normal(shape) + 2 * r0
+    a, b = normalize_abs(r0), normalize_abs(r1)
+    per_image = np.array([_ssim_one(p, q) for p, q in zip(a, b, strict=True)])
+    np.testing.assert_allclose(ssim_batch(a, b), per_image, rtol=0, atol=1e-12)
+    assert np.all(np.abs(per_image) < 1)  # not the identical-map shortcut
+    np.testing.assert_allclose(similarity(r0, r1, metrics=["ssim"])["ssim"], per_image, rtol=0, atol=1e-12)

@@ -147,6 +147,34 @@ def _ssim_one(a: np.ndarray, b: np.ndarray) -> float:
                                        use_sample_covariance=False))
 
 
+def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`_ssim_one` of every image pair of two (n, H, W) float64 batches at once: the same
+    Gaussian-weighted SSIM (scikit-image's `structural_similarity` with data_range 1, Gaussian
+    weights, population covariance, K1 0.01, K2 0.03, truncate 3.5, reflected borders, the mean
+    over the window-cropped map), its five Gaussian filters run over the whole batch (no filtering
+    along the batch axis). Equal to the per-image call to float64 rounding (tested); ~1 ms per
+    28x28 pair saved (random logit spent most of its time in the per-image loop)."""
+    from scipy.ndimage import gaussian_filter
+
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    sigma = min(1.5, ((min(a.shape[1:]) - 1) // 2) / 3.5)
+    truncate = 3.5
+    pad = int(truncate * sigma + 0.5)  # (win_size - 1) // 2 with win_size = 2 * radius + 1
+
+    def g(z):
+        return gaussian_filter(z, sigma=(0.0, sigma, sigma), mode="reflect", truncate=truncate)
+
+    ux, uy = g(a), g(b)
+    vx = g(a * a) - ux * ux
+    vy = g(b * b) - uy * uy
+    vxy = g(a * b) - ux * uy
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    h, w = a.shape[1:]
+    return s[:, pad:h - pad, pad:w - pad].reshape(a.shape[0], -1).mean(1, dtype=np.float64)
+
+
 def _hog_one(a: np.ndarray, cell: int) -> np.ndarray:
     from skimage.feature import hog
 
@@ -171,7 +199,7 @@ def similarity(r0, r1, *, metrics: Sequence[str] = SIMILARITIES, hog_cell: int |
         if "spearman_abs" in metrics:
             out["spearman_abs"] = spearman_rows(a0, a1)
         if "ssim" in metrics:
-            out["ssim"] = np.array([_ssim_one(p, q) for p, q in zip(a0, a1, strict=True)])
+            out["ssim"] = ssim_batch(a0, a1)
         if "hog" in metrics:
             cell = hog_cell or max(2, min(a0.shape[1:]) // 7)
             f0 = np.stack([_hog_one(p, cell) for p in a0])
