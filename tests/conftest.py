@@ -5,9 +5,9 @@ Every test session uses its own model cache folder, so tests never depend on a u
 Tests compile thousands of small programs (about 7,500 in a default run; tracing, lowering and
 compiling were ~85% of the test processes' CPU time, measured with JAX's monitoring events), and
 many are the same program built from different Python closures (a quarter of the requests). The
-test processes, their xdist workers and the `python -m attrax.cli` subprocesses share one
-persistent XLA compilation cache per test session (a temporary folder, removed at the end; a
-user's JAX_COMPILATION_CACHE_DIR is not used). The tests that count compiles still see a cache
+test processes use a persistent XLA compilation cache per test session (a temporary folder,
+removed at the end, one subfolder per xdist worker; a user's JAX_COMPILATION_CACHE_DIR is not
+used), and the `python -m attrax.cli` subprocesses share its top folder. The tests that count compiles still see a cache
 hit: JAX records its backend-compile event around compile-or-fetch (`attrax.perf.count_compilations`).
 """
 
@@ -56,9 +56,17 @@ def _use_cache(path: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def _own_cache(root: str) -> None:
+    # each test process its own subfolder: JAX writes cache files in place, and a worker reading
+    # an entry another process is still writing gets a truncated-stream warning (seen once)
+    path = os.path.join(root, os.environ.get("PYTEST_XDIST_WORKER", "main"))
+    os.makedirs(path, exist_ok=True)
+    _use_cache(path)
+
+
 def pytest_configure(config):
     if os.environ.get(_XLA_CACHE_ENV):
-        _use_cache(os.environ[_XLA_CACHE_ENV])  # an xdist worker: the controller made the folder
+        _own_cache(os.environ[_XLA_CACHE_ENV])  # an xdist worker: the controller made the folder
         return
     path = tempfile.mkdtemp(prefix="attrax-test-xla-")
     config._attrax_xla_cache = path
@@ -66,7 +74,7 @@ def pytest_configure(config):
     # read by the subprocesses' JAX at import (this process imported JAX already, see above)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    _use_cache(path)
+    _own_cache(path)
 
 
 #: fixtures trained once per process: every test using one runs in the same xdist worker
