@@ -372,18 +372,23 @@ def chunk_workers() -> int:
 
 
 _POOL: dict[int, Any] = {}
+_POOL_LOCK = threading.Lock()
 _IN_POOL = threading.local()  # set in the pool's threads: a nested map_chunks runs in turn there
 
 
+def _mark_pool_thread() -> None:
+    _IN_POOL.active = True
+
+
 def _pool(workers: int):
+    """The process's thread pool of `workers` threads (made once, shared by every caller)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if workers not in _POOL:
-        def mark():
-            _IN_POOL.active = True
-
-        _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="attrax-chunk", initializer=mark)
-    return _POOL[workers]
+    with _POOL_LOCK:
+        if workers not in _POOL:
+            _POOL[workers] = ThreadPoolExecutor(workers, thread_name_prefix="attrax-chunk",
+                                                initializer=_mark_pool_thread)
+        return _POOL[workers]
 
 
 def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array, workers: int | None = None) -> Array:

@@ -119,3 +119,44 @@ def test_budget_must_be_positive(bad):
     with pytest.raises(AttraxError, match="memory_mb must be a positive"):
         evals_per_chunk_for_memory("gradient", _linear_apply, {"w": jnp.zeros((12, 3))}, np.zeros((1, 2, 2, 3)),
                                    memory_mb=bad)
+
+
+def test_map_chunks_threads_split_a_chunk_and_keep_the_order(monkeypatch):
+    """With chunk threads a chunk of 2+ images is cut into equal chunks run from the threads: the
+    results come back in order and equal the one-call result; chunks of one image run in turn;
+    a nested map_chunks (inside a pool thread) runs in turn (no deadlock); errors propagate."""
+    import threading
+
+    from attrax.harness import map_chunks
+
+    x = jnp.arange(7 * 3, dtype=jnp.float32).reshape(7, 3)
+    seen, threads = [], set()
+
+    def fn(a):
+        seen.append(a.shape[0])
+        threads.add(threading.current_thread().name)
+        inner = map_chunks(lambda b: b * 2.0, a.shape[0], a.shape[0], a)  # nested: in turn
+        return inner + 1.0
+
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "2")
+    out = map_chunks(fn, 7, 7, x)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(x * 2.0 + 1.0))
+    assert seen == [4, 4] and all(t.startswith("attrax-chunk") for t in threads)  # 7 -> 4 + 4 (padded)
+    seen.clear()
+    threads.clear()
+    map_chunks(fn, 3, 1, x[:3])  # one image per chunk: in this thread, in turn
+    assert seen == [1, 1, 1] and threads == {threading.current_thread().name}
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "1")
+    seen.clear()
+    np.testing.assert_array_equal(np.asarray(map_chunks(fn, 7, 7, x)), np.asarray(out))
+    assert seen == [7]
+
+    def bad(a):
+        raise AttraxError("chunk failed")
+
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "2")
+    with pytest.raises(AttraxError, match="chunk failed"):
+        map_chunks(bad, 7, 7, x)
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "two")
+    with pytest.raises(AttraxError, match="ATTRAX_CHUNK_THREADS must be a whole number"):
+        map_chunks(fn, 7, 7, x)
