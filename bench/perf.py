@@ -65,7 +65,10 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
   and barely overlaps independent halves inside one program. What paid: the halves from two
   Python threads (`harness.map_chunks`, `chunk_workers`), 24-25 ms; per explain call (threads 1
   vs 2, batch 100): gradient 45-58 vs 24-34 ms, input x gradient 58-60 vs 31-32, guided backprop
-  53-55 vs 33, LRP epsilon-plus-flat 74-77 vs 46-47; process CPU time 5-15% lower.
+  53-55 vs 33, LRP epsilon-plus-flat 74-77 vs 46-47; process CPU time 5-15% lower. Not better
+  on top of it (gradient, 100 real digits, ms): explain's chunk_size 100 / 64 / 50 / 32 / 20 ->
+  35.9 / 45.5 / 37.4 / 42.2 / 49.0; 4 threads on the 2 cores 31.2 (noise); explain adds nothing
+  over the raw threaded call (33.8 vs 35.5).
 - Protocols: one compiled call per selectivity step (re-explain + removal + score) was 0.84x of
   separate calls; all steps in one call compiled for ~60 s (unrolled) or ran 1.5x slower
   (`fori_loop`: XLA:CPU runs convolutions in while loops slower). What paid: scoring in CPU-sized
