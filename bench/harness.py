@@ -348,7 +348,8 @@ def device_multiple(chunk: int) -> int:
 
 def chunk_workers() -> int:
     """Threads `map_chunks` runs chunks in: on a CPU backend with one local device, one per core
-    this process may use (`ATTRAX_CHUNK_THREADS` overrides, 1 = in turn); elsewhere 1.
+    this process may use (`ATTRAX_CHUNK_THREADS` overrides, 1 = in turn); elsewhere 1, and 1
+    inside the pool's own threads (a nested call there would wait on the pool it occupies).
 
     Why: XLA:CPU runs one compiled call of a small model (cnn_a's batch-100 input gradient) on
     about 1.2 cores, and one thread's calls run one after another; calls from two threads run
@@ -358,6 +359,8 @@ def chunk_workers() -> int:
     """
     import os
 
+    if getattr(_IN_POOL, "active", False):
+        return 1
     env = os.environ.get("ATTRAX_CHUNK_THREADS", "").strip()
     if env:
         try:
@@ -391,21 +394,27 @@ def _pool(workers: int):
         return _POOL[workers]
 
 
-def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array, workers: int | None = None) -> Array:
+def in_threads(calls: list[Callable[[], Any]], workers: int) -> list[Any]:
+    """[call() for call in calls] from the shared pool of `workers` threads, results in order.
+    Each thread waits for its result (`jax.block_until_ready`), so the next call starts only when
+    a core is free; a call's exception is re-raised here."""
+    pool = _pool(workers)
+    futures = [pool.submit(lambda c=c: jax.block_until_ready(c())) for c in calls]
+    return [f.result() for f in futures]
+
+
+def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
     """Apply a compiled `fn(*batch_arrays)` over fixed-size chunks (last one padded).
 
     Padding keeps one shape, so a second chunk never retraces. With several local devices the
     chunk is rounded up to a multiple of the device count and sharded along the batch axis.
-    With `workers` > 1 threads (default `chunk_workers()`: one per core on CPU) a chunk of two or
-    more images is cut into `workers` equal chunks (the same images in flight at once, so the
-    same memory) and the chunks run in the threads, their results in order; chunks of one image
-    run in turn. `fn` must be
-    per-example (every registered method is: the conformance suite checks it), so the result
+    With `chunk_workers()` > 1 threads (one per core on CPU) a chunk of two or more images is cut
+    into that many equal chunks (the same images in flight at once, so the same memory) and the
+    chunks run in the threads, their results in order; chunks of one image run in turn. `fn` must
+    be per-example (every registered method is: the conformance suite checks it), so the result
     does not depend on the split.
     """
-    workers = chunk_workers() if workers is None else max(1, int(workers))
-    if getattr(_IN_POOL, "active", False):
-        workers = 1
+    workers = chunk_workers()
     threaded = workers > 1 and min(chunk, n) >= 2  # a chunk of one image stays one (its memory)
     if threaded:
         chunk = -(-min(chunk, n) // workers)
@@ -432,9 +441,7 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array, workers: int | 
 
     starts = range(0, n, chunk)
     if threaded and len(starts) > 1:
-        # wait for each result in its thread: the next chunk starts only when a core is free
-        pool = _pool(workers)
-        outs = [f.result() for f in [pool.submit(lambda s=s: jax.block_until_ready(piece(s))) for s in starts]]
+        outs = in_threads([functools.partial(piece, s) for s in starts], workers)
     else:
         outs = [piece(s) for s in starts]
     if len(outs) == 1:

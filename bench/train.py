@@ -101,6 +101,27 @@ def split_parts(variables, batch: int) -> int:
     return 2
 
 
+def _part_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """The `parts` contiguous sub-batches [a, b) of a batch of n."""
+    bounds = np.linspace(0, n, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def _summed_loss_grad(module):
+    """(params, xb, yb) -> (summed cross-entropy, its gradient): one sub-batch's share of a step
+    (models without mutable state)."""
+    def sum_loss(params, xb, yb):
+        return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": params}, xb), yb).sum()
+
+    return jax.value_and_grad(sum_loss)
+
+
+def _mean_of_parts(outs, n: int):
+    """(mean loss, mean gradient) of a batch of n from its sub-batches' summed (loss, gradient)."""
+    loss = sum(o[0] for o in outs) / n
+    return loss, jax.tree.map(lambda *a: sum(a) / n, *(o[1] for o in outs))
+
+
 def _make_step(model: Model, tx: optax.GradientTransformation, parts: int = 1):
     """The training step (state, xb, yb) -> (state, mean loss). `parts` > 1 sums the losses and
     gradients of that many contiguous sub-batches (same math as one batch: the mean over the
@@ -117,17 +138,13 @@ def _make_step(model: Model, tx: optax.GradientTransformation, parts: int = 1):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
         return loss, upd
 
-    def sum_loss(params, xb, yb):
-        return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": params}, xb), yb).sum()
+    part_grad = _summed_loss_grad(module)
 
     def step(state, xb, yb):
         params, other, opt_state = state
         if parts > 1 and not other:
-            bounds = np.linspace(0, xb.shape[0], parts + 1).astype(int)
-            outs = [jax.value_and_grad(sum_loss)(params, xb[a:b], yb[a:b])
-                    for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-            loss = sum(o[0] for o in outs) / xb.shape[0]
-            g = jax.tree.map(lambda *a: sum(a) / xb.shape[0], *(o[1] for o in outs))
+            outs = [part_grad(params, xb[a:b], yb[a:b]) for a, b in _part_bounds(xb.shape[0], parts)]
+            loss, g = _mean_of_parts(outs, xb.shape[0])
             upd = {}
         else:
             (loss, upd), g = jax.value_and_grad(loss_fn, has_aux=True)(params, other, xb, yb)
@@ -388,9 +405,10 @@ class _ThreadedStep:
     """`fit`'s split step (`split_parts` = 2) with its sub-batch gradients computed by two Python
     threads at once, then one compiled update: on CPU one thread's compiled calls run one after
     another and sub-batches inside one call barely overlap (see `harness.chunk_workers`), while
-    calls from two threads run on both cores. The same sums as `_make_step` (each sub-batch's
-    summed loss and gradient, added and divided by the batch), the optimizer state untouched
-    until both are done; parameters and optimizer state donated to the update.
+    calls from two threads run on both cores. The same sums as `_make_step` (`_summed_loss_grad`
+    and `_mean_of_parts`: each sub-batch's summed loss and gradient, added and divided by the
+    batch), the optimizer state untouched until both are done; parameters and optimizer state
+    donated to the update.
 
     `fit_call(carry, data, idx, i) -> carry` gathers batch i inside each half's call (as `fit`'s
     step); `stream_call(carry, xb, yb) -> (carry, loss)` takes host batches (as `fit_stream`'s).
@@ -399,14 +417,9 @@ class _ThreadedStep:
     (0.87-0.91 vs 0.83-0.85 ms)."""
 
     def __init__(self, model: Model, cfg: TrainConfig, parts: int):
-        module = model.module
         tx = _optimizer(cfg)
         self.parts = parts
-
-        def sum_loss(params, xb, yb):
-            return optax.softmax_cross_entropy_with_integer_labels(module.apply({"params": params}, xb), yb).sum()
-
-        grad = jax.value_and_grad(sum_loss)
+        grad = _summed_loss_grad(model.module)
 
         @functools.partial(jax.jit, static_argnums=(4, 5))
         def gather_half(params, data, idx, i, a, b):
@@ -420,20 +433,16 @@ class _ThreadedStep:
         @functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
         def update(carry, outs, n):
             (params, other, opt_state), tot = carry
-            loss = sum(o[0] for o in outs) / n
-            g = jax.tree.map(lambda *a: sum(a) / n, *(o[1] for o in outs))
+            loss, g = _mean_of_parts(outs, n)
             updates, opt_state = tx.update(g, opt_state, params)
             return ((optax.apply_updates(params, updates), other, opt_state), tot + loss), loss
 
         self._gather, self._host, self._update = gather_half, host_half, update
 
     def _halves(self, call, n: int):
-        from attrax.harness import _pool
+        from attrax.harness import in_threads
 
-        bounds = np.linspace(0, n, self.parts + 1).astype(int)
-        futures = [_pool(self.parts).submit(lambda a=a, b=b: jax.block_until_ready(call(int(a), int(b))))
-                   for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        return tuple(f.result() for f in futures)
+        return tuple(in_threads([functools.partial(call, a, b) for a, b in _part_bounds(n, self.parts)], self.parts))
 
     def fit_call(self, carry, data, idx, i):
         params = carry[0][0]
@@ -449,10 +458,10 @@ class _ThreadedStep:
 def _threaded(model: Model, cfg: TrainConfig, parts: int) -> _ThreadedStep | None:
     """The threaded split step where it applies: a split step (CPU, no mutable state, see
     `split_parts`) and as many chunk threads (`harness.chunk_workers`, `ATTRAX_CHUNK_THREADS`)."""
-    from attrax.harness import _IN_POOL, chunk_workers
+    from attrax.harness import chunk_workers
 
-    if parts < 2 or chunk_workers() < parts or getattr(_IN_POOL, "active", False):
-        return None  # (inside a pool thread: its halves would wait on the pool they occupy)
+    if parts < 2 or chunk_workers() < parts:  # (chunk_workers is 1 inside the pool's own threads)
+        return None
     return _memo(("threaded", _model_key(model, cfg), parts), lambda: _ThreadedStep(model, cfg, parts))
 
 
