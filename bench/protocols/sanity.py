@@ -138,11 +138,15 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1.0), 0.0)
 
 
+def _ssim_sigma(h: int, w: int) -> float:
+    # the Gaussian window 2 * int(3.5 sigma + 0.5) + 1 must fit the image (sigma 1.5 from 23 px up)
+    return min(1.5, ((min(h, w) - 1) // 2) / 3.5)
+
+
 def _ssim_one(a: np.ndarray, b: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
-    # the Gaussian window 2 * int(3.5 sigma + 0.5) + 1 must fit the image (sigma 1.5 from 23 px up)
-    sigma = min(1.5, ((min(a.shape) - 1) // 2) / 3.5)
+    sigma = _ssim_sigma(*a.shape)
     return float(structural_similarity(a, b, data_range=1.0, gaussian_weights=True, sigma=sigma,
                                        use_sample_covariance=False))
 
@@ -158,7 +162,7 @@ def ssim_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
-    sigma = min(1.5, ((min(a.shape[1:]) - 1) // 2) / 3.5)
+    sigma = _ssim_sigma(*a.shape[1:])
     truncate = 3.5
     pad = int(truncate * sigma + 0.5)  # (win_size - 1) // 2 with win_size = 2 * radius + 1
 
