@@ -2,13 +2,14 @@
 
 Every test session uses its own model cache folder, so tests never depend on a user's cache.
 
-Tests compile thousands of small programs (about 7,500 in a default run; tracing, lowering and
+Tests compile thousands of small programs (about 7,800 in a default run; tracing, lowering and
 compiling were ~85% of the test processes' CPU time, measured with JAX's monitoring events), and
 many are the same program built from different Python closures (a quarter of the requests). The
 test processes use a persistent XLA compilation cache per test session (a temporary folder,
 removed at the end, one subfolder per xdist worker; a user's JAX_COMPILATION_CACHE_DIR is not
-used), and the `python -m attrax.cli` subprocesses share its top folder. The tests that count compiles still see a cache
-hit: JAX records its backend-compile event around compile-or-fetch (`attrax.perf.count_compilations`).
+used), and the `python -m attrax.cli` subprocesses share its top folder. The tests that count
+compiles still see a cache hit: JAX records its backend-compile event around compile-or-fetch
+(`attrax.perf.count_compilations`).
 """
 
 from __future__ import annotations
@@ -50,18 +51,14 @@ _XLA_CACHE_ENV = "ATTRAX_TEST_XLA_CACHE"  # set by the controlling pytest proces
 jax.config.update("jax_include_full_tracebacks_in_locations", False)
 
 
-def _use_cache(path: str) -> None:
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-
-
 def _own_cache(root: str) -> None:
     # each test process its own subfolder: JAX writes cache files in place, and a worker reading
     # an entry another process is still writing gets a truncated-stream warning (seen once)
     path = os.path.join(root, os.environ.get("PYTEST_XDIST_WORKER", "main"))
     os.makedirs(path, exist_ok=True)
-    _use_cache(path)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def pytest_configure(config):
