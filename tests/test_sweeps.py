@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from incli import run_cli as _cli  # `attrax ...` in this process
 
 from attrax import findings, results
 
 TINY = ["model=cnn_a", "train=fast", "n_images=10", "progress=false", "figures=true"]
-
-
-def _cli(args, cwd):
-    return subprocess.run([sys.executable, "-m", "attrax.cli", *args], cwd=cwd, env=dict(os.environ),
-                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.xdist_group("cli_cnn_a")  # one worker trains the TINY model once (tests/conftest.py)
