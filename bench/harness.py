@@ -266,7 +266,8 @@ def evals_per_chunk_for_memory(
     gradient), so the estimated chunk is compiled too and, while it does not fit, shrunk along
     the line through the two nearest measurements (at most `tries` compiles). The result is
     images x the method's cost (evaluations per image) for a chunk whose analysis fits. Raises
-    when not even one image fits. `x` gives the image shape and dtype only.
+    when not even one image fits. `x` gives the image shape and dtype only. When `max_images` is
+    no larger than the second probe, that chunk is compiled first and, if it fits, is the answer.
     """
     from attrax.methods import per_example_keys
     from attrax.methods.combinators import resolve
@@ -298,6 +299,8 @@ def evals_per_chunk_for_memory(
                            f"{measure(1) / 2**20:.1f} MB")
 
     (k1, k2) = probe_images
+    if max_images <= k2 and measure(max_images) <= budget:
+        return max_images * cost  # the largest chunk asked for fits: one compile, no line needed
     b1, b2 = measure(k1), measure(k2)
     per_image = max(1.0, (b2 - b1) / (k2 - k1))
     fixed = max(0.0, b1 - per_image * k1)

@@ -339,11 +339,13 @@ def _conv_eqns(jaxpr) -> list[Any]:
     return out
 
 
-def _conv_timings(model, params, x, repeats: int, layouts: list[str], with_fastconv: bool = True
-                  ) -> tuple[list[dict], dict[str, Any]]:
+def _conv_timings(model, params, x, repeats: int, layouts: list[str], with_fastconv: bool = True,
+                  max_shapes: int | None = None) -> tuple[list[dict], dict[str, Any]]:
     """Every distinct convolution of the model's forward at x's batch, timed alone: forward, backward data
     (input vjp) and backward filter (kernel vjp), in NHWC/HWIO (the model's) and optionally NCHW/OIHW, and
-    `attrax.fastconv`'s backward pass where it applies. Returns (per shape, sums weighted by count)."""
+    `attrax.fastconv`'s backward pass where it applies. Returns (per shape, sums weighted by count).
+    `max_shapes`: only the that many most frequent distinct shapes (the sums then cover those only:
+    `timed_distinct` says how many; each one compiles its own programs)."""
     from jax import lax
 
     from attrax.perf import time_calls
@@ -358,6 +360,10 @@ def _conv_timings(model, params, x, repeats: int, layouts: list[str], with_fastc
         lhs, rhs = (v.aval for v in e.invars)
         key = (lhs.shape, rhs.shape, tuple(sorted((k, str(v)) for k, v in e.params.items())))
         groups.setdefault(key, [e, 0])[1] += 1
+    distinct = len(groups)
+    if max_shapes is not None and max_shapes < distinct:  # the most frequent first, ties in model order
+        order = sorted(groups, key=lambda k: -groups[k][1])[:max_shapes]
+        groups = collections.OrderedDict((k, groups[k]) for k in order)
     totals: dict[str, float] = collections.defaultdict(float)
     per_shape: list[dict] = []
     rng = np.random.default_rng(0)
@@ -411,7 +417,7 @@ def _conv_timings(model, params, x, repeats: int, layouts: list[str], with_fastc
             r["count"] * r["NHWC backward data"] for r in per_shape if "fastconv backward data" in r)
         totals["XLA form of the fastconv-supported: backward filter"] = sum(
             r["count"] * r["NHWC backward filter"] for r in per_shape if "fastconv backward filter" in r)
-    return per_shape, {"convolutions": len(eqns), "distinct": len(groups), **dict(totals)}
+    return per_shape, {"convolutions": len(eqns), "distinct": distinct, "timed_distinct": len(groups), **dict(totals)}
 
 
 def _hlo_conv_layouts(compiled) -> dict[str, int]:
@@ -470,7 +476,8 @@ def where_time_goes(mname: str, model, params, x, target, cfg: dict[str, Any], l
     log(f"profile   {mname}: HLO {layouts} GFLOP {recs[-1]['gflops']}")
     if pc.get("convolutions", True) and _conv_eqns(jax.make_jaxpr(lambda z: model(params, z))(xb[:1])):
         want = [s for s in pc.get("layouts", ["NHWC", "NCHW"])]
-        per_shape, conv = _conv_timings(model, params, xb, max(2, rep), want, bool(pc.get("fastconv", True)))
+        per_shape, conv = _conv_timings(model, params, xb, max(2, rep), want, bool(pc.get("fastconv", True)),
+                                        pc.get("max_conv_shapes"))
         recs.append({"kind": "profile", "model": mname, "name": "convolutions timed alone",
                      "hparams": {"variant": "sum over the model's convolutions", "batch": b}, "conv": conv,
                      "per_shape": per_shape})

@@ -89,6 +89,33 @@ def test_budget_chunk_is_capped_where_memory_does_not_grow(monkeypatch):
     assert evals == 1000
 
 
+def test_budget_chunk_of_a_small_batch_takes_one_compile(monkeypatch):
+    # when the largest chunk asked for (max_images) is no larger than the second probe, it is
+    # compiled first; it fits here, so it is the answer without the probes' line. When it does
+    # not fit, the probes and the line take over (and the answer fits).
+    from attrax import harness
+
+    seen = []
+
+    def linear(c):
+        seen.append(c.args_info[0][1].shape[0])
+        return 1_000_000 + 100_000 * seen[-1]
+
+    monkeypatch.setattr(harness, "compiled_memory_bytes", linear)
+    w = {"w": jnp.zeros((12, 3))}
+    assert harness.evals_per_chunk_for_memory("gradient", _linear_apply, w, np.zeros((1, 2, 2, 3)),
+                                              memory_mb=2.0, probe_images=(1, 4), max_images=3) == 3
+    assert seen == [3]
+    seen.clear()
+    evals = harness.evals_per_chunk_for_memory("gradient", _linear_apply, w, np.zeros((1, 2, 2, 3)),
+                                               memory_mb=1.25, probe_images=(1, 4), max_images=3)
+    assert evals == 3 and 1_000_000 + 100_000 * 3 <= 1.25 * 2**20  # 3 fits 1.25 MB (1.31e6 bytes)
+    seen.clear()
+    evals = harness.evals_per_chunk_for_memory("gradient", _linear_apply, w, np.zeros((1, 2, 2, 3)),
+                                               memory_mb=1.2, probe_images=(1, 4), max_images=3)
+    assert seen[0] == 3 and 1_000_000 + 100_000 * evals <= 1.2 * 2**20 and evals == 2
+
+
 @pytest.mark.slow  # four RISE compiles; the two tests above cover the same code on a cheap method
 def test_rise_budget_chunk_fits(cnn32):
     # RISE's memory barely grows with the chunk while its forwards have a fixed size (the linear

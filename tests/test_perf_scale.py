@@ -27,7 +27,8 @@ def tiny_config(tmp_path, models, profile=True):
         "protocols": {"pixel_flipping": {"choices": {"steps": 2, "random_runs": 0}, "images": 3}},
     }
     if profile:
-        cfg["profile"] = {"batch": 2, "repeats": 1, "max_seconds": 2, "layouts": ["NHWC", "NCHW"], "chunks": [2]}
+        cfg["profile"] = {"batch": 2, "repeats": 1, "max_seconds": 2, "layouts": ["NHWC", "NCHW"], "chunks": [2],
+                          "max_conv_shapes": 2}
     p = tmp_path / "scale.yaml"
     p.write_text(yaml.safe_dump(cfg))
     return p
@@ -59,6 +60,9 @@ def test_scale_section_end_to_end(tmp_path, capsys):
             "convolutions timed alone", "gradient vs chunk size"} <= names, names
     conv = next(r for r in prof if r["name"] == "convolutions timed alone")["conv"]
     assert conv["NHWC forward"] > 0 and conv["NCHW backward data"] > 0 and conv["convolutions"] >= 5
+    assert conv["timed_distinct"] == 2 < conv["distinct"]  # the two most frequent shapes (max_conv_shapes)
+    per_shape = next(r for r in prof if r["name"] == "convolutions timed alone")["per_shape"]
+    assert [r["count"] for r in per_shape] == sorted((r["count"] for r in per_shape), reverse=True)
     layouts = next(r for r in prof if r["name"] == "compiled HLO of the input gradient")["layouts"]
     assert any(k.startswith("dim_labels") for k in layouts)
     assert (out / "rows.parquet").exists()

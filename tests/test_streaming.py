@@ -149,41 +149,4 @@ def _trained(over):
     return model, params
 
 
-SHARDED = """
-import sys, jax, jax.numpy as jnp, numpy as np, attrax
-from attrax.methods import per_example_keys
-model = attrax.models.create("cnn_a")
-x = jax.random.uniform(jax.random.key(0), (10, 28, 28, 1))
-params = attrax.models.init(model, jax.random.key(1), x)
-y = jnp.arange(10) % 10
-# the streamed path: each batch passes the per-example keys of its positions in the selection
-parts = [attrax.explain("smoothgrad", model, params, x[a:b], y[a:b], key=per_example_keys(7, b - a, a),
-                        n_samples=4, chunk_size=3) for a, b in ((0, 4), (4, 10))]
-np.savez(globals().get("OUT") or sys.argv[1], n=jax.local_device_count(),
-         maps=np.concatenate([np.asarray(p) for p in parts]))
-"""
-
-
-def test_streamed_batches_shard_over_devices_with_the_same_maps(tmp_path):
-    """Per-example key arrays travel through the batch sharding of several (forced CPU) devices."""
-    import os
-    import subprocess
-    import sys
-
-    import jax
-
-    out = {}
-    if jax.local_device_count() == 1:  # the one-device run in this process (no second start-up)
-        exec(compile(SHARDED, "sharded", "exec"), {"__name__": "sharded", "OUT": str(tmp_path / "1.npz")})
-        out[1] = dict(np.load(tmp_path / "1.npz"))
-    for d in (1, 2):
-        if d in out:
-            continue
-        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={d}"  # keeps conftest's
-        env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
-        p = subprocess.run([sys.executable, "-c", SHARDED, str(tmp_path / f"{d}.npz")], env=env,
-                           capture_output=True, text=True, timeout=600)
-        assert p.returncode == 0, p.stderr[-3000:]
-        out[d] = dict(np.load(tmp_path / f"{d}.npz"))
-    assert int(out[1]["n"]) == 1 and int(out[2]["n"]) == 2
-    np.testing.assert_allclose(out[2]["maps"], out[1]["maps"], rtol=1e-5, atol=1e-6)
+# (streamed batches with per-example keys over 2 forced devices: tests/test_sharding.py)
