@@ -439,13 +439,43 @@ def create(name: str, **kwargs: Any) -> Model:
     return as_model(name, **kwargs)
 
 
+def _key_tree(v: Any) -> Any:
+    """The nested key order of a variables dict (None at the leaves)."""
+    if isinstance(v, dict) or hasattr(v, "items"):
+        return [(k, _key_tree(sub)) for k, sub in v.items()]
+    return None
+
+
+def _in_order(v: Any, tree: Any) -> Any:
+    return v if tree is None else {k: _in_order(v[k], sub) for k, sub in tree}
+
+
 def init(model: Model, key: Array, sample_x: Array) -> Any:
-    """Fresh variables for a module-backed model. Eager on purpose: Flax returns the collections'
-    layers in the order the forward pass creates them, which the model-randomization cascade
-    reads as the layer order; a jitted init returns them with sorted keys (tests/test_sanity.py)."""
+    """Fresh variables for a module-backed model: the module's `init` as one compiled call per
+    model and input shape (eager, every initializer of every parameter shape compiles on its own).
+    The dicts come back in the order the forward pass creates the layers, as Flax's own eager
+    init returns them: the model-randomization cascade reads that order as the layer order
+    (tests/test_sanity.py), and a compiled call returns sorted keys, so the order is recorded when
+    the init is traced and put back. The values equal the eager init's (tests/test_foundation.py)."""
     if model.module is None:
         raise AttraxError("init needs a Flax module; a plain apply_fn brings its own params")
-    return model.module.init(key, sample_x)
+    sample_x = jnp.asarray(sample_x)
+    spec = ("init", sample_x.shape, str(sample_x.dtype), jnp.shape(key), str(key.dtype))
+
+    def build():
+        order: list = []
+        module = model.module
+
+        def traced(k, xx):
+            v = module.init(k, xx)
+            order[:] = [_key_tree(v)]  # runs at trace time: Python dicts still in creation order
+            return v
+
+        return jax.jit(traced), order
+
+    fn, order = model.cached(spec, build)
+    v = fn(key, sample_x)
+    return _in_order(v, order[0])
 
 
 def names() -> list[str]:

@@ -65,6 +65,34 @@ def test_mnist_sample_split(mnist_train, mnist_test):
 
 
 # ----------------------------------------------------------------------------- models
+def test_compiled_init_equals_flax_eager_init_values_and_order():
+    """`attrax.models.init` is one compiled call; its variables equal Flax's eager `module.init`
+    bit for bit, in the same (forward, creation) key order at every level, with BatchNorm."""
+    import flax.linen as nn
+
+    class Net(nn.Module):  # names out of sorted order, a BatchNorm collection
+        @nn.compact
+        def __call__(self, x, train: bool = False):
+            x = nn.Conv(3, (3, 3), name="zconv")(x)
+            x = nn.BatchNorm(use_running_average=not train, name="bn")(x)
+            return nn.Dense(4, name="adense")(x.reshape((x.shape[0], -1)))
+
+    def order(v):
+        return [(k, order(sub)) for k, sub in v.items()] if hasattr(v, "items") else None
+
+    for model, x in ((attrax.models.create("cnn_a"), jnp.zeros((1, 28, 28, 1))),
+                     (attrax.as_model(Net()), jnp.zeros((2, 6, 6, 2)))):
+        for key in (jax.random.key(3), jax.random.PRNGKey(4)):  # typed and raw keys
+            eager = model.module.init(key, x)
+            got = attrax.models.init(model, key, x)
+            assert order(got) == order(eager)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(eager), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        again = attrax.models.init(model, jax.random.key(5), x)  # cached compiled init, new key
+        assert order(again) == order(eager)
+        assert not np.array_equal(jax.tree.leaves(again)[-1], jax.tree.leaves(got)[-1])
+
+
 @pytest.mark.parametrize("name", ["mlp", "cnn", "cnn_a", "allconv", "camnet", "resnet"])
 def test_zoo_models_stages(name):
     model = attrax.models.create(name)
