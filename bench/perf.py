@@ -1005,7 +1005,7 @@ def against_records(anchor: dict[str, Any], source: str, cfg: dict[str, Any], re
                         break
                 if found is None:
                     found = run_entry(kind, name, settings)
-                    if found is not None:
+                    if found is not None and found.get("kind"):  # a measured record (not an error or note)
                         records.append(found)
             else:
                 found = run_entry("train", spec["train"], {"spec": spec, "work": w})
@@ -1283,14 +1283,17 @@ def model_names(cfg: dict[str, Any]) -> list[str]:
 def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protocols: list[str],
         steps: bool = True, training: bool = True, budget: bool = True, flags: list[str] | None = None,
         roar_grid: bool = True, progress: bool = True, families: bool | None = None,
-        against: dict[str, Any] | None = None, against_source: str = "") -> tuple[pd.DataFrame, list[dict]]:
+        against: dict[str, Any] | None = None, against_source: str = "",
+        against_only: str | None = None) -> tuple[pd.DataFrame, list[dict]]:
     """Run the benchmark and write rows.parquet, run.json and performance.md into `out_dir`.
 
     With several models (`model: a,b,c`), the method/protocol/step/budget entries run on the first;
     the `families` section (default: on when several models or a non-zoo example is named) times
     LRP, DeepLIFT and guided backprop against one gradient on every model. `against`: a loaded
     anchor JSON (`load_anchor`); every workload of it gets a row with its attrax counterpart
-    (conf `against:`), run with the matching settings where the lists above did not already."""
+    (conf `against:`), run with the matching settings where the lists above did not already;
+    `against_only` (the `--roar-only` / `--families-only` option's name): no counterpart is run
+    beyond the sections asked for, the others' rows say so."""
     import attrax
     from attrax import examples
     from attrax.results import write_run
@@ -1361,6 +1364,8 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
         section("roar", lambda: bench_roar_grid(cfg, log))
     if against:
         def run_entry(kind: str, name: str, settings: dict) -> dict | None:
+            if against_only and name != "roar_grid":
+                return {"note": f"not run ({against_only}: only its section is compared)"}
             try:
                 if kind == "method":
                     entry = {**(cfg["methods"].get(name) or {}), "hparams": settings}
@@ -1435,7 +1440,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="batch sizes of the bound's sweep (default: the config's bound_batches)")
     ap.add_argument("--against", default=None, metavar="PATH",
                     help="the PyTorch stack's torch_cpu.json (../shared/anchors/torch_anchor.py, run just "
-                         "before): adds the ratio column for every workload it timed")
+                         "before): adds the ratio column for every workload it timed (with --roar-only: "
+                         "the grid's row only; the others are listed as not run)")
     ap.add_argument("--dataset-root", default=None, metavar="DIR",
                     help="the image folder of --dataset image_folder (none given: a small synthetic folder is "
                          "generated); with a large zoo --model (resnet18, resnet50, vgg16, vit) the paper-scale "
@@ -1481,7 +1487,8 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, out, methods=methods, protocols=protocols, steps=not a.no_steps, training=not a.no_training,
             budget=not a.no_budget, flags=a.flags, roar_grid=not a.no_roar, progress=not a.quiet,
             families=False if a.no_families else (True if a.families_only else None),
-            against=anchor, against_source=str(a.against or ""))
+            against=anchor, against_source=str(a.against or ""),
+            against_only="--roar-only" if a.roar_only else "--families-only" if a.families_only else None)
     except AttraxError as e:
         print(f"attrax-bench: error: {e}", file=sys.stderr)
         return 2

@@ -155,10 +155,13 @@ def test_bench_roar_grid_times_batched_and_sequential_retraining(tmp_path):
         "roar_grid": {"train_per_class": 4, "test_images": 40, "epochs": 1, "batch_size": 8,
                       "fractions": [0.0, 0.5], "seeds": [0, 1], "batched": "parallel",
                       "vmap_methods": ["gradient"], "methods": {"gradient": {}, "random": {}}},
+        "against": {"attribution": {"Saliency": [{"method": "gradient"}]},
+                    "training": {"roar_retrain": [{"train": "fit"}, {"train": "roar_grid"}]}},
     }
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "bench"
-    assert perf.main(["--config", str(tmp_path / "b.yaml"), "--roar-only", "--out", str(out), "--quiet"]) == 0
+    assert perf.main(["--config", str(tmp_path / "b.yaml"), "--roar-only", "--out", str(out), "--quiet",
+                      "--against", str(_anchor_json(tmp_path))]) == 0
     run = attrax.results.load(out)
     meta = json.loads((out / "run.json").read_text())
     recs = [r for r in meta["bench"]["records"] if r["kind"] == "roar"]
@@ -172,6 +175,13 @@ def test_bench_roar_grid_times_batched_and_sequential_retraining(tmp_path):
     md = (out / "performance.md").read_text()
     assert "## ROAR + KAR grid" in md and "| parallel | 8 |" in md and "difference" in md
     assert recs[0]["max_accuracy_diff"] == 0.0  # parallel retrains equal the sequential ones
+    # --against with --roar-only compares the grid only: no method is timed for the anchor's rows
+    every = meta["bench"]["records"]
+    assert not [r for r in every if r["kind"] in ("method", "protocol", "train")]
+    vs = {(r["name"], r.get("counterpart")): r for r in every if r["kind"] == "against"}
+    assert "not run (--roar-only" in vs[("attribution.Saliency", "gradient")]["note"]
+    assert "not run (--roar-only" in vs[("training.roar_retrain", "train.fit (fit)")]["note"]
+    assert vs[("training.roar_retrain", "ROAR + KAR grid (roar_grid section), batched retraining")]["speedup"] > 0
 
 
 # ---------------------------------------------------------------------------------------------
