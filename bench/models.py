@@ -441,7 +441,7 @@ def create(name: str, **kwargs: Any) -> Model:
 
 def _key_tree(v: Any) -> Any:
     """The nested key order of a variables dict (None at the leaves)."""
-    if isinstance(v, dict) or hasattr(v, "items"):
+    if hasattr(v, "items"):  # dict or FrozenDict
         return [(k, _key_tree(sub)) for k, sub in v.items()]
     return None
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 import pytest
-from incli import run_cli
+from incli import run_cli as _run_cli  # `attrax ARGS` in this process
 
 import attrax
 from attrax import results
@@ -314,10 +314,6 @@ def test_cli_unknown_choice_is_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "did you mean 'gradient'" in err.lower() and "\n" not in err
-
-
-def _run_cli(args, cwd):
-    return run_cli(args, cwd)  # `attrax ARGS` in this process (tests/incli.py)
 
 
 # one xdist worker for the CLI tests that use the cnn_a `train=fast` model: the first trains it into the
