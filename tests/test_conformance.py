@@ -1,9 +1,11 @@
 """THE shared conformance test: every registered method (and a few compositions) must
 
 - return relevance with the input's shape, finite;
-- give the same map jitted on the batch as eagerly on one example at a time (`jit=False`,
-  `chunk_size=1`: each call gets that example's key), i.e. jit == eager and vmap == loop at
-  once, to float32 tolerance;
+- give the same map jitted on the batch as on one example at a time (`chunk_size=1`: each call
+  gets that example's key), i.e. vmap == loop, to float32 tolerance; for one method per family
+  (EAGER) the per-example calls run eagerly (`jit=False`), so jit == eager is checked at once;
+  `pytest -m slow` runs the eager loop for every method (tests/test_conformance.py's
+  `test_jit_equals_eager_every_method`);
 - be deterministic for a fixed key (and, when registered `stochastic`, change with the key);
 - ship `conf/method/<name>.yaml` starting with `# @package method`, whose `name` is the method and
   whose other keys are a subset of the function's keyword hyperparameters.
@@ -66,6 +68,20 @@ def _close(a, b, what: str, name: str) -> None:
     assert err <= 1e-4 * scale + 1e-6, f"{name}: {what} differ by {err:.3g} (scale {scale:.3g})"
 
 
+#: methods whose per-example loop runs eagerly in the default suite: one per family (and one
+#: stochastic composition). An eager call compiles every primitive at every shape on its own
+#: (~40 s of the file's 68 s when every method ran eagerly; the jitted loop checks the same
+#: batch independence and per-example keys); the slow test below runs all of them eagerly.
+EAGER = ("gradient", "integrated_gradients", "guided_backprop", "lrp_epsilon", "deeplift", "grad_cam",
+         "occlusion", "lime", "random", "smooth(integrated_gradients)")
+
+
+def _loop_equals_batch(name, model, params, x, target, r, hp, jit):
+    loop = attrax.explain(name, model, params, x, target, key=5, chunk_size=1, jit=jit, **hp)
+    what = "the jitted batch and " + ("jitted" if jit else "eager") + " per-example calls"
+    _close(loop, r, what, name)
+
+
 @pytest.mark.parametrize("name", NAMES + COMPOSITES)
 def test_method_conformance(setup, name):
     model, params, x, target = setup
@@ -81,10 +97,18 @@ def test_method_conformance(setup, name):
         assert bool(jnp.all(jnp.isfinite(other))), f"{name}: non-finite relevance with another key"
         assert float(jnp.abs(other - r).max()) > 0, f"{name}: registered stochastic but ignores the key"
 
-    # jit == eager and vmap == loop in one run: the eager method called on one example at a time
-    # (each with its own key) must reproduce the compiled batch.
-    loop = attrax.explain(name, model, params, x, target, key=5, chunk_size=1, jit=False, **hp)
-    _close(loop, r, "the jitted batch and eager per-example calls", name)
+    # vmap == loop (and, for EAGER, jit == eager in the same run): the method called on one
+    # example at a time (each with its own key) must reproduce the compiled batch.
+    _loop_equals_batch(name, model, params, x, target, r, hp, jit=name not in EAGER)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [n for n in NAMES + COMPOSITES if n not in EAGER])
+def test_jit_equals_eager_every_method(setup, name):
+    model, params, x, target = setup
+    hp = small_hparams(name)
+    r = attrax.explain(name, model, params, x, target, key=5, **hp)
+    _loop_equals_batch(name, model, params, x, target, r, hp, jit=False)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,6 +130,12 @@ def test_method_config(name):
             assert v == sig[k].default or v is None or sig[k].default is None, (
                 f"{path}: {k}={v!r} but the function's default is {sig[k].default!r}"
             )
+
+
+def test_every_family_has_an_eager_representative():
+    fams = {attrax.methods.get(n).meta.get("family") for n in NAMES}
+    covered = {attrax.methods.get(n).meta.get("family") for n in EAGER if n in NAMES}
+    assert fams == covered, f"families without a method in EAGER: {sorted(fams - covered)}"
 
 
 def test_registry_metadata_is_complete():
