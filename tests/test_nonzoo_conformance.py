@@ -1,7 +1,7 @@
 """The conformance test of tests/test_conformance.py over EVERY registered method on five model
 families that are NOT in the zoo (issue 13), written the way users write them (tests/nonzoo.py,
 `attrax.examples`): a plain linen CNN, a BatchNorm ResNet, a small ViT, a plain `jax.numpy` MLP and
-a flax.nnx module. Same properties: shape, finite, vmap == loop (and jit == eager on the linen CNN),
+a flax.nnx module. Same properties: shape, finite, vmap == loop (and jit == eager on the linen CNN for EAGER_METHODS),
 deterministic per key, stochastic methods change with the key.
 
 A (method, family) pair where the method is not defined gets a one-line `AttraxError`; those
@@ -33,6 +33,9 @@ UNDEFINED = {
 
 #: the family whose per-example loop runs eagerly (jit == eager); the others' run jitted
 EAGER_FAMILY = "nonzoo_cnn"
+#: ... for these methods in the default suite: the model's own apply (gradient), the rule engine's
+#: interception of every layer (LRP), DeepLIFT's reference pass, the captured feature maps (Grad-CAM)
+EAGER_METHODS = ("gradient", "lrp_epsilon_plus_flat", "deeplift", "grad_cam")
 
 #: further shrunk sample/step counts (on top of test_conformance's SMALL): five families, tiny inputs
 TINY = {"steps": 2, "n_samples": 8, "n_masks": 4, "iterations": 2, "n_iter": 2, "n_steps": 2, "samples": 4}
@@ -110,10 +113,11 @@ def test_method_conformance_nonzoo(families, family, name):
         assert float(jnp.abs(other - r).max()) > 0, f"{name} on {family}: registered stochastic but ignores the key"
 
     # vmap == loop: one example at a time, each with its own key. Eagerly (jit == eager too) on
-    # the plain linen CNN; jitted on the other families, where an eager run compiles each of the
-    # method's hundreds of ops one by one (70% of this file's time): that jit == eager holds is a
-    # property of the method's code, checked for every method on the zoo (tests/test_conformance.py)
-    eager = family == EAGER_FAMILY
+    # the plain linen CNN for EAGER_METHODS (one per way a method reaches into the model) and for
+    # the slow product's pairs there; jitted otherwise: an eager run compiles each of the method's
+    # hundreds of ops one by one (70% of this file's time when every pair ran eagerly). That jit ==
+    # eager holds is a property of the method's code, checked on the zoo (tests/test_conformance.py)
+    eager = family == EAGER_FAMILY and (name in EAGER_METHODS or not _fast(family, name))
     loop = attrax.explain(name, model, params, x, target, key=5, chunk_size=1, jit=not eager, **hp)
     _close(loop, r, f"the jitted batch and {'eager' if eager else 'jitted'} per-example calls", f"{name} on {family}")
 
@@ -123,6 +127,6 @@ def test_undefined_pairs_are_real_pairs():
     the fast suite still runs every method somewhere and every CORE method everywhere."""
     for name, fam in [*UNDEFINED, *XFAIL]:
         assert fam in FAMILIES and (name in NAMES or name in COMPOSITES), (name, fam)
-    assert set(CORE) <= set(NAMES) and EAGER_FAMILY in FAMILIES
+    assert set(CORE) <= set(NAMES) and EAGER_FAMILY in FAMILIES and set(EAGER_METHODS) <= set(CORE)
     for name in NAMES + COMPOSITES:
         assert _agnostic(name) or any(_fast(f, name) for f in FAMILIES), name
