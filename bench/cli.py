@@ -26,7 +26,7 @@ def group_options(group: str) -> list[str]:
 
 
 #: Top-level counts that must be positive integers (checked before Hydra starts).
-POSITIVE_INTS = ("n_images", "heatmap_images", "chunk_evals", "retrain_train_per_class")
+POSITIVE_INTS = ("n_images", "heatmap_images", "chunk_evals", "train_per_class", "retrain_train_per_class")
 
 
 def check_overrides(argv: list[str]) -> None:

@@ -270,6 +270,8 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     dcfg = dict(cfg["dataset"])
     dname = dcfg.pop("name")
     train_set = attrax.datasets.load(dname, "train", **dcfg)
+    if cfg.get("train_per_class"):  # a quick look: a smaller training set (the model cache keys on the data)
+        train_set = train_set.take(per_class=int(cfg["train_per_class"]))
     test_set = attrax.datasets.load(dname, "test", **dcfg)
     timings["data_s"] = time.perf_counter() - t0
 

@@ -354,8 +354,8 @@ def test_cli_unknown_choice_is_one_line(capsys):
 def test_cli_end_to_end(tmp_path, capsys):
     from attrax.cli import main
 
-    args = ["model=cnn_a", "train=fast", "n_images=20", "method=gradient", f"out_dir={tmp_path}",
-            "hydra.run.dir=" + str(tmp_path / "run1"), "progress=false"]
+    args = ["model=cnn_a", "train=fast", "train_per_class=100", "n_images=20", "method=gradient",
+            f"out_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run1"), "progress=false"]
     p = _run_cli(args, tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     # trained here, or by an earlier test of this worker's group into the session's model cache

@@ -67,3 +67,17 @@ def test_a_sweep_over_steps_gives_two_leaderboard_rows(tmp_path, steps):
     ig = lb[(lb.method == "integrated_gradients")]
     assert len(ig) == 2 and {json.loads(h)["steps"] for h in ig.method_hparams} == set(steps)
     assert set(ig["label"]) == {f"integrated_gradients (steps={s})" for s in steps}
+
+
+def test_train_per_class_trains_on_that_many_images_of_each_class(tmp_path, monkeypatch):
+    seen = []
+    real = attrax.train
+
+    def spy(model, train_set, **kw):
+        seen.append(np.bincount(np.asarray(train_set.y)).tolist())
+        return real(model, train_set, **kw)
+
+    monkeypatch.setattr(attrax, "train", spy)
+    main.run(_cfg(["method=gradient", "protocol=sparseness", "train_per_class=7"]), tmp_path / "r", log=_quiet)
+    assert seen == [[7] * 10]
+    assert results.run_info(tmp_path / "r")["config"]["train_per_class"] == 7

@@ -10,7 +10,7 @@ from incli import run_cli as _cli  # `attrax ...` in this process
 
 from attrax import findings, results
 
-TINY = ["model=cnn_a", "train=fast", "n_images=10", "progress=false", "figures=true"]
+TINY = ["model=cnn_a", "train=fast", "train_per_class=100", "n_images=10", "progress=false", "figures=true"]
 
 
 @pytest.mark.xdist_group("cli_cnn_a")  # one worker trains the TINY model once (tests/conftest.py)
