@@ -423,24 +423,35 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
         chunk = -(-min(chunk, n) // workers)
     chunk = device_multiple(chunk)
     sharding = batch_sharding(chunk)
+    # on one CPU device the chunks are cut, padded and joined in NumPy (views of the same host
+    # memory): done with jax ops, each slice, pad and join shape was a compiled program of its own
+    host = sharding is None and jax.default_backend() == "cpu"
+
+    def cut(a, start: int, stop: int):
+        part = a if (start == 0 and stop == a.shape[0]) else None
+        if host and _host_array(a):
+            part = np.asarray(a)[start:stop] if part is None else part
+            if stop - start < chunk:
+                part = np.pad(np.asarray(part), [(0, chunk - (stop - start))] + [(0, 0)] * (part.ndim - 1))
+            return jnp.asarray(part)  # a transfer, not a compiled program: `fn` gets jax arrays as before
+        part = a[start:stop] if part is None else part
+        if stop - start < chunk:
+            extra = chunk - (stop - start)
+            if jnp.issubdtype(part.dtype, jax.dtypes.prng_key):
+                part = jnp.concatenate([part, jnp.repeat(part[:1], extra, axis=0)])
+            else:
+                part = jnp.pad(part, [(0, extra)] + [(0, 0)] * (part.ndim - 1))
+        if sharding is not None:
+            part = jax.device_put(part, sharding)
+        return part
 
     def piece(start: int):
         stop = min(n, start + chunk)
-        parts = []
-        for a in arrays:
-            part = a if (start == 0 and stop == a.shape[0]) else a[start:stop]
-            if stop - start < chunk:
-                extra = chunk - (stop - start)
-                if jnp.issubdtype(part.dtype, jax.dtypes.prng_key):
-                    part = jnp.concatenate([part, jnp.repeat(part[:1], extra, axis=0)])
-                else:
-                    part = jnp.pad(part, [(0, extra)] + [(0, 0)] * (part.ndim - 1))
-            if sharding is not None:
-                part = jax.device_put(part, sharding)
-            parts.append(part)
-        out = fn(*parts)
+        out = fn(*[cut(a, start, stop) for a in arrays])
         k = stop - start
-        return out if k == chunk else jax.tree.map(lambda o, k=k: o[:k], out)
+        if k == chunk:
+            return out
+        return jax.tree.map(lambda o: np.asarray(o)[:k] if host and _host_array(o) else o[:k], out)
 
     starts = range(0, n, chunk)
     if threaded and len(starts) > 1:
@@ -448,8 +459,23 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
     else:
         outs = [piece(s) for s in starts]
     if len(outs) == 1:
-        return outs[0]
-    return jax.tree.map(lambda *o: jnp.concatenate(o), *outs)
+        return jax.tree.map(lambda o: jnp.asarray(o) if isinstance(o, np.ndarray) else o, outs[0])
+    return jax.tree.map(lambda *o: jnp.asarray(np.concatenate([np.asarray(a) for a in o]))
+                        if host and all(_host_array(a) for a in o) else jnp.concatenate(o), *outs)
+
+
+def _host_array(a: Any) -> bool:
+    """A NumPy array, or a concrete jax array (not PRNG keys) held in CPU memory."""
+    if isinstance(a, np.ndarray):
+        return a.dtype != object
+    if not isinstance(a, jax.Array) or isinstance(a, jax.core.Tracer):
+        return False
+    if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+        return False
+    try:
+        return a.is_fully_addressable and all(d.platform == "cpu" for d in a.devices())
+    except Exception:  # noqa: BLE001 - deleted or otherwise unreadable buffers: the jax path
+        return False
 
 
 def forward(model: Model, params: Any, x: Array, chunk: int = 1024) -> Array:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,13 @@ def per_example_keys(key: Array | int, n: int, offset: int = 0) -> Array:
         key = jax.random.wrap_key_data(key)
     if key.ndim == 1:  # already per-example
         return key
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(offset, offset + n))
+    return _fold_in_range(key, offset, n)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _fold_in_range(key: Array, offset: Array | int, n: int) -> Array:
+    # one compiled call per n (any offset); inside a traced method it is inlined
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(offset + jnp.arange(n, dtype=jnp.int32))
 
 
 def postprocess(r: Array, how: str) -> Array:

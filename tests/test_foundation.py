@@ -215,6 +215,33 @@ def test_chunking_is_invisible_and_does_not_retrace(linear):
     assert [f._cache_size() for f in jitted] == sizes  # a second batch of the same shape: no compile
 
 
+def test_map_chunks_cuts_pads_and_joins_on_the_host_without_compiling(monkeypatch):
+    """On one CPU device the chunks are cut, padded and joined in NumPy: the results equal one
+    call on the whole batch, PRNG keys are padded by repetition, and a batch of a new size
+    compiles only `fn` itself (once per chunk shape), not a slice, pad or join per shape."""
+    from attrax import harness
+    from attrax.perf import count_compilations
+
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "1")
+    fn = jax.jit(lambda a, k: (a * 2.0, jax.vmap(lambda kk: jax.random.uniform(kk))(k)))
+    x = jnp.arange(7 * 3, dtype=jnp.float32).reshape(7, 3)
+    keys = jax.random.split(jax.random.key(0), 7)
+    whole = fn(x, keys)
+    for n, arr in ((7, x), (5, np.asarray(x[:5]))):  # a jax array and a NumPy array, a padded last chunk
+        out = harness.map_chunks(fn, n, 3, arr, keys[:n])
+        assert all(isinstance(o, jax.Array) for o in out)
+        np.testing.assert_array_equal(out[0], whole[0][:n])
+        np.testing.assert_array_equal(out[1], whole[1][:n])  # keys: padded by repeating the first
+    double = jax.jit(lambda a: a * 2.0)
+    double(x[:3])  # fn's one chunk shape
+    for n in (7, 5, 4):  # batches of new sizes: cut, padded and joined without a compiled program
+        arr = jnp.asarray(np.asarray(x)[:n] + n)
+        with count_compilations() as c:
+            out = harness.map_chunks(double, n, 3, arr)
+        assert c.count == 0, (n, c.count)
+        np.testing.assert_array_equal(out, (np.asarray(x)[:n] + n) * 2.0)
+
+
 def test_resolve_target(linear):
     model, params, x, target, _ = linear
     pred = attrax.resolve_target(model, params, x, target, "predicted")

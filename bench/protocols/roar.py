@@ -42,6 +42,7 @@ per (method, fraction, seed)), never recomputes a model, a map, a ranking or a m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -105,17 +106,27 @@ def rank_positions(relevance: Array, *, key: Array | int = 0, rank: str = "value
     """(n, D) int32: each unit's position in its image's order, 0 = most relevant.
 
     Ties in |R| are broken by `tie` ("random": seeded uniform keys, example i from
-    `fold_in(key, i)`; "index": lower flat index first).
+    `fold_in(key, i)`; "index": lower flat index first). One compiled call per shape (op by op,
+    a shard of another size compiled each of its dozen ops again).
     """
+    if rank not in RANKS:
+        raise AttraxError(f"unknown rank {rank!r}: use one of {', '.join(RANKS)}")
+    if tie not in TIES:
+        raise AttraxError(f"unknown tie rule {tie!r}: use one of {', '.join(TIES)}")
+    if isinstance(key, int):
+        key = jax.random.key(key)
+    return _rank_positions(jnp.asarray(relevance), key, rank=rank, tie=tie)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "tie"))
+def _rank_positions(relevance: Array, key: Array, *, rank: str, tie: str) -> Array:
     mag = magnitude(relevance, rank)
     n, d = mag.shape
     if tie == "random":
         keys = per_example_keys(key, n)
         tiebreak = jax.vmap(lambda k: jax.random.uniform(k, (d,)))(keys)
-    elif tie == "index":
+    else:  # "index"
         tiebreak = jnp.broadcast_to(jnp.arange(d, dtype=jnp.float32), (n, d))
-    else:
-        raise AttraxError(f"unknown tie rule {tie!r}: use one of {', '.join(TIES)}")
     order = jnp.lexsort((tiebreak, -mag), axis=-1)  # primary key last: descending magnitude
     ranks = jnp.broadcast_to(jnp.arange(d, dtype=order.dtype), (n, d))
     pos = jnp.zeros_like(order).at[jnp.arange(n)[:, None], order].set(ranks)
@@ -142,15 +153,22 @@ def replace_mask(positions: Array, fraction: float, protocol: str = "roar") -> A
 def random_mask(key: Array | int, shape: tuple[int, int], fraction: float) -> Array:
     """The random control: every unit replaced independently with probability `fraction`."""
     keys = per_example_keys(key, shape[0])
-    return jax.vmap(lambda k: jax.random.uniform(k, shape[1:]))(keys) < fraction
+    return _uniform_units(keys, tuple(shape[1:])) < fraction
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _uniform_units(keys: Array, shape: tuple[int, ...]) -> Array:
+    return jax.vmap(lambda k: jax.random.uniform(k, shape))(keys)
 
 
 def apply_mask(x: Array, mask: Array, fill: Any, rank: str = "value") -> Array:
-    """Replace the masked units of `x` (NHWC) by `fill` (per-channel values, broadcast)."""
-    x = jnp.asarray(x)
+    """Replace the masked units of `x` (NHWC) by `fill` (per-channel values, broadcast). NumPy in,
+    NumPy out (the modified data sets are built on the host, for disk); otherwise a jax array."""
+    xp = np if isinstance(x, np.ndarray) and isinstance(mask, np.ndarray) else jnp
+    x = xp.asarray(x)
     n, h, w, c = x.shape
     m = mask.reshape(n, h, w, c) if rank == "value" else mask.reshape(n, h, w, 1)
-    return jnp.where(m, jnp.asarray(fill, x.dtype).reshape(1, 1, 1, -1), x)
+    return xp.where(m, xp.asarray(fill, x.dtype).reshape(1, 1, 1, -1), x)
 
 
 def channel_mean(train_set) -> np.ndarray:
@@ -382,9 +400,9 @@ def run(
         if method == RANDOM_CONTROL:
             k = jax.random.fold_in(jax.random.fold_in(jax.random.key(key), 1 + (split == "test")),
                                    int(round(f * 1e6)))
-            mask = random_mask(per_example_keys(k, stop - start, start), (stop - start, d), f)
+            mask = np.asarray(random_mask(per_example_keys(k, stop - start, start), (stop - start, d), f))
         else:
-            mask = replace_mask(jnp.asarray(positions(split, start, stop)), f, protocol)
+            mask = replace_mask(np.asarray(positions(split, start, stop)), f, protocol)
         if mask_only:
             return np.asarray(apply_mask(np.zeros_like(x), mask, np.ones_like(fill), rank))
         return np.asarray(apply_mask(x, mask, fill, rank))
