@@ -594,8 +594,8 @@ def fit_stream(
 def accuracy(model: Model, variables, x: np.ndarray, y: np.ndarray) -> float:
     from attrax.harness import forward
 
-    logits = forward(model, variables, jnp.asarray(x))
-    return float(jnp.mean(jnp.argmax(logits, -1) == jnp.asarray(y)))
+    logits = np.asarray(forward(model, variables, jnp.asarray(x)))  # (n, classes): on the host, no
+    return float(np.mean(np.argmax(logits, -1) == np.asarray(y)))  # program per test-set size
 
 
 def cache_key(model: Model, dataset_fingerprint: str, cfg: TrainConfig, seed: int, extra: Any = None) -> str:
