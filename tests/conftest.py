@@ -3,8 +3,8 @@
 Every test session uses its own model cache folder, so tests never depend on a user's cache.
 
 Tests compile thousands of small programs (about 6,300 in a default run, 7,800 before the eager
-loops were cut; tracing, lowering and
-compiling were ~85% of the test processes' CPU time, measured with JAX's monitoring events), and
+loops were cut; tracing, lowering and compiling were 70-85% of the test processes' CPU time,
+measured with JAX's monitoring events), and
 many are the same program built from different Python closures (a quarter of the requests). The
 test processes use a persistent XLA compilation cache per test session (a temporary folder,
 removed at the end, one subfolder per xdist worker; a user's JAX_COMPILATION_CACHE_DIR is not
