@@ -393,3 +393,20 @@ def test_input_invariance_memoizes_the_first_layer_lookup(cnn):
     a = attrax.evaluate("input_invariance", m, params, x, t, r, key=0, method="gradient")
     b = attrax.evaluate("input_invariance", m, params, x, t, r, key=0, method="gradient")
     np.testing.assert_array_equal(np.asarray(a.values["distance"]), np.asarray(b.values["distance"]))
+
+
+def test_parallel_step_bound_runs_a_model_per_thread():
+    """The training section's bound of parallel retraining: `threads` models stepped at once,
+    each for an epoch's steps; images/s counts every thread's images."""
+    import importlib
+
+    import attrax
+    from attrax import perf
+
+    tr = importlib.import_module("attrax.train")
+    ds = attrax.datasets.load("synthetic", "train", n_train=40, n_test=4, size=16, num_classes=2, distractors=0, seed=0)
+    model = attrax.models.create("mlp", hidden=(4,), num_classes=2)
+    rec = perf._parallel_step_bound(tr, model, ds, epochs=1, workers=2, min_steps=1)
+    assert rec["name"] == "parallel steps alone" and rec["hparams"] == {"batch": 40, "steps": 1, "threads": 2}
+    assert rec["images_per_s"] == pytest.approx(2 * 40 / rec["seconds"])
+    assert perf._parallel_step_bound(tr, model, ds, epochs=1, workers=1) is None  # one core: no bound to report
