@@ -15,8 +15,13 @@ from attrax.methods import _engine, class_score, input_gradient
 
 
 def _ixg(fam):
-    _, g = input_gradient(lambda v: fam.model(fam.params, v), fam.x, fam.target)
+    # reference values computed jitted (eagerly, each of the model's ops compiled on its own)
+    g = jax.jit(lambda p, x, t: input_gradient(lambda v: fam.model(p, v), x, t)[1])(fam.params, fam.x, fam.target)
     return fam.x * g
+
+
+def _logits(fam, x=None):
+    return jax.jit(lambda p, v: fam.model(p, v))(fam.params, fam.x if x is None else x)
 
 
 def test_graph_classification():
@@ -43,8 +48,8 @@ def test_lrp0_is_input_times_gradient(family):
 
 def test_canonized_logits_and_vit_gradient_mode():
     res = make("nonzoo_resnet")
-    np.testing.assert_allclose(_engine.canonized_forward(res.model, res.params, res.x),
-                               res.model(res.params, res.x), atol=1e-5, rtol=1e-5)
+    canon = jax.jit(lambda p, v: _engine.canonized_forward(res.model, p, v))(res.params, res.x)
+    np.testing.assert_allclose(canon, _logits(res), atol=1e-5, rtol=1e-5)
     vit = make("vit_tiny")
     r = attrax.explain("lrp_0", vit.model, vit.params, vit.x, vit.target, transformer="gradient")
     want = _ixg(vit)
@@ -55,14 +60,13 @@ def test_canonized_logits_and_vit_gradient_mode():
 def test_deeplift_summation_to_delta(family):
     fam = make(family)
     r = attrax.explain("deeplift", fam.model, fam.params, fam.x, fam.target)
-    delta = class_score(fam.model(fam.params, fam.x), fam.target) - class_score(
-        fam.model(fam.params, jnp.zeros_like(fam.x)), fam.target)
+    delta = class_score(_logits(fam), fam.target) - class_score(_logits(fam, jnp.zeros_like(fam.x)), fam.target)
     np.testing.assert_allclose(r.sum((1, 2, 3)), delta, atol=1e-5 * float(jnp.abs(delta).max()) + 1e-6)
 
 
 def test_cp_lrp_conserves_on_bias_free_vit():
     vit = make("vit_tiny", use_bias=False, pool="mean", pos_embed=False)
-    f = class_score(vit.model(vit.params, vit.x), vit.target)
+    f = class_score(_logits(vit), vit.target)
     r = attrax.explain("lrp", vit.model, vit.params, vit.x, vit.target, rules={"default": "epsilon"}, eps=1e-9,
                        transformer="cp_lrp")
     np.testing.assert_allclose(r.sum((1, 2, 3)), f, rtol=1e-4, atol=1e-6)
