@@ -632,25 +632,34 @@ def bench_flags(flag_sets: list[str]) -> list[dict]:
 # Training strategies
 
 
-def _fit_step_overhead(tr, model, ds, epochs: int, fit_s: float) -> dict:
-    """`fit`'s steps alone: fit's training step (the same split, donated) called on one fixed batch
-    as many times as one `fit` takes steps, against `fit`'s time (python loop) measured above."""
+def _fixed_batch_steps(tr, model, ds, split: bool):
+    """(batch, run): `run(steps)` trains a fresh copy of one init for `steps` calls of fit's
+    donated training step (`split`: fit's sub-batch split, else one un-split step) on one fixed
+    batch, no data handling; returns the final state."""
     batch = min(tr.TrainConfig().batch_size, len(ds.x))
     variables = tr.init(model, jax.random.key(0), jax.numpy.asarray(ds.x[:1]))
     tx = tr._optimizer(tr.TrainConfig())
-    step = jax.jit(tr._make_step(model, tx, tr.split_parts(variables, batch)), donate_argnums=0)
+    parts = tr.split_parts(variables, batch) if split else 1
+    step = jax.jit(tr._make_step(model, tx, parts), donate_argnums=0)
     xb, yb = jax.numpy.asarray(ds.x[:batch]), jax.numpy.asarray(ds.y[:batch])
-    steps = len(ds.x) // batch * epochs
 
-    def run():
+    def run(steps: int):
         fresh = jax.tree.map(jax.numpy.copy, variables)  # the step donates its state
         other = {k: v for k, v in fresh.items() if k != "params"}
-        state = step((fresh["params"], other, tx.init(fresh["params"])), xb, yb)[0]
-        for _ in range(steps - 1):
+        state = (fresh["params"], other, tx.init(fresh["params"]))
+        for _ in range(steps):
             state = step(state, xb, yb)[0]
         return state
 
-    t = time_calls(run, repeats=2, warmup=0, max_seconds=60)
+    return batch, run
+
+
+def _fit_step_overhead(tr, model, ds, epochs: int, fit_s: float) -> dict:
+    """`fit`'s steps alone: fit's training step (the same split, donated) called on one fixed batch
+    as many times as one `fit` takes steps, against `fit`'s time (python loop) measured above."""
+    batch, run = _fixed_batch_steps(tr, model, ds, split=True)
+    steps = len(ds.x) // batch * epochs
+    t = time_calls(lambda: run(steps), repeats=2, warmup=0, max_seconds=60)
     return {"kind": "train", "name": "fit steps alone", "images_per_s": steps * batch / t["median_s"],
             "hparams": {"batch": batch, "steps": steps}, "seconds": t["median_s"],
             "note": f"fit (python loop) / steps alone = {fit_s / t['median_s']:.2f}; per-step overhead "
@@ -659,34 +668,22 @@ def _fit_step_overhead(tr, model, ds, epochs: int, fit_s: float) -> dict:
 
 def _parallel_step_bound(tr, model, ds, epochs: int, workers: int | None = None, min_steps: int = 100) -> dict | None:
     """The bound of parallel retraining (`train_many(mode="parallel")`): one un-split training
-    step per thread, a model each, `workers` threads (default: one per usable core) at once, on
-    one fixed batch, no data handling. Measured 2026-12-02 on the 2-core CPU with a plain flax /
-    optax step of cnn_a (batch 64): 1,470 images/s from one thread, 2,452 from two threads (one
-    model each), against 2,250 for train_many parallel (4 models); attrax's own step (this
-    function, 100 steps) 1,805 from one thread and 2,422 from two, the plain one 1,808 / 2,528 in
-    the same process: the grid's speed is bound by the step itself, not the per-step overhead."""
+    step per thread, a model each, `workers` threads (default: `train.cpu_workers()`, as parallel
+    mode) at once, on one fixed batch, no data handling. Measured 2026-12-02 on the 2-core CPU
+    with a plain flax / optax step of cnn_a (batch 64): 1,470 images/s from one thread, 2,452 from
+    two threads (one model each), against 2,250 for train_many parallel (4 models); attrax's own
+    step (this function, 100 steps) 1,805 from one thread and 2,422 from two, the plain one
+    1,808 / 2,528 in the same process: the grid's speed is bound by the step itself, not the
+    per-step overhead."""
     from attrax.harness import in_threads
 
-    if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = tr.cpu_workers() if workers is None else workers
     if workers < 2:
         return None
-    batch = min(tr.TrainConfig().batch_size, len(ds.x))
-    variables = tr.init(model, jax.random.key(0), jax.numpy.asarray(ds.x[:1]))
-    tx = tr._optimizer(tr.TrainConfig())
-    step = jax.jit(tr._make_step(model, tx, 1), donate_argnums=0)
-    xb, yb = jax.numpy.asarray(ds.x[:batch]), jax.numpy.asarray(ds.y[:batch])
+    batch, run = _fixed_batch_steps(tr, model, ds, split=False)
     steps = max(len(ds.x) // batch * epochs, min_steps)  # (a short run times the threads' start-up)
-
-    def one():
-        fresh = jax.tree.map(jax.numpy.copy, variables)  # the step donates its state
-        other = {k: v for k, v in fresh.items() if k != "params"}
-        state = (fresh["params"], other, tx.init(fresh["params"]))
-        for _ in range(steps):
-            state = step(state, xb, yb)[0]
-        return state
-
-    t = time_calls(lambda: in_threads([one] * workers, workers), repeats=2, warmup=1, max_seconds=60)
+    t = time_calls(lambda: in_threads([lambda: run(steps)] * workers, workers), repeats=2, warmup=1,
+                   max_seconds=60)
     return {"kind": "train", "name": "parallel steps alone", "images_per_s": workers * steps * batch / t["median_s"],
             "hparams": {"batch": batch, "steps": steps, "threads": workers}, "seconds": t["median_s"],
             "note": "one un-split step per thread, a model each: the bound of train_many(mode='parallel')"}
