@@ -426,10 +426,11 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
     # on one CPU device the chunks are cut, padded and joined in NumPy (views of the same host
     # memory): done with jax ops, each slice, pad and join shape was a compiled program of its own
     host = sharding is None and jax.default_backend() == "cpu"
+    on_host = [host and _host_array(a) for a in arrays]  # per input, once (not per chunk)
 
-    def cut(a, start: int, stop: int):
+    def cut(a, a_on_host: bool, start: int, stop: int):
         part = a if (start == 0 and stop == a.shape[0]) else None
-        if host and _host_array(a):
+        if a_on_host:
             part = np.asarray(a)[start:stop] if part is None else part
             if stop - start < chunk:
                 part = np.pad(np.asarray(part), [(0, chunk - (stop - start))] + [(0, 0)] * (part.ndim - 1))
@@ -447,7 +448,7 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
 
     def piece(start: int):
         stop = min(n, start + chunk)
-        out = fn(*[cut(a, start, stop) for a in arrays])
+        out = fn(*[cut(a, h, start, stop) for a, h in zip(arrays, on_host, strict=True)])
         k = stop - start
         if k == chunk:
             return out
