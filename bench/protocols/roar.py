@@ -109,10 +109,6 @@ def rank_positions(relevance: Array, *, key: Array | int = 0, rank: str = "value
     `fold_in(key, i)`; "index": lower flat index first). One compiled call per shape (op by op,
     a shard of another size compiled each of its dozen ops again).
     """
-    if rank not in RANKS:
-        raise AttraxError(f"unknown rank {rank!r}: use one of {', '.join(RANKS)}")
-    if tie not in TIES:
-        raise AttraxError(f"unknown tie rule {tie!r}: use one of {', '.join(TIES)}")
     if isinstance(key, int):
         key = jax.random.key(key)
     return _rank_positions(jnp.asarray(relevance), key, rank=rank, tie=tie)
@@ -125,8 +121,10 @@ def _rank_positions(relevance: Array, key: Array, *, rank: str, tie: str) -> Arr
     if tie == "random":
         keys = per_example_keys(key, n)
         tiebreak = jax.vmap(lambda k: jax.random.uniform(k, (d,)))(keys)
-    else:  # "index"
+    elif tie == "index":
         tiebreak = jnp.broadcast_to(jnp.arange(d, dtype=jnp.float32), (n, d))
+    else:  # raised while tracing (rank and tie are static): the one-line error, as before
+        raise AttraxError(f"unknown tie rule {tie!r}: use one of {', '.join(TIES)}")
     order = jnp.lexsort((tiebreak, -mag), axis=-1)  # primary key last: descending magnitude
     ranks = jnp.broadcast_to(jnp.arange(d, dtype=order.dtype), (n, d))
     pos = jnp.zeros_like(order).at[jnp.arange(n)[:, None], order].set(ranks)
