@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 
 Array = jax.Array
@@ -178,9 +179,9 @@ def jnp_mlp_init(seed: int, n_in: int, hidden: tuple[int, ...] = (32, 16), num_c
     sizes = (n_in, *hidden, num_classes)
     params = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        params[f"w{i}"] = jnp.asarray(rng.standard_normal((a, b)) * math.sqrt(2.0 / a), jnp.float32)
+        params[f"w{i}"] = to_device(rng.standard_normal((a, b)) * math.sqrt(2.0 / a), jnp.float32)
         if use_bias:
-            params[f"b{i}"] = jnp.asarray(0.1 * rng.standard_normal(b), jnp.float32)
+            params[f"b{i}"] = to_device(0.1 * rng.standard_normal(b), jnp.float32)
     return params
 
 
@@ -236,13 +237,13 @@ def _perturb_batchnorm(variables: dict, seed: int) -> dict:
         names = [str(getattr(p, "key", "")) for p in path]
         bn = any(n.startswith(("bn", "short_bn")) for n in names)
         if names[0] == "batch_stats" and names[-1] == "mean":
-            return jnp.asarray(0.3 * rng.standard_normal(v.shape), v.dtype)
+            return to_device(0.3 * rng.standard_normal(v.shape), v.dtype)
         if names[0] == "batch_stats" and names[-1] == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, v.shape), v.dtype)
+            return to_device(rng.uniform(0.5, 2.0, v.shape), v.dtype)
         if bn and names[-1] == "scale":
-            return jnp.asarray(rng.uniform(0.5, 1.5, v.shape), v.dtype)
+            return to_device(rng.uniform(0.5, 1.5, v.shape), v.dtype)
         if bn and names[-1] == "bias":
-            return jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype)
+            return to_device(0.1 * rng.standard_normal(v.shape), v.dtype)
         return v
 
     return jax.tree_util.tree_map_with_path(draw, variables)
@@ -261,7 +262,7 @@ def _fill(path, leaf, rng: np.random.Generator) -> Array:
         v = 0.02 * rng.standard_normal(shape)
     else:  # bias, mean
         v = np.zeros(shape)
-    return jnp.asarray(v, leaf.dtype)
+    return to_device(v, leaf.dtype)
 
 
 def init_variables(module: nn.Module, seed: int, sample_x: Array) -> Any:
@@ -290,7 +291,7 @@ def names() -> list[str]:
 def build(name: str, key: Array | int, sample_x: Array, num_classes: int = 10, **kwargs: Any) -> tuple[Any, Any]:
     """(model, params) of an example family for inputs shaped like `sample_x` (NHWC)."""
     seed = int(key) if isinstance(key, int) else int(jax.random.randint(key, (), 0, 2**31 - 1))
-    sample_x = jnp.asarray(sample_x)[:1]
+    sample_x = to_device(sample_x)[:1]
     if name == "nonzoo_cnn":
         module = PlainCNN(num_classes=num_classes, **kwargs)
         return module, init_variables(module, seed, sample_x)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend import core as jcore
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.models import Model, as_model
 
@@ -88,7 +89,7 @@ def _int_key(seed: int) -> Array:
 
 def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]:
     """Validate a batch: float array with a leading batch axis, int targets of shape (n,)."""
-    x = jnp.asarray(x)
+    x = to_device(x)
     if x.ndim < 2:
         raise AttraxError(f"x must be a batch with a leading axis (e.g. NHWC), got shape {x.shape}")
     if x.shape[0] == 0:
@@ -107,7 +108,7 @@ def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]
         )
     if isinstance(target, jax.Array) and target.dtype == jnp.int32:
         return x, target
-    return x, jnp.asarray(target, jnp.int32)
+    return x, to_device(target, jnp.int32)
 
 
 def _concrete(*arrays: Any) -> bool:
@@ -186,7 +187,7 @@ def check_output_finite(r: Array, method: str, model: Model, params: Any, x: Arr
 
 
 def check_relevance(r: Any, x: Array, name: str = "relevance") -> Array:
-    r = jnp.asarray(r)
+    r = to_device(r)
     if r.shape != x.shape:
         raise AttraxError(f"{name} has shape {r.shape}, expected the input's shape {x.shape}")
     if not bool(jnp.all(jnp.isfinite(r))):
@@ -200,7 +201,7 @@ def resolve_target(model: Model, params: Any, x: Array, y: Any, mode: str = "lab
     check_target_mode(mode)
     if mode == "predicted":
         return jnp.argmax(forward(model, params, x), axis=-1).astype(jnp.int32)
-    return jnp.asarray(y, jnp.int32)
+    return to_device(y, jnp.int32)
 
 
 def check_target_mode(mode: Any) -> None:
@@ -434,7 +435,7 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
             part = np.asarray(a)[start:stop] if part is None else part
             if stop - start < chunk:
                 part = np.pad(np.asarray(part), [(0, chunk - (stop - start))] + [(0, 0)] * (part.ndim - 1))
-            return jnp.asarray(part)  # a transfer, not a compiled program: `fn` gets jax arrays as before
+            return to_device(part)  # a transfer, not a compiled program: `fn` gets jax arrays as before
         part = a[start:stop] if part is None else part
         if stop - start < chunk:
             extra = chunk - (stop - start)
@@ -460,8 +461,8 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
     else:
         outs = [piece(s) for s in starts]
     if len(outs) == 1:
-        return jax.tree.map(lambda o: jnp.asarray(o) if isinstance(o, np.ndarray) else o, outs[0])
-    return jax.tree.map(lambda *o: jnp.asarray(np.concatenate([np.asarray(a) for a in o]))
+        return jax.tree.map(lambda o: to_device(o) if isinstance(o, np.ndarray) else o, outs[0])
+    return jax.tree.map(lambda *o: to_device(np.concatenate([np.asarray(a) for a in o]))
                         if host and all(_host_array(a) for a in o) else jnp.concatenate(o), *outs)
 
 
@@ -543,7 +544,7 @@ def explain(
     # batch-shaped hyperparameters (a per-image reference of x's shape) travel with their chunk
     per_image = [k for k in entry.meta.get("batch_hparams", BATCH_HPARAMS)
                  if k in hparams and not isinstance(hparams[k], str) and np.shape(hparams[k]) == x.shape]
-    sliced = [jnp.asarray(hparams[k], x.dtype) for k in per_image]
+    sliced = [to_device(hparams[k], x.dtype) for k in per_image]
     static = {k: v for k, v in hparams.items() if k not in per_image}
 
     def run(p, xx, tt, kk, kb, *bb):

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
 import attrax
 from attrax import report, results, streaming
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.harness import check_target_mode
 
@@ -330,7 +330,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
     # what protocols may take from the run; per method and batch, `supply` adds the method, its
     # filled hyperparameters, the batch's masks and the per-example keys its map was computed with
     run_context = {"channel_mean": np.asarray(train_set.meta["channel_mean"]).tolist(),
-                   "masks": None if masks is None else jnp.asarray(masks),
+                   "masks": None if masks is None else to_device(masks),
                    "train_set": train_set, "test_set": test_set, "train_config": dict(vars(tcfg)),
                    "model_seed": cfg["model_seed"], "progress": cfg["progress"]}
     key = jax.random.key(cfg["seed"])
@@ -394,7 +394,7 @@ def run(cfg: Any, run_dir: str | Path, *, log=print) -> pd.DataFrame:
         run_dir.mkdir(parents=True, exist_ok=True)
         figs.append(report.curve_figure(rows, run_dir / "deletion_curves.png"))
         if maps:  # the heatmap images' maps (all of them lie in shard 0's job when shards are split)
-            pred = np.asarray(attrax.resolve_target(model, params, jnp.asarray(sub.x[hidx]), None, "predicted"))
+            pred = np.asarray(attrax.resolve_target(model, params, to_device(sub.x[hidx]), None, "predicted"))
             figs.append(report.heatmap_grid(sub.x[hidx], maps, run_dir / "heatmaps.png", labels=sub.y[hidx],
                                             predicted=pred))
             np.savez_compressed(run_dir / "maps.npz", x=sub.x[hidx], y=sub.y[hidx], pred=pred, **maps)

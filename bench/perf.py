@@ -96,6 +96,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 
 GRADIENT_FAMILIES = ("gradient", "backprop", "relevance", "cam")
@@ -224,10 +225,10 @@ def setup(cfg: dict[str, Any]):
     from attrax import examples
 
     if cfg["model"] in examples.names():  # a user-style model (not in the zoo): random weights
-        raw, params = examples.build(cfg["model"], int(cfg.get("seed", 0)), jnp.asarray(x_np[:1]),
+        raw, params = examples.build(cfg["model"], int(cfg.get("seed", 0)), to_device(x_np[:1]),
                                      num_classes=int(y_np.max()) + 1 if len(y_np) else 10)
         model = attrax.models.Model(cfg["model"], attrax.as_model(raw).apply_fn, attrax.as_model(raw).module)
-        return model, params, jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32), {"example": True}
+        return model, params, to_device(x_np), to_device(y_np, jnp.int32), {"example": True}
     if int(cfg.get("train_epochs", 0)) > 0:
         train_set = attrax.datasets.load(cfg["dataset"], split="train").take(int(cfg.get("train_images", 2000)))
         model, params, tinfo = attrax.train(cfg["model"], train_set, seed=0, progress=False,
@@ -235,8 +236,8 @@ def setup(cfg: dict[str, Any]):
         info = {"train_cached": tinfo.get("cached"), "train_accuracy": tinfo.get("train_accuracy")}
     else:
         model = attrax.models.create(cfg["model"])
-        params = attrax.models.init(model, jax.random.key(0), jnp.asarray(x_np[:1]))
-    return model, params, jnp.asarray(x_np), jnp.asarray(y_np, jnp.int32), info
+        params = attrax.models.init(model, jax.random.key(0), to_device(x_np[:1]))
+    return model, params, to_device(x_np), to_device(y_np, jnp.int32), info
 
 
 def reference_times(model, params, x, target, *, repeats: int, max_seconds: float,
@@ -447,7 +448,7 @@ def bench_protocol(name: str, model, params, x, target, relevance, ref: dict[str
 
     def call():
         s = attrax.evaluate(name, model, params, x, target, relevance, key=0, **choices)
-        return jax.tree.map(jnp.asarray, s.values)
+        return jax.tree.map(to_device, s.values)
 
     t = time_calls(call, repeats=cfg["repeats"], warmup=cfg["warmup"], max_seconds=cfg["max_seconds"])
     rec["hparams"] = {k: v for k, v in choices.items() if k != "masks"}
@@ -598,8 +599,8 @@ def bench_vmapped_conv(models: int = 18) -> list[dict]:
     rng = np.random.default_rng(0)
     recs = []
     for h, ci, co in ((28, 1, 32), (14, 32, 64)):
-        x = jnp.asarray(rng.random((models, 64, h, h, ci), np.float32))
-        k = jnp.asarray(rng.random((models, 3, 3, ci, co), np.float32))
+        x = to_device(rng.random((models, 64, h, h, ci), np.float32))
+        k = to_device(rng.random((models, 3, 3, ci, co), np.float32))
         g = jnp.ones((models, 64, h, h, co), jnp.float32)
         alone, stacked = parts(conv), {n: jax.vmap(f) for n, f in parts(conv).items()}
         for what in alone:
@@ -637,11 +638,11 @@ def _fixed_batch_steps(tr, model, ds, split: bool):
     donated training step (`split`: fit's sub-batch split, else one un-split step) on one fixed
     batch, no data handling; returns the final state."""
     batch = min(tr.TrainConfig().batch_size, len(ds.x))
-    variables = tr.init(model, jax.random.key(0), jax.numpy.asarray(ds.x[:1]))
+    variables = tr.init(model, jax.random.key(0), to_device(ds.x[:1]))
     tx = tr._optimizer(tr.TrainConfig())
     parts = tr.split_parts(variables, batch) if split else 1
     step = jax.jit(tr._make_step(model, tx, parts), donate_argnums=0)
-    xb, yb = jax.numpy.asarray(ds.x[:batch]), jax.numpy.asarray(ds.y[:batch])
+    xb, yb = to_device(ds.x[:batch]), to_device(ds.y[:batch])
 
     def run(steps: int):
         fresh = jax.tree.map(jax.numpy.copy, variables)  # the step donates its state

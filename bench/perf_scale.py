@@ -67,6 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 
 #: zoo models of the paper-scale section (`attrax.zoo_large`)
@@ -213,7 +214,7 @@ def build_model(name: str, cfg: dict[str, Any], x1: np.ndarray):
         model, variables = attrax.models.import_weights(name, cfg["weights"])
         return model, variables, {"weights": str(cfg["weights"]), "kwargs": kw}
     model = attrax.models.create(name, **kw)
-    params = fast_random_init(model.module, jnp.asarray(x1), int(cfg.get("seed", 0)))
+    params = fast_random_init(model.module, to_device(x1), int(cfg.get("seed", 0)))
     return model, params, {"weights": "random init (He-normal kernels, numpy)", "kwargs": kw}
 
 
@@ -236,7 +237,7 @@ def fast_random_init(module, x1, seed: int = 0) -> Any:
             v = rng.normal(0.0, np.sqrt(2.0 / max(1, int(np.prod(s.shape[:-1])))), s.shape)
         else:
             v = rng.normal(0.0, 0.02, s.shape)
-        return jnp.asarray(v, s.dtype)
+        return to_device(v, s.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
 
@@ -281,7 +282,7 @@ def bench_entry(kind: str, name: str, entry: dict[str, Any], model, params, batc
     xs = np.concatenate([x for x, _ in batches])[:n_img]
     ts = np.concatenate([y for _, y in batches])[:n_img]
     bsz = int(cfg["batch"])
-    parts = [(jnp.asarray(xs[s:s + bsz]), jnp.asarray(ts[s:s + bsz])) for s in range(0, n_img, bsz)]
+    parts = [(to_device(xs[s:s + bsz]), to_device(ts[s:s + bsz])) for s in range(0, n_img, bsz)]
     rec: dict[str, Any] = {"kind": kind, "name": name, "hparams": dict(hp), "images": n_img}
     scale = 1.0
     if kind == "method" and name == "rise" and entry.get("timed_masks"):
@@ -309,7 +310,7 @@ def bench_entry(kind: str, name: str, entry: dict[str, Any], model, params, batc
         rels = [relevance[:n_img][s:s + bsz] for s in range(0, n_img, bsz)]
 
         def call():
-            return [jax.tree.map(jnp.asarray, attrax.evaluate(name, model, params, xb, tb, r, key=0, **hp).values)
+            return [jax.tree.map(to_device, attrax.evaluate(name, model, params, xb, tb, r, key=0, **hp).values)
                     for (xb, tb), r in zip(parts, rels, strict=True)]
 
     t = timed_passes(call, repeats=int(cfg["repeats"]), max_seconds=float(cfg["max_seconds"]))
@@ -371,8 +372,8 @@ def _conv_timings(model, params, x, repeats: int, layouts: list[str], with_fastc
     for (lshape, rshape, _), (e, count) in groups.items():
         p = dict(e.params)
         dn = p["dimension_numbers"]
-        lhs = jnp.asarray(rng.random(lshape, np.float32))
-        rhs = jnp.asarray(rng.random(rshape, np.float32))
+        lhs = to_device(rng.random(lshape, np.float32))
+        rhs = to_device(rng.random(rshape, np.float32))
         row: dict[str, Any] = {"lhs": list(lshape), "rhs": list(rshape), "strides": list(p["window_strides"]),
                                "count": count}
         variants = [(lay, None) for lay in layouts]
@@ -526,7 +527,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, log=lambda *a: None) -> list[d
         t0 = time.perf_counter()
         model, params, minfo = build_model(mname, cfg, batches[0][0][:1])
         minfo["init_s"] = time.perf_counter() - t0
-        x_all = jnp.asarray(np.concatenate([x for x, _ in batches]))
+        x_all = to_device(np.concatenate([x for x, _ in batches]))
         nclass = int(jax.eval_shape(lambda z, m=model, p=params: m(p, z), x_all[:1]).shape[-1])
         y_all = np.concatenate([y for _, y in batches])
         if y_all.max() >= nclass:  # folder labels beyond the model's head: explain its predicted class
@@ -547,7 +548,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, log=lambda *a: None) -> list[d
                 try:
                     if k == "protocol" and relevance is None:
                         relevance = attrax.explain(cfg.get("relevance_method", "gradient"), model, params, x_all,
-                                                   jnp.asarray(y_all), key=0)
+                                                   to_device(y_all), key=0)
                     rec = bench_entry(k, name, entry, model, params, mb, relevance, cfg)
                 except Exception as e:  # noqa: BLE001 - one failing entry must not stop the section
                     rec = {"kind": k, "name": name, "hparams": dict((entry or {}).get("hparams") or
@@ -560,7 +561,7 @@ def run(cfg: dict[str, Any], out_dir: str | Path, log=lambda *a: None) -> list[d
                                                      else rec.get("error", "")))
         if cfg.get("profile") is not None:
             try:
-                records += where_time_goes(mname, model, params, x_all, jnp.asarray(y_all), cfg, log)
+                records += where_time_goes(mname, model, params, x_all, to_device(y_all), cfg, log)
             except Exception as e:  # noqa: BLE001
                 records.append({"kind": "profile", "model": mname, "name": "where the time goes", "hparams": {},
                                 "error": _short(e)})

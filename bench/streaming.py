@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.train import atomic_write_bytes
 
@@ -125,7 +126,7 @@ def accuracy(model, params, ds, batch_size: int = 256) -> float:
         return train_module_accuracy(model, params, ds)
     right = total = 0
     for _, xb, yb in iter_batches(ds, batch_size):
-        pred = np.asarray(jnp.argmax(forward(model, params, jnp.asarray(xb)), -1))
+        pred = np.asarray(jnp.argmax(forward(model, params, to_device(xb)), -1))
         right += int((pred == yb).sum())
         total += len(yb)
     return right / max(total, 1)
@@ -333,7 +334,7 @@ def _compute_shard(method, filled, sub, start, stop, model, params, method_key, 
     timings: dict[str, float] = {"explain_s": 0.0}
     for b0, xb, yb in iter_batches(sub, batch, start, stop):
         nb = len(yb)
-        x = jnp.asarray(xb)
+        x = to_device(xb)
         target = attrax.resolve_target(model, params, x, yb, row_ids["target_mode"])
         keys = per_example_keys(method_key, nb, offset=b0)  # example i: fold_in(method_key, i)
         t = time.perf_counter()
@@ -341,7 +342,7 @@ def _compute_shard(method, filled, sub, start, stop, model, params, method_key, 
         r = jax.block_until_ready(r)
         timings["explain_s"] += time.perf_counter() - t
         context = {**run_context, "method": method, "method_hparams": filled, "method_key": keys,
-                   "masks": None if masks is None else jnp.asarray(np.asarray(masks)[b0:b0 + nb])}
+                   "masks": None if masks is None else to_device(np.asarray(masks)[b0:b0 + nb])}
         for pi, (pname, pcfg) in enumerate(pspecs.items()):
             pk = protocol_key(pi)  # the same in every batch: one randomized model for all images
             t = time.perf_counter()

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError, unknown_name
 from attrax.models import Model, as_model, init
 
@@ -233,7 +234,7 @@ def _start(model: Model, cfg: TrainConfig, seed: int, sample_x, variables):
     of the caller's `variables` (they stay valid: the steps donate their state)."""
     k_init, k_data = jax.random.split(jax.random.key(seed))
     if variables is None:
-        variables = init(model, k_init, jnp.asarray(sample_x))
+        variables = init(model, k_init, to_device(sample_x))
     else:
         variables = jax.tree.map(jnp.copy, variables)
     params = variables["params"]
@@ -269,7 +270,7 @@ def fit(
     n = len(x)
     batch = min(cfg.batch_size, n)
     n_batches = n // batch
-    data = (jnp.asarray(x), jnp.asarray(y, jnp.int32))
+    data = (to_device(x), to_device(y, jnp.int32))
     loop = pick_loop(cfg.loop)
     parts = split_parts(variables, batch)
     threaded = _threaded(model, cfg, parts) if loop == "python" else None
@@ -594,7 +595,7 @@ def fit_stream(
 def accuracy(model: Model, variables, x: np.ndarray, y: np.ndarray) -> float:
     from attrax.harness import forward
 
-    logits = np.asarray(forward(model, variables, jnp.asarray(x)))  # (n, classes): on the host, no
+    logits = np.asarray(forward(model, variables, to_device(x)))  # (n, classes): on the host, no
     return float(np.mean(np.argmax(logits, -1) == np.asarray(y)))  # program per test-set size
 
 
@@ -678,7 +679,7 @@ def train(
         raise AttraxError("training needs a Flax module (a zoo name or an nn.Module), not a plain apply_fn")
     key = cache_key(model, train_set.fingerprint(), cfg, seed)
     if cache:
-        template = init(model, jax.random.key(0), jnp.asarray(train_set.x[:1]))
+        template = init(model, jax.random.key(0), to_device(train_set.x[:1]))
         hit = load_cached(key, template)
         if hit is not None:
             variables, meta = hit
@@ -831,12 +832,12 @@ def train_many(
     tx = _optimizer(cfg)
     batch = min(cfg.batch_size, n)
     n_batches = n // batch
-    sample = jnp.asarray(xs[0][:1])
+    sample = to_device(xs[0][:1])
     # the step `fit` would use for one model alone (the same sub-batch split), except where models
     # already share the cores (parallel) or one vmapped step (vmap)
     parts = split_parts(jax.eval_shape(lambda: init(model, jax.random.key(0), sample)), batch)
-    xd = jnp.stack([jnp.asarray(a) for a in xs])  # (variants, n, ...): each distinct array once
-    yd = jnp.stack([jnp.asarray(a, jnp.int32) for a in ys])
+    xd = jnp.stack([to_device(a) for a in xs])  # (variants, n, ...): each distinct array once
+    yd = jnp.stack([to_device(a, jnp.int32) for a in ys])
     loop = pick_loop(cfg.loop)
     runner_key = ("many", _model_key(model, cfg), parts if chosen == "sequential" else 1, batched, loop)
     runner = _memo(runner_key, lambda: _many_runner(model, cfg, runner_key[2], batched, loop))
@@ -848,8 +849,8 @@ def train_many(
         params = variables["params"]
         other = {k: v for k, v in variables.items() if k != "params"}
         state = (params, other, (jax.vmap(tx.init) if batched else tx.init)(params))
-        vx = jnp.asarray(xi[members] if batched else xi[members[0]])
-        vy = jnp.asarray(yi[members] if batched else yi[members[0]])
+        vx = to_device(xi[members] if batched else xi[members[0]])
+        vy = to_device(yi[members] if batched else yi[members[0]])
         return state, vx, vy
 
     def compiled(members: list[int]):

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrax import zoo_large  # noqa: F401  (registers the architectures)
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.models import ZOO, Model, as_model, module_model
 
@@ -507,7 +508,7 @@ def import_weights(arch: str, path: str | os.PathLike, *, heads: int | None = No
     for path_ in flat:
         if path_ not in expected:
             raise AttraxError(f"unknown key {origin[path_]!r} in {path} (no such parameter in {arch})")
-    variables = jax.tree.map(jnp.asarray, unflatten(variables_flat))
+    variables = jax.tree.map(to_device, unflatten(variables_flat))
     return module_model(module, arch), variables
 
 
@@ -600,7 +601,7 @@ def external(apply: str | Callable | nn.Module, weights: str | os.PathLike | Non
         raise AttraxError(f"model.apply={apply!r} is a {type(obj).__name__}, not a function or Flax module")
     variables = load_tree(weights) if weights is not None else None
     if variables is not None:
-        variables = jax.tree.map(jnp.asarray, variables)
+        variables = jax.tree.map(to_device, variables)
     model = as_model(obj)
     if isinstance(apply, str):
         model = Model(apply, model.apply_fn, model.module)

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.methods import _engine, _rules
 from attrax.methods._core import METHODS
@@ -132,7 +133,7 @@ def fit_patterns(
     x_train = np.asarray(x_train, np.float32)
     if x_train.ndim < 2 or x_train.shape[0] == 0:
         raise AttraxError(f"x_train must be a non-empty batch, got shape {x_train.shape}")
-    kernels = _kernels(model, params, jnp.asarray(x_train[:1]), canonize)
+    kernels = _kernels(model, params, to_device(x_train[:1]), canonize)
     desc = {"v": PATTERN_VERSION, "model": model.name, "module": repr(model.module),
             "params": _digest(params), "data": _digest(x_train), "estimator": estimator,
             "canonize": canonize}
@@ -141,7 +142,7 @@ def fit_patterns(
     if cache:
         hit = load_cached(key, template)
         if hit is not None:
-            return {k: jnp.asarray(v) for k, v in hit[0].items()}
+            return {k: to_device(v) for k, v in hit[0].items()}
     chunk = min(batch_size, x_train.shape[0])
     step = jax.jit(lambda p, xx, w: _statistics(model, p, xx, w, estimator, canonize))
     total = None
@@ -151,7 +152,7 @@ def fit_patterns(
         w[: len(part)] = 1.0
         if len(part) < chunk:
             part = np.concatenate([part, np.zeros((chunk - len(part),) + part.shape[1:], part.dtype)])
-        s = step(params, jnp.asarray(part), jnp.asarray(w))
+        s = step(params, to_device(part), to_device(w))
         total = s if total is None else jax.tree.map(jnp.add, total, s)
     patterns = patterns_from_statistics(total, kernels)
     if cache:
@@ -167,7 +168,7 @@ def _backward_kernels(patterns, attribution: bool):
         else:
             if info.name not in patterns:
                 raise AttraxError(f"no fitted pattern for layer {info.name!r}; refit with fit_patterns")
-            a = jnp.asarray(patterns[info.name], kernel.dtype)
+            a = to_device(patterns[info.name], kernel.dtype)
             if a.shape != kernel.shape:
                 raise AttraxError(f"pattern for {info.name} has shape {a.shape}, the layer's kernel {kernel.shape}")
         return kernel * a if attribution else a

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.harness import explain, forward
 from attrax.methods import per_example_keys
@@ -92,7 +93,7 @@ VERSION = 1
 
 def magnitude(relevance: Array, rank: str = "value") -> Array:
     """(n, D) per-unit magnitudes: |R| per value (D = H*W*C) or sum_c |R| per pixel (D = H*W)."""
-    r = jnp.abs(jnp.asarray(relevance))
+    r = jnp.abs(to_device(relevance))
     n = r.shape[0]
     if rank == "value":
         return r.reshape(n, -1)
@@ -111,7 +112,7 @@ def rank_positions(relevance: Array, *, key: Array | int = 0, rank: str = "value
     """
     if isinstance(key, int):
         key = jax.random.key(key)
-    return _rank_positions(jnp.asarray(relevance), key, rank=rank, tie=tie)
+    return _rank_positions(to_device(relevance), key, rank=rank, tie=tie)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "tie"))
@@ -374,7 +375,7 @@ def run(
         desc = {**map_desc, "data": ds.fingerprint(), "split": i, "range": [start, stop]}
 
         def build_map():
-            x = jnp.asarray(ds.x[start:stop])
+            x = to_device(ds.x[start:stop])
             target = jnp.argmax(forward(model, variables, x), -1).astype(jnp.int32)
             k = jax.random.fold_in(jax.random.key(key), i)
             return explain(method, model, variables, x, target, key=per_example_keys(k, stop - start, start), **hp)
@@ -450,7 +451,7 @@ def run(
     # 4. retrain every (variant, seed) missing from the cache, one variant's data at a time: in
     #    memory or streamed from its shards
     t0 = time.perf_counter()
-    template = init(model, jax.random.key(0), jnp.asarray(train_set.x[:1]))
+    template = init(model, jax.random.key(0), to_device(train_set.x[:1]))
     trained: dict[tuple, Any] = {}
     jobs: dict[tuple, list[tuple[int, str]]] = {}
     for vid, dig in variants.items():
@@ -489,7 +490,7 @@ def run(
         for xt in parts:
             yt = y_test[at:at + len(xt)]
             for s in right:
-                pred = np.asarray(jnp.argmax(forward(model, trained[(vid, s)], jnp.asarray(xt)), -1))
+                pred = np.asarray(jnp.argmax(forward(model, trained[(vid, s)], to_device(xt)), -1))
                 right[s] += int((pred == yt).sum())
             at += len(xt)
         for s, r in right.items():

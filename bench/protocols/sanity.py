@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.harness import check_batch, explain, forward
 from attrax.methods import per_example_keys
@@ -89,7 +90,7 @@ def randomized_variables(
         raise AttraxError("model randomization needs a Flax module to re-initialize its layers")
     if mode not in MODES:
         raise AttraxError(f"unknown randomization mode {mode!r}: use one of {', '.join(MODES)}")
-    fresh = init(model, key, jnp.asarray(x[:1]))
+    fresh = init(model, key, to_device(x[:1]))
     forward_order = [n for n in layer_names(fresh) if n in variables["params"]]
     top_down = list(layers) if layers is not None else forward_order[::-1]
     unknown = set(top_down) - set(forward_order)
@@ -400,7 +401,7 @@ def sanity_data_randomization(
     round_cfg = dataclasses.replace(cfg, epochs=round_epochs)
     ck = cache_key(model, shuffled.fingerprint(), round_cfg, model_seed,
                    extra={"fit_accuracy": fit_accuracy, "max_epochs": max_epochs})
-    template = init(model, jax.random.key(0), jnp.asarray(train_set.x[:1]))
+    template = init(model, jax.random.key(0), to_device(train_set.x[:1]))
     hit = load_cached(ck, template) if cache else None
     if hit is not None:
         v_rand, meta = hit
@@ -413,12 +414,12 @@ def sanity_data_randomization(
             save_cached(ck, v_rand, {"model": model.name, "seed": model_seed, "epochs": epochs,
                                      "train_accuracy": acc_rand, "purpose": "random labels"})
     sub = test_set.take(n_explain)
-    x = jnp.asarray(sub.x)
+    x = to_device(sub.x)
     run = _explainer(method, method_hparams, model)
     keys = example_keys(key, len(sub))
     maps, targets = [], []
     for v in (v_true, v_rand):
-        t = jnp.asarray(sub.y) if target == "label" else jnp.argmax(forward(model, v, x), -1)
+        t = to_device(sub.y) if target == "label" else jnp.argmax(forward(model, v, x), -1)
         targets.append(t.astype(jnp.int32))
         maps.append(run(v, x, targets[-1], keys))
     sims = similarity(maps[0], maps[1], metrics=metrics)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from attrax._arrays import to_device
 from attrax.errors import AttraxError
 from attrax.methods import class_score
 from attrax.models import as_model
@@ -52,7 +53,7 @@ def unit_relevance(relevance: Array, patch_size: int = 1, aggregate: str = "sum"
     if patch_size == 1:
         return r
     unit, n_units = unit_grid(h, w, patch_size)
-    return jax.vmap(lambda row: jax.ops.segment_sum(row, jnp.asarray(unit), n_units))(r)
+    return jax.vmap(lambda row: jax.ops.segment_sum(row, to_device(unit), n_units))(r)
 
 
 def rank_locations(
@@ -113,12 +114,12 @@ def perturbation_curve(
     if fill is None:
         fill = replacement_fill(x, replacement, key, channel_mean)
     unit_pos = jnp.argsort(order_idx, axis=-1)  # position of every unit in the order
-    pixel_pos = unit_pos[:, jnp.asarray(unit)]  # (n, HW)
+    pixel_pos = unit_pos[:, to_device(unit)]  # (n, HW)
     fn = model.cached(
         ("perturbation_curve", x.shape[1:], steps + 1, score, insertion),
         lambda: _curve_fn(model, steps + 1, score, insertion),
     )
-    ks_j = jnp.asarray(ks)
+    ks_j = to_device(ks)
     curve = chunked(
         lambda xx, ff, pp, tt: fn(params, xx, ff, pp, ks_j, tt),
         n,
@@ -161,7 +162,7 @@ def _curve_protocol(
     common = dict(steps=steps, fill=fill, score=score, insertion=insertion, patch_size=patch_size)
     idx = rank_locations(relevance, k_rank, order, patch_size=patch_size, aggregate=aggregate)
     curve, fr = perturbation_curve(model, params, x, target, idx, **common)
-    auc = jnp.trapezoid(curve, jnp.asarray(fr), axis=1)
+    auc = jnp.trapezoid(curve, to_device(fr), axis=1)
     values = {"curve": curve, "auc": auc}
     if insertion:
         values["aopc"] = jnp.mean(curve - curve[:, :1], axis=1)
@@ -175,7 +176,7 @@ def _curve_protocol(
             rc, _ = perturbation_curve(model, params, x, target, ridx, **common)
             sign = -1.0 if insertion else 1.0
             rand_aopc.append(sign * jnp.mean(rc[:, :1] - rc, axis=1))
-            rand_auc.append(jnp.trapezoid(rc, jnp.asarray(fr), axis=1))
+            rand_auc.append(jnp.trapezoid(rc, to_device(fr), axis=1))
         values["aopc_vs_random"] = values["aopc"] - jnp.mean(jnp.stack(rand_aopc), 0)
         values["auc_vs_random"] = auc - jnp.mean(jnp.stack(rand_auc), 0)
     return Scores(
