@@ -68,7 +68,9 @@ def test_findings_verdicts():
 def test_preset_runs_small(tmp_path, preset):
     over = {"kindermans2017_invariance": ["methods=gradient", "+methods.input_x_gradient={}"],
             "petsiuk2018_deletion_insertion": ["methods.rise.n_masks=100"]}[preset]
-    p = _cli([f"experiment={preset}", *TINY, *over, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    # figures=false: the main job's figures are checked in test_multirun_report_and_resume and
+    # tests/test_foundation.py's test_cli_end_to_end (~1.5 s of drawing per run here)
+    p = _cli([f"experiment={preset}", *TINY, "figures=false", *over, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "expected finding" in p.stdout
     df = results.load(tmp_path / "run")
@@ -116,7 +118,7 @@ def test_reference_report_is_committed():
 def test_main_job_activation_maximization(tmp_path):
     from attrax import main  # the job in this process (the CLI around it: tests/test_foundation.py)
 
-    args = ["model=mlp", "train=fast", "n_images=10", "method=gradient", "progress=false",
+    args = ["model=mlp", "train=fast", "n_images=10", "method=gradient", "progress=false", "figures=false",
             "activation_maximization.enabled=true", "activation_maximization.steps=20",
             "activation_maximization.decoder_steps=20", "activation_maximization.code_steps=20"]
     main.run(main.compose(args), tmp_path / "run", log=lambda *a: None)
