@@ -215,6 +215,27 @@ def test_chunking_is_invisible_and_does_not_retrace(linear):
     assert [f._cache_size() for f in jitted] == sizes  # a second batch of the same shape: no compile
 
 
+def test_to_device_is_jnp_asarray_without_a_compile():
+    """Host data reaches the device as jnp.asarray gives it (dtype canonicalized, not weakly typed,
+    same values), with no compiled program for a new shape; jax arrays and lists pass through."""
+    from attrax._arrays import to_device
+    from attrax.perf import count_compilations
+
+    cases = [(np.linspace(0, 1, 13 * 7).reshape(13, 7), None), (np.arange(11), None), (np.arange(11), jnp.int32),
+             (np.ones(17, bool), None), (np.float64(2.5), None), (np.arange(6.0).reshape(2, 3), jnp.bfloat16)]
+    for a, dtype in cases:
+        with count_compilations() as c:
+            got = to_device(a, dtype)
+        assert c.count == 0, (a.dtype, a.shape, dtype)
+        want = jnp.asarray(a, dtype)
+        assert isinstance(got, jax.Array) and got.dtype == want.dtype and got.shape == want.shape
+        assert got.weak_type == want.weak_type
+        np.testing.assert_array_equal(np.asarray(got, np.float64), np.asarray(want, np.float64))
+    j = jnp.arange(3.0)
+    assert to_device(j) is j
+    assert to_device([1, 2]).dtype == jnp.asarray([1, 2]).dtype
+
+
 def test_map_chunks_cuts_pads_and_joins_on_the_host_without_compiling(monkeypatch):
     """On one CPU device the chunks are cut, padded and joined in NumPy: the results equal one
     call on the whole batch, PRNG keys are padded by repetition, and a batch of a new size
@@ -235,7 +256,7 @@ def test_map_chunks_cuts_pads_and_joins_on_the_host_without_compiling(monkeypatc
     double = jax.jit(lambda a: a * 2.0)
     double(x[:3])  # fn's one chunk shape
     for n in (7, 5, 4):  # batches of new sizes: cut, padded and joined without a compiled program
-        arr = jnp.asarray(np.asarray(x)[:n] + n)
+        arr = jax.device_put(np.asarray(x)[:n] + n)  # (jnp.asarray would compile this shape's lift here)
         with count_compilations() as c:
             out = harness.map_chunks(double, n, 3, arr)
         assert c.count == 0, (n, c.count)
