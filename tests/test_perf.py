@@ -342,6 +342,23 @@ def test_against_markdown_flags_a_quick_anchor_run():
     assert "smoke run" not in "\n".join(perf.against_markdown([{**rec, "anchor_quick": False}], 1.5))
 
 
+def test_against_verdict_uses_a_counterparts_own_goal():
+    """The ROAR + KAR grid's goal is 2x (conf/bench/default.yaml `goal:`), not the run's 1.5x: a
+    1.67x grid is BELOW, a 1.67x method is ok."""
+    from attrax import perf
+
+    base = {"kind": "against", "anchor_settings": "s", "bar": 10.0, "source": "x.json", "images_per_s": 16.7,
+            "speedup": 1.67}
+    grid = {**base, "name": "training.roar_retrain", "counterpart": "ROAR + KAR grid", "goal": 2.0}
+    meth = {**base, "name": "attribution.Saliency", "counterpart": "gradient"}
+    lines = perf.against_markdown([grid, meth], 1.5)
+    assert "| BELOW (goal 2x)" in next(x for x in lines if "ROAR + KAR grid" in x)
+    assert next(x for x in lines if "| gradient |" in x).endswith("| ok |")
+    grid_cfg = next(c for c in perf.counterparts(perf.load_config(), "training", "roar_retrain")
+                    if c.get("train") == "roar_grid")
+    assert grid_cfg["goal"] == 2.0
+
+
 # ---------------------------------------------------------------------------------------------
 # The faster protocols give the numbers of the straightforward computation
 
