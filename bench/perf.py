@@ -1092,7 +1092,8 @@ def against_markdown(records: list[dict], target: float) -> list[str]:
            f"PyTorch figures: `{rows[0]['source']}` (../shared/anchors/torch_anchor.py: Captum, Quantus, Zennit, "
            "torch's training loop); attrax: this run, same model, batch and settings (conf/bench/default.yaml "
            "`against:`). ratio = attrax images/s / PyTorch images/s (CPU est.: attrax's process CPU time spread "
-           f"over all cores, for a loaded machine); goal >= {target:g}x unless a row names its own. PyTorch foreign load: CPU cores other "
+           f"over all cores, for a loaded machine); goal >= {target:g}x unless a row names its own. "
+           "PyTorch foreign load: CPU cores other "
            "processes used while the anchor timed it (trust a figure only where it is ~0).", "",
            f"Anchor run {rows[0].get('anchor_date') or '?'}, "
            + ", ".join(f"{k} {v}" for k, v in (rows[0].get("anchor_versions") or {}).items() if v) + ".", ""]

@@ -287,7 +287,9 @@ def test_default_config_keeps_no_speed_constants_and_names_real_counterparts():
     for section, table in cfg["against"].items():
         for name in table:
             for spec in perf.counterparts(cfg, section, name):
-                assert set(spec) <= {"method", "hparams", "protocol", "choices", "train", "seeds", "none"}, spec
+                # `goal`: a ratio the counterpart must reach (not a speed), a positive number
+                assert set(spec) <= {"method", "hparams", "protocol", "choices", "train", "seeds", "none", "goal"}, spec
+                assert "goal" not in spec or (isinstance(spec["goal"], int | float) and spec["goal"] > 0), spec
                 if "method" in spec:
                     allowed = attrax.methods.get(spec["method"]).hparams()
                     assert set(spec.get("hparams") or {}) <= set(allowed), spec
