@@ -18,7 +18,6 @@ import numpy as np
 
 def to_device(a: Any, dtype: Any = None) -> jax.Array:
     """`jnp.asarray(a, dtype)` for host data, as a transfer instead of a compiled identity."""
-    if isinstance(a, np.ndarray | np.generic) and np.asarray(a).dtype != object:
-        a = np.asarray(a) if dtype is None else np.asarray(a, dtype)
-        return jax.device_put(a)
+    if isinstance(a, np.ndarray | np.generic) and a.dtype != object:
+        return jax.device_put(np.asarray(a, dtype))
     return jnp.asarray(a, dtype)
