@@ -18,6 +18,7 @@ from jax.extend import core as jcore
 
 from attrax._arrays import to_device
 from attrax.errors import AttraxError
+from attrax.methods._core import SCORES, class_score
 from attrax.models import Model, as_model
 
 Array = jax.Array
@@ -498,14 +499,20 @@ def explain(
     chunk_size: int | None = None,
     evals_per_chunk: int | None = None,
     jit: bool = True,
+    return_score: str | None = None,
     **hparams: Any,
-) -> Array:
+) -> Array | tuple[Array, Array]:
     """Relevance maps of `method` for a batch (the Python API's `attrax.explain`).
 
     `model` may be a zoo `Model`, any Flax linen module, or a plain `apply_fn(params, x)`.
     Hyperparameters are static (one compile per method, hyperparameters and chunk shape); the
     batch runs in chunks of `chunk_size` images (default: from `evals_per_chunk` and the method's
     cost), and per-example keys make the result independent of the chunking.
+
+    `return_score="logit"` (or "probability", "log_probability"): return `(relevance, f_c(x))`,
+    the target score of each input computed in the same compiled call. For protocols that score
+    the very inputs they re-explain: XLA merges that forward with the method's own forward where
+    the two are the same computation (gradient methods), so the score costs nothing there.
     """
     from attrax.methods.combinators import resolve
 
@@ -551,16 +558,22 @@ def explain(
         keys = kk if given else jax.vmap(lambda i: jax.random.fold_in(kb, i))(kk)
         r = entry.fn(model, p, xx, tt, key=keys, **static, **dict(zip(per_image, bb, strict=True)))
         # the finiteness check runs inside the call (one flag per example, no extra dispatch)
-        return r, jnp.isfinite(r).reshape(r.shape[0], -1).all(axis=1)
+        finite = jnp.isfinite(r).reshape(r.shape[0], -1).all(axis=1)
+        if return_score is None:
+            return r, finite
+        return r, finite, class_score(model(p, xx), tt, return_score)
 
+    if return_score is not None and return_score not in SCORES:
+        raise AttraxError(f"unknown return_score {return_score!r}: use one of {', '.join(SCORES)}")
     if jit:
-        cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given)
+        cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given,
+                     return_score)
         run = model.cached(cache_key, lambda: jax.jit(run))
-    out, finite = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x, target,
-                             chunked_keys, *sliced)
+    out, finite, *scores = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x,
+                                      target, chunked_keys, *sliced)
     if _concrete(out, x) and not np.asarray(finite).all():
         return check_output_finite(out, method, model, params, x)  # raises, naming the cause
-    return out
+    return out if return_score is None else (out, scores[0])
 
 
 def evaluate(

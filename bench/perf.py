@@ -72,7 +72,9 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
 - Protocols: one compiled call per selectivity step (re-explain + removal + score) was 0.84x of
   separate calls; all steps in one call compiled for ~60 s (unrolled) or ran 1.5x slower
   (`fori_loop`: XLA:CPU runs convolutions in while loops slower). What paid: scoring in CPU-sized
-  chunks instead of padded 1,024-image chunks (see protocols/selectivity.py, continuity.py).
+  chunks instead of padded 1,024-image chunks, then taking f_c of each re-explained state from
+  the explain call itself (`explain(return_score=)`: XLA merges it with the gradient's forward;
+  selectivity 1.66x, continuity 1.6x; see protocols/selectivity.py, continuity.py).
 """
 
 from __future__ import annotations

@@ -366,8 +366,9 @@ def test_against_verdict_uses_a_counterparts_own_goal():
 
 
 def test_selectivity_and_continuity_scores_equal_one_forward_of_all_states(cnn):
-    """Per-state chunked scoring (selectivity) and CPU-sized score chunks (continuity) against
-    the plain computation: every state stacked and scored by one `target_scores` call."""
+    """Scores taken from the re-explaining call (`explain(return_score=)`: selectivity's states,
+    continuity's shifted digits) against the plain computation: every state stacked and scored
+    by one `target_scores` call."""
     import attrax
     from attrax.protocols._common import example_keys, repeat_keys, repeat_targets, target_scores
     from attrax.protocols.continuity import explain_path, translate
@@ -394,6 +395,29 @@ def test_selectivity_and_continuity_scores_equal_one_forward_of_all_states(cnn):
     rp = explain_path(model, params, path, t, key=repeat_keys(keys, 5), method="gradient")
     np.testing.assert_allclose(np.asarray(c.values["quadrant_top_left"]),
                                np.asarray(rp[:, :, :14, :14].sum(axis=(2, 3, 4))), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["gradient", "guided_backprop", "occlusion"])
+def test_explain_return_score_is_the_forward_of_the_same_inputs(cnn, method):
+    """`return_score` gives the maps of a plain call and f_c of the inputs, whether or not the
+    method's own forward is the model's (guided backprop's ReLUs; occlusion never takes x alone)."""
+    import attrax
+    from attrax.protocols._common import example_keys, reexplainer, target_scores
+
+    model, params, x, t = cnn
+    hp = {"window": 14, "stride": 14} if method == "occlusion" else {}
+    r, f = attrax.explain(method, model, params, x, t, return_score="log_probability", **hp)
+    np.testing.assert_array_equal(np.asarray(r), np.asarray(attrax.explain(method, model, params, x, t, **hp)))
+    ref = target_scores(model, params, x, t, "log_probability")
+    np.testing.assert_allclose(np.asarray(f), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # a method-contract function through the protocols' re-explainer: the same pair
+    fn = attrax.methods.METHODS.get(method).fn
+    r2, f2 = reexplainer(lambda m, p, xx, tt, *, key: fn(m, p, xx, tt, key=key, **hp), None, model, params,
+                         "selectivity", score="log_probability")(x, t, example_keys(None, x.shape[0]))
+    np.testing.assert_allclose(np.asarray(f2), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert r2.shape == x.shape
+    with pytest.raises(attrax.AttraxError, match="unknown return_score 'logits'"):
+        attrax.explain(method, model, params, x, t, return_score="logits", **hp)
 
 
 def test_input_invariance_memoizes_the_first_layer_lookup(cnn):

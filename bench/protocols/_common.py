@@ -98,11 +98,15 @@ def reexplainer(
     model,
     params,
     protocol: str,
+    score: str | None = None,
 ) -> Callable[[Array, Array, Array], Array]:
     """`explain(x, target, key) -> relevance` for protocols that re-explain perturbed inputs.
 
     `method` is a registered method name (run through `attrax.explain`: jitted and chunked) or a
     function with the method contract `fn(model, params, x, target, *, key, **hparams)`.
+    With `score` ("logit", ...) the function returns `(relevance, f_c(x))`, the target score of
+    the re-explained inputs computed in the same compiled call (`explain`'s `return_score`): one
+    forward fewer per input where XLA merges it with the method's own forward.
     """
     hp = dict(method_hparams or {})
     model = as_model(model)
@@ -112,10 +116,11 @@ def reexplainer(
             "(and method_hparams) of the method being evaluated"
         )
     if callable(method):
-        fn = model.cached(
-            ("reexplain", method, _freeze(hp)),
-            lambda: jax.jit(lambda p, xx, tt, kk: method(model, p, xx, tt, key=kk, **hp)),
-        )
+        def both(p, xx, tt, kk):
+            r = method(model, p, xx, tt, key=kk, **hp)
+            return r if score is None else (r, class_score(model(p, xx), tt, score))
+
+        fn = model.cached(("reexplain", method, _freeze(hp), score), lambda: jax.jit(both))
 
         def run(x, target, key):
             return fn(params, x, target, per_example_keys(key, x.shape[0]))
@@ -123,7 +128,7 @@ def reexplainer(
         return run
 
     def run_named(x, target, key):
-        return explain(method, model, params, x, target, key=key, **hp)
+        return explain(method, model, params, x, target, key=key, return_score=score, **hp)
 
     return run_named
 

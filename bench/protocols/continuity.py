@@ -11,8 +11,8 @@ Quantus): over `n_samples` uniform perturbations d in the L-inf ball of radius `
 ||R(x + d) - R(x)||_2 / ||R(x)||_2, maximum and mean. Ours: radius 0.1, 20 samples, Frobenius
 norm, normalized by ||R(x)|| (Quantus defaults differ: radius 0.2, 200 samples).
 
-All perturbed inputs of all images are explained by one batched `attrax.explain` call and scored
-by compiled forwards in CPU-sized chunks (`selectivity.state_scores`).
+All perturbed inputs of all images are explained by one batched `attrax.explain` call; the
+translation experiment takes f_c of the shifted digits from the same call (`return_score`).
 
 Speed (cnn_a, 100 digits x 41 shifts, 2 shared CPU cores, process CPU time): the scores of the
 4,100 shifted digits cost 1.8 s in `target_scores`' chunks of 1,024 (5 chunks, the last padded:
@@ -35,7 +35,6 @@ from attrax.protocols._common import (
     repeat_keys,
     repeat_targets,
 )
-from attrax.protocols.selectivity import state_scores
 
 Array = jax.Array
 QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
@@ -62,12 +61,17 @@ def explain_path(
     method,
     method_hparams=None,
     protocol: str = "continuity",
-) -> Array:
-    """Relevance of every point of (n, K, ...) paths through one batched explain call."""
+    score: str | None = None,
+) -> Array | tuple[Array, Array]:
+    """Relevance of every point of (n, K, ...) paths through one batched explain call; with
+    `score`, also f_c (n, K) of every point from the same call (`_common.reexplainer`)."""
     n, k = path.shape[:2]
-    run = reexplainer(method, method_hparams, model, params, protocol)
+    run = reexplainer(method, method_hparams, model, params, protocol, score=score)
     flat = path.reshape((n * k,) + path.shape[2:])
-    return run(flat, repeat_targets(target, k), key).reshape(path.shape)
+    out = run(flat, repeat_targets(target, k), key)
+    if score is None:
+        return out.reshape(path.shape)
+    return out[0].reshape(path.shape), out[1].reshape(n, k)
 
 
 def path_continuity(
@@ -129,13 +133,10 @@ def continuity(
     shifts = np.arange(-max_shift, max_shift + 1)
     path = translate(x, shifts)
     n, k = path.shape[:2]
-    r = explain_path(
+    r, f = explain_path(
         model, params, path, target, key=repeat_keys(example_keys(method_key, n), k), method=method,
-        method_hparams=method_hparams,
+        method_hparams=method_hparams, score=score,
     )
-    f = state_scores(
-        model, params, path.reshape((n * k,) + x.shape[1:]), repeat_targets(target, k), score
-    ).reshape(n, k)
     r2 = aggregate_channels(r.reshape((n * k,) + x.shape[1:]), aggregate).reshape(
         n, k, *x.shape[1:3]
     )
