@@ -69,6 +69,11 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
   on top of it (gradient, 100 real digits, ms): explain's chunk_size 100 / 64 / 50 / 32 / 20 ->
   35.9 / 45.5 / 37.4 / 42.2 / 49.0; 4 threads on the 2 cores 31.2 (noise); explain adds nothing
   over the raw threaded call (33.8 vs 35.5).
+- Guided Grad-CAM from one forward (the guided network's forward giving the layer's maps, the
+  plain head evaluated at them with a zero probe, one backward for both; 2026-12-03, equal maps
+  on cnn_a, resnet and user models): 20.7 / 21.3 ms against 20.4 / 21.5 for guided backprop times
+  Grad-CAM in one compiled call (cnn_a, batch 100, two rounds; guided backprop alone 17.3-17.8):
+  XLA already merges the two forwards, so the simpler form stays.
 - Protocols: one compiled call per selectivity step (re-explain + removal + score) was 0.84x of
   separate calls; all steps in one call compiled for ~60 s (unrolled) or ran 1.5x slower
   (`fori_loop`: XLA:CPU runs convolutions in while loops slower). What paid: scoring in CPU-sized
