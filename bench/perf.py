@@ -334,8 +334,9 @@ def _explain_memory_mb(model, name: str, params, x, target) -> float | None:
     from attrax.methods import per_example_keys
 
     for key, fn in list(model._cache.items()):
-        # harness.explain's key: ("explain", method, static hparams, per-image hparam names, shape, chunk, given)
-        if isinstance(key, tuple) and len(key) == 7 and key[0] == "explain" and key[1] == name:
+        # harness.explain's key: ("explain", method, static hparams, per-image hparam names, shape, chunk, given,
+        # return_score); the maps alone (return_score None) are what the method costs
+        if isinstance(key, tuple) and len(key) == 8 and key[0] == "explain" and key[1] == name and key[7] is None:
             per_image, chunk, given = key[3], key[5], key[6]
             xx = jnp.zeros((chunk, *x.shape[1:]), x.dtype)
             kk = per_example_keys(0, chunk) if given else jnp.arange(chunk, dtype=jnp.int32)
