@@ -488,6 +488,20 @@ def forward(model: Model, params: Any, x: Array, chunk: int = 1024) -> Array:
     return map_chunks(lambda xx: f(params, xx), x.shape[0], min(chunk, x.shape[0]), x)
 
 
+RETURN_SCORES = (*SCORES, "logits")
+
+
+def check_return_score(return_score: str | None) -> None:
+    if return_score is not None and return_score not in RETURN_SCORES:
+        raise AttraxError(f"unknown return_score {return_score!r}: use one of {', '.join(RETURN_SCORES)}")
+
+
+def score_of(model, params, x: Array, target: Array, return_score: str) -> Array:
+    """What `explain(..., return_score=)` returns next to the maps: f_c(x) (n,) or the logits."""
+    logits = model(params, x)
+    return logits if return_score == "logits" else class_score(logits, target, return_score)
+
+
 def explain(
     method: str,
     model: Any,
@@ -510,9 +524,10 @@ def explain(
     cost), and per-example keys make the result independent of the chunking.
 
     `return_score="logit"` (or "probability", "log_probability"): return `(relevance, f_c(x))`,
-    the target score of each input computed in the same compiled call. For protocols that score
-    the very inputs they re-explain: XLA merges that forward with the method's own forward where
-    the two are the same computation (gradient methods), so the score costs nothing there.
+    the target score of each input computed in the same compiled call ("logits": the model's
+    whole output (n, classes)). For protocols that score the very inputs they re-explain: XLA
+    merges that forward with the method's own forward where the two are the same computation
+    (gradient methods), so the score costs nothing there.
     """
     from attrax.methods.combinators import resolve
 
@@ -561,10 +576,9 @@ def explain(
         finite = jnp.isfinite(r).reshape(r.shape[0], -1).all(axis=1)
         if return_score is None:
             return r, finite
-        return r, finite, class_score(model(p, xx), tt, return_score)
+        return r, finite, score_of(model, p, xx, tt, return_score)
 
-    if return_score is not None and return_score not in SCORES:
-        raise AttraxError(f"unknown return_score {return_score!r}: use one of {', '.join(SCORES)}")
+    check_return_score(return_score)
     if jit:
         cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given,
                      return_score)

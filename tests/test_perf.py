@@ -416,8 +416,10 @@ def test_explain_return_score_is_the_forward_of_the_same_inputs(cnn, method):
                          "selectivity", score="log_probability")(x, t, example_keys(None, x.shape[0]))
     np.testing.assert_allclose(np.asarray(f2), np.asarray(ref), rtol=1e-5, atol=1e-5)
     assert r2.shape == x.shape
-    with pytest.raises(attrax.AttraxError, match="unknown return_score 'logits'"):
-        attrax.explain(method, model, params, x, t, return_score="logits", **hp)
+    _, logits = attrax.explain(method, model, params, x, t, return_score="logits", **hp)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model(params, x)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(attrax.AttraxError, match="unknown return_score 'prob'.*logits"):
+        attrax.explain(method, model, params, x, t, return_score="prob", **hp)
 
 
 def test_input_invariance_memoizes_the_first_layer_lookup(cnn):
@@ -436,6 +438,16 @@ def test_input_invariance_memoizes_the_first_layer_lookup(cnn):
     a = attrax.evaluate("input_invariance", m, params, x, t, r, key=0, method="gradient")
     b = attrax.evaluate("input_invariance", m, params, x, t, r, key=0, method="gradient")
     np.testing.assert_array_equal(np.asarray(a.values["distance"]), np.asarray(b.values["distance"]))
+    # the logits taken from the explain calls (`return_score="logits"`) against separate forwards
+    from attrax.harness import forward
+    from attrax.protocols.invariance import shifted_twin
+
+    twin, _ = shifted_twin(m, params, x, -1.0)
+    ref_err = jnp.abs(forward(m, params, x) - forward(m, twin, x - 1.0)).max(-1)
+    np.testing.assert_allclose(np.asarray(a.values["twin_error"]), np.asarray(ref_err), rtol=1e-5, atol=1e-6)
+    r2 = attrax.explain("gradient", m, twin, x - 1.0, t)
+    ref_d = jnp.abs(r - r2).reshape(6, -1).sum(-1) / jnp.abs(r).reshape(6, -1).sum(-1)
+    np.testing.assert_allclose(np.asarray(a.values["distance"]), np.asarray(ref_d), rtol=1e-5)
 
 
 def test_parallel_step_bound_runs_a_model_per_thread():

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrax.errors import AttraxError
-from attrax.harness import _freeze, explain, forward, map_chunks
+from attrax.harness import _freeze, check_return_score, explain, forward, map_chunks, score_of
 from attrax.methods import class_score, per_example_keys
 from attrax.models import as_model
 
@@ -104,12 +104,14 @@ def reexplainer(
 
     `method` is a registered method name (run through `attrax.explain`: jitted and chunked) or a
     function with the method contract `fn(model, params, x, target, *, key, **hparams)`.
-    With `score` ("logit", ...) the function returns `(relevance, f_c(x))`, the target score of
-    the re-explained inputs computed in the same compiled call (`explain`'s `return_score`): one
-    forward fewer per input where XLA merges it with the method's own forward.
+    With `score` ("logit", ...; "logits": the whole output) the function returns
+    `(relevance, f_c(x))`, the target score of the re-explained inputs computed in the same
+    compiled call (`explain`'s `return_score`): one forward fewer per input where XLA merges it
+    with the method's own forward.
     """
     hp = dict(method_hparams or {})
     model = as_model(model)
+    check_return_score(score)
     if method is None:
         raise AttraxError(
             f"protocol {protocol!r} re-explains perturbed inputs: pass method=<name> "
@@ -118,7 +120,7 @@ def reexplainer(
     if callable(method):
         def both(p, xx, tt, kk):
             r = method(model, p, xx, tt, key=kk, **hp)
-            return r if score is None else (r, class_score(model(p, xx), tt, score))
+            return r if score is None else (r, score_of(model, p, xx, tt, score))
 
         fn = model.cached(("reexplain", method, _freeze(hp), score), lambda: jax.jit(both))
 

@@ -10,6 +10,10 @@ The compensation is exact when the first linear layer is Dense (Kindermans used 
 first Conv layer with zero ("SAME") padding, a per-channel bias can only compensate the
 interior: border outputs differ. The protocol therefore also reports `twin_error` =
 max |f1(x) - f2(x + m)| per image; read the verdicts only where it is ~0.
+
+Speed: the logits for `twin_error` come from the two explain calls themselves
+(`return_score="logits"`) instead of two separate forwards: cnn_a, 100 digits, gradient, idle
+2-core EPYC, 77 -> 54-61 ms per protocol call (two explains 25 ms each, a forward 12-14 ms).
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from attrax.errors import AttraxError
-from attrax.harness import forward
 from attrax.models import Model, as_model
 from attrax.protocols import PROTOCOLS, Scores
 from attrax.protocols._common import example_keys, method_label, reexplainer
@@ -131,14 +134,15 @@ def input_invariance(
     m = jnp.broadcast_to(jnp.asarray(shift, x.dtype), x.shape[1:])
     xs = x + m
     keys = example_keys(method_key, x.shape[0])
-    r1 = reexplainer(method, method_hparams, model, params, "input_invariance")(x, target, keys)
+    # each map comes with the logits of its inputs from the same call (`return_score`)
+    r1, f1 = reexplainer(method, method_hparams, model, params, "input_invariance", "logits")(x, target, keys)
     hp2 = method_hparams if twin_method_hparams is None else twin_method_hparams
-    r2 = reexplainer(method, hp2, model, twin, "input_invariance")(xs, target, keys)
+    r2, f2 = reexplainer(method, hp2, model, twin, "input_invariance", "logits")(xs, target, keys)
     n = x.shape[0]
     diff = jnp.abs(r1 - r2).reshape(n, -1).sum(-1)
     norm = jnp.abs(r1).reshape(n, -1).sum(-1)
     dist = diff / jnp.maximum(norm, 1e-12)  # a zero map R1 with R2 != 0 gives a huge distance
-    err = jnp.abs(forward(model, params, x) - forward(model, twin, xs)).max(-1)
+    err = jnp.abs(f1 - f2).max(-1)
     shift_rec = float(shift) if np.ndim(shift) == 0 else np.asarray(shift).tolist()
     return Scores(
         values={"passed": (dist <= tol).astype(jnp.float32), "distance": dist, "twin_error": err},
