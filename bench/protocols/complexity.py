@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from attrax._arrays import to_device
 from attrax.protocols import PROTOCOLS, Scores
 from attrax.protocols._common import aggregate_channels
 
 Array = jax.Array
 
 
+def _sorted_rows(a: Array) -> Array:
+    """`jnp.sort(a, axis=-1)`; on CPU a concrete array is sorted by NumPy (the same values):
+    XLA:CPU's sort took 11.4 ms (jitted) for 100 maps of 784 values, NumPy's 0.32 ms."""
+    if jax.default_backend() == "cpu" and not isinstance(a, jax.core.Tracer):
+        return to_device(np.sort(np.asarray(a), axis=-1))
+    return jnp.sort(a, axis=-1)
+
+
 def gini(a: Array) -> Array:
     """Gini index of each row of non-negative values (n, d)."""
-    s = jnp.sort(a, axis=-1)
+    s = _sorted_rows(a)
     d = s.shape[-1]
     i = jnp.arange(1, d + 1, dtype=s.dtype)
     total = s.sum(-1)
