@@ -262,3 +262,29 @@ def test_streamed_retraining_gives_the_in_memory_rows(tiny_sets):
     assert '"train_in_memory_mb": 0' in streamed.protocol_choices.iloc[0]
     with pytest.raises(AttraxError, match="train_in_memory_mb"):
         roar.run("gradient", model, tr, te, train_in_memory_mb=-1, **kw)
+
+
+def test_in_memory_retrains_are_pooled_within_the_memory_limit(tiny_sets, monkeypatch):
+    """All in-memory variants of a run go through ONE train_many call (workers stay busy), or as
+    many calls as `train_in_memory_mb` needs, each holding at most that many MiB of distinct data
+    (one variant at least); the models, so the rows, do not depend on the pooling."""
+    tr, te = tiny_sets
+    model = attrax.models.create("mlp", hidden=(16,))
+    kw = dict(fractions=(0.0, 0.5, 0.9), seeds=(0, 1), train_config={"epochs": 1, "batch_size": 16}, cache=False)
+    calls = []
+    real = roar.train_many
+
+    def counting(model, xs, ys, seeds, **k):
+        arrays = {id(a): a for a in xs} if isinstance(xs, list) else {id(xs): xs}
+        calls.append((len(seeds), sum(a.nbytes for a in arrays.values()) / 2**20))
+        return real(model, xs, ys, seeds, **k)
+
+    monkeypatch.setattr(roar, "train_many", counting)
+    pooled = roar.run("gradient", model, tr, te, **kw)
+    assert [c[0] for c in calls] == [2 * 5]  # (none, roar 0.5, roar 0.9, kar 0.5, kar 0.9) x 2 seeds
+    one_mb = calls[0][1] / 5
+    calls.clear()
+    split = roar.run("gradient", model, tr, te, train_in_memory_mb=2.5 * one_mb, **kw)
+    assert [c[0] for c in calls] == [4, 4, 2] and all(c[1] <= 2.5 * one_mb for c in calls)
+    np.testing.assert_array_equal(split.value, pooled.value)
+    assert split.attrs["timings"]["n_streamed"] == 0 and split.attrs["timings"]["n_trained"] == 10
