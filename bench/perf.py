@@ -83,8 +83,16 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
   memory-bound on XLA:CPU); max pooling's backward as strided first-winner slices (5x faster
   alone, 0.57 vs 2.85 ms at 50 x 28 x 28 x 32) as a custom_vjp or custom_jvp: the whole training
   gradient 30.3-33.3 / 35.8-41.9 ms against 29.5-30.8 ms (XLA already fuses the pooling
-  backward with its neighbours). So the ROAR + KAR grid's 2x needs fewer operations per step,
-  not a faster kernel; it stays at the per-core step's speed.
+  backward with its neighbours). Profile of the whole step (jax.profiler trace, one pinned
+  core, batch 32, 15.0 ms per step, 2026-12-03 pm): conv2's forward 2.90 ms, its input gradient
+  3.37 ms, its kernel gradient 3.69 ms (the four scanned dots 2.56 of it, ~90 GFLOP/s), i.e. 2/3
+  of the step in conv2's three matrix-product-shaped passes; everything else (conv1, pooling,
+  dense layers, loss, Adam's 0.6 ms) is the other third. Even at zero cost for the rest the step
+  would be 1.5x faster, not the 2x over the PyTorch loop the grid asks for. So the ROAR + KAR
+  grid's 2x needs fewer operations per step, not a faster kernel; it stays at the per-core step's
+  speed. What did pay for the grid: pooling the retrains of all in-memory variants of a method
+  into one `train_many` call (protocols/roar.py; per variant, 3 seeds on 2 worker threads left a
+  core idle a quarter of the time): 3,082 -> 3,548 training images/s, 167 -> 145 s.
 - Protocols: one compiled call per selectivity step (re-explain + removal + score) was 0.84x of
   separate calls; all steps in one call compiled for ~60 s (unrolled) or ran 1.5x slower
   (`fori_loop`: XLA:CPU runs convolutions in while loops slower). What paid: scoring in CPU-sized
