@@ -441,16 +441,17 @@ def run(
 
     y_train = np.asarray(train_set.y)
 
-    def train_data(vid: tuple) -> tuple[Any, Any]:
-        """(x, y) for train_many: in memory up to `train_in_memory_mb`, else a StreamSource."""
+    def train_data(vid: tuple) -> tuple[StreamSource, Callable[[], np.ndarray] | None]:
+        """The variant's train set as a StreamSource and the loader of its array: None where it
+        streams (over `train_in_memory_mb`, or an unmodified split that streams from its files)."""
         dig = variants[vid]
         src = StreamSource([train_set.x], y_train) if dig is None else store.source(dig, "train", y_train)
         if src.nbytes / 2**20 > train_in_memory_mb or (dig is None and streams_from_files(train_set)):
             return src, None
-        return (np.asarray(train_set.x) if dig is None else store.read(dig, "train")), y_train
+        return src, (lambda: np.asarray(train_set.x)) if dig is None else (lambda: store.read(dig, "train"))
 
-    # 4. retrain every (variant, seed) missing from the cache, one variant's data at a time: in
-    #    memory or streamed from its shards
+    # 4. retrain every (variant, seed) missing from the cache: the in-memory variants pooled up to
+    #    `train_in_memory_mb`, a bigger one streamed from its shards
     t0 = time.perf_counter()
     template = init(model, jax.random.key(0), to_device(train_set.x[:1]))
     trained: dict[tuple, Any] = {}
@@ -483,24 +484,24 @@ def run(
     pool: list[tuple[tuple, int, str]] = []
     pool_x: list[np.ndarray] = []
     pool_mb = 0.0
+    xs = None
     for vid, todo in jobs.items():
-        xs, ys = train_data(vid)
-        if isinstance(xs, StreamSource):
+        src, load = train_data(vid)
+        if load is None:
             n_streamed += 1
-            retrain([(vid, s, ck) for s, ck in todo], xs, ys)
-            del xs
+            retrain([(vid, s, ck) for s, ck in todo], src, None)
             continue
-        mb = xs.nbytes / 2**20
-        if pool and pool_mb + mb > train_in_memory_mb:
+        mb = src.nbytes / 2**20
+        if pool and pool_mb + mb > train_in_memory_mb:  # train the pool before loading the next set
             retrain(pool, pool_x, y_train)
             pool, pool_x, pool_mb = [], [], 0.0
+        xs = load()
         pool += [(vid, s, ck) for s, ck in todo]
         pool_x += [xs] * len(todo)  # the same array object per seed: train_many stores it once
         pool_mb += mb
-        del xs
     if pool:
         retrain(pool, pool_x, y_train)
-    del pool_x
+    del pool_x, xs  # the host copies, before evaluation
     jax.block_until_ready(list(trained.values()))
     timings["train_s"] = time.perf_counter() - t0
 
