@@ -12,6 +12,11 @@
 #   attrax_run.json   a copy of attrax/run.json
 #   attrax.log        attrax-bench's progress log
 #   against.md        the side-by-side table (PyTorch images/s, attrax images/s, ratio)
+#   torch_cpu_after.json, torch_after.log, sandwich.md
+#                     the anchor run again AFTER attrax (its folder OUT/torch_after/) and the table
+#                     re-scored against both anchor runs (`attrax-bench --from-run OUT/attrax
+#                     --against-after ...`: geometric mean, each run's ratio, the anchor's drift);
+#                     SANDWICH=0 skips it
 #
 # Environment (all optional):
 #   TORCH_PYTHON   the anchor venv's python (default /work/torchvenv/bin/python; set it up as in
@@ -19,6 +24,7 @@
 #   ANCHOR         the anchor script (default <repo>/../shared/anchors/torch_anchor.py)
 #   ANCHOR_ARGS    extra anchor arguments, e.g. "--quick --wait-idle-s 0" for a smoke run
 #   ATTRAX_BENCH   the benchmark command (default <repo>/.venv/bin/attrax-bench, else on PATH)
+#   SANDWICH       1 (default): run the anchor a second time after attrax; 0: only before
 #
 # Run it on an idle machine: the anchor waits (up to 10 min) for other processes to leave the CPU
 # idle and records their load per workload; a ratio holds only for figures of the same run.
@@ -54,4 +60,13 @@ echo "== $(date -u +%FT%TZ) attrax: $ATTRAX_BENCH --against $OUT/torch_cpu.json 
 cp "$OUT/attrax/run.json" "$OUT/attrax_run.json"
 grep -v "performance.md$" "$OUT/attrax.stdout" > "$OUT/against.md" || true
 cat "$OUT/against.md"
-echo "== $(date -u +%FT%TZ) done: $OUT (against.md, torch_cpu.json, attrax/performance.md)" >&2
+if [ "${SANDWICH:-1}" != 0 ]; then
+  echo "== $(date -u +%FT%TZ) PyTorch stack again (after attrax): $TORCH_PYTHON $ANCHOR" >&2
+  # shellcheck disable=SC2086
+  "$TORCH_PYTHON" "$ANCHOR" --out-dir "$OUT/torch_after" ${ANCHOR_ARGS:-} 2>&1 | tee "$OUT/torch_after.log" >&2
+  cp "$OUT/torch_after/results/torch_cpu.json" "$OUT/torch_cpu_after.json"
+  "$ATTRAX_BENCH" --from-run "$OUT/attrax" --against-after "$OUT/torch_cpu_after.json" > "$OUT/sandwich.stdout"
+  grep -v "sandwich.md$" "$OUT/sandwich.stdout" > "$OUT/sandwich.md" || true
+  cat "$OUT/sandwich.md"
+fi
+echo "== $(date -u +%FT%TZ) done: $OUT (against.md, sandwich.md, torch_cpu.json, attrax/performance.md)" >&2

@@ -39,7 +39,10 @@ Against the PyTorch stack (issue 17): `attrax-bench --against PATH/torch_cpu.jso
 of ../shared/anchors/torch_anchor.py (run just before, on the same machine) and adds a row per
 anchor workload: the attrax counterpart named in the config's `against:` table, run with those
 settings, and the ratio of images/s; a workload without a counterpart, or one that failed in the
-anchor, says so. `bench/anchor_side_by_side.sh OUT` runs both back to back into one folder.
+anchor, says so. `bench/anchor_side_by_side.sh OUT` runs both back to back into one folder, then
+the anchor a second time: `attrax-bench --from-run OUT/attrax --against-after OUT/torch_cpu_after.json`
+re-scores the run against the geometric mean of the two anchor runs and shows each run's ratio and
+the anchor's drift (after / before), which separates the machine's own drift from a real gap.
 
 What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0.10.2):
 - XLA_FLAGS, each in a fresh process (`--flags`, the `probe` figures, two rounds under load
@@ -1086,12 +1089,70 @@ def against_records(anchor: dict[str, Any], source: str, cfg: dict[str, Any], re
                 rec["cpu_speedup"] = found["cpu_images_per_s"] / w["images_per_s"]
             if found.get("kind") == "roar" and found.get("seconds"):
                 h = found["hparams"]
-                torch_s = h["retrains"] * h["train_images"] * h["epochs"] / w["images_per_s"]
-                rec["note"] = (f"{h['retrains']} retrains: PyTorch-equivalent {torch_s:.1f} s of training vs attrax "
-                               f"{found['train_s']:.1f} s training / {found['seconds']:.1f} s whole grid "
-                               f"({torch_s / found['seconds']:.2f}x with maps, rankings and evaluation)")
+                rec.update(retrains=h["retrains"], train_images_total=h["retrains"] * h["train_images"] * h["epochs"],
+                           train_s=found["train_s"], grid_s=found["seconds"])
+                rec["note"] = _grid_note(rec, w["images_per_s"])
             out.append(rec)
     return out
+
+
+def _grid_note(rec: dict[str, Any], bar: float) -> str:
+    """The ROAR + KAR grid's row: its retrains at the PyTorch loop's speed `bar` against attrax."""
+    torch_s = rec["train_images_total"] / bar
+    return (f"{rec['retrains']} retrains: PyTorch-equivalent {torch_s:.1f} s of training vs attrax "
+            f"{rec['train_s']:.1f} s training / {rec['grid_s']:.1f} s whole grid "
+            f"({torch_s / rec['grid_s']:.2f}x with maps, rankings and evaluation)")
+
+
+def sandwich_records(records: list[dict], after: dict[str, Any], after_source: str) -> list[dict]:
+    """The `against` records of a finished run, re-scored against the anchor run twice: once
+    before attrax (the run's own `--against`) and once after it (`after`). The PyTorch figure of
+    each workload becomes the geometric mean of the two runs (the machine's state halfway, if it
+    drifts steadily), the ratio is taken against it, and the two single-run ratios and the anchor's
+    drift (after / before) are kept beside it. A workload the second run lacks keeps its
+    one-run figure, marked as such."""
+    figures = {f"{w['section']}.{w['name']}": w for w in anchor_workloads(after)}
+    meta = after.get("meta") or {}
+    out = []
+    for r in records:
+        if r.get("kind") != "against":
+            continue
+        r = dict(r, after_source=after_source, after_quick=bool(meta.get("quick")), after_date=meta.get("date_utc"))
+        w = figures.get(r["name"])
+        before = r.get("bar")
+        if not before or w is None or not w["images_per_s"]:
+            if r.get("speedup") is not None:
+                only = " (before-run figure only: the second anchor run has none)"
+                r["note"] = ((r.get("note") or "") + only).strip()
+            out.append(r)
+            continue
+        after_ips = w["images_per_s"]
+        loads = [v for v in (r.get("anchor_foreign"), w["foreign"]) if v is not None]
+        r.update(bar_before=before, bar_after=after_ips, anchor_drift=after_ips / before,
+                 bar=float(np.sqrt(before * after_ips)), anchor_foreign=max(loads) if loads else None)
+        if r.get("images_per_s"):
+            r.update(speedup_before=r["images_per_s"] / before, speedup_after=r["images_per_s"] / after_ips,
+                     speedup=r["images_per_s"] / r["bar"])
+            if r.get("cpu_images_per_s"):
+                r["cpu_speedup"] = r["cpu_images_per_s"] / r["bar"]
+            if r.get("train_images_total"):
+                r["note"] = _grid_note(r, r["bar"])
+        out.append(r)
+    return out
+
+
+def load_run_records(run_dir: str | Path) -> list[dict]:
+    """The benchmark records of a finished `attrax-bench` run (its run.json), checked."""
+    p = Path(run_dir) / "run.json"
+    if not p.is_file():
+        raise AttraxError(f"--from-run {run_dir}: no run.json there (give an attrax-bench --out folder)")
+    try:
+        recs = (json.loads(p.read_text()).get("bench") or {}).get("records")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise AttraxError(f"--from-run {run_dir}: run.json is damaged ({type(e).__name__})") from None
+    if not isinstance(recs, list) or not any(isinstance(r, dict) and r.get("kind") == "against" for r in recs):
+        raise AttraxError(f"--from-run {run_dir}: no side-by-side records (run attrax-bench with --against first)")
+    return recs
 
 
 def _effective(kind: str, name: str, settings: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
@@ -1124,16 +1185,35 @@ def against_markdown(records: list[dict], target: float) -> list[str]:
            "processes used while the anchor timed it (trust a figure only where it is ~0).", "",
            f"Anchor run {rows[0].get('anchor_date') or '?'}, "
            + ", ".join(f"{k} {v}" for k, v in (rows[0].get("anchor_versions") or {}).items() if v) + ".", ""]
-    if rows[0].get("anchor_quick"):
+    sandwich = any("after_source" in r for r in rows)
+    if sandwich:
+        out += [f"Sandwich: the anchor ran again after attrax (`{rows[0]['after_source']}`, "
+                f"{rows[0].get('after_date') or '?'}). PyTorch images/s is the geometric mean of the two runs; "
+                "`before / after` are the single runs, `drift` = after / before (the machine's own change while "
+                "attrax ran: a ratio is only as sure as its drift is near 1), and the ratio is given against the "
+                "mean and against each run.", ""]
+    if rows[0].get("anchor_quick") or (sandwich and rows[0].get("after_quick")):
         out += ["**The anchor JSON is a --quick smoke run: its figures are not valid for claims.**", ""]
-    out += ["| PyTorch workload | PyTorch settings | PyTorch images/s | foreign load | attrax counterpart | "
-            "attrax images/s | ratio | CPU est. ratio | goal |",
-            "|---|---|---:|---:|---|---:|---:|---:|---|"]
+    extra_h, extra_a = ("PyTorch before / after | drift | ratio vs before / after | ", "---:|---:|---:|") if sandwich \
+        else ("", "")
+    out += ["| PyTorch workload | PyTorch settings | PyTorch images/s | foreign load | " + extra_h
+            + "attrax counterpart | attrax images/s | ratio | CPU est. ratio | goal |",
+            "|---|---|---:|---:|" + extra_a + "---|---:|---:|---:|---|"]
+
+    def extra(r: dict, with_ratio: bool) -> str:
+        if not sandwich:
+            return ""
+        if r.get("bar_after") is None:
+            return "- | - | - | "
+        ratios = (f"{r['speedup_before']:.2f} / {r['speedup_after']:.2f}" if with_ratio and r.get("speedup_before")
+                  else "-")
+        return f"{_rate(r['bar_before'])} / {_rate(r['bar_after'])} | {r['anchor_drift']:.2f} | {ratios} | "
+
     for r in rows:
         settings = r.get("anchor_settings", "").replace("|", "/")[:90]
         if r.get("speedup") is None:
             out.append(f"| {r['name']} | {settings} | {_rate(r.get('bar'))} | {_fmt(r.get('anchor_foreign'), 2)} | "
-                       f"{r.get('counterpart', '-')} | - | - | - | {r.get('note', '')} |")
+                       f"{extra(r, False)}{r.get('counterpart', '-')} | - | - | - | {r.get('note', '')} |")
             continue
         # the goal is the wall-clock ratio on an idle machine; the CPU estimate only says what a loaded run hides
         goal = r.get("goal") or target
@@ -1143,7 +1223,7 @@ def against_markdown(records: list[dict], target: float) -> list[str]:
             verdict += f" (goal {goal:g}x)"
         note = f" {r['note']}" if r.get("note") else ""
         out.append(f"| {r['name']} | {settings} | {_rate(r['bar'])} | {_fmt(r.get('anchor_foreign'), 2)} | "
-                   f"{r['counterpart']} | {_rate(r['images_per_s'])} | {r['speedup']:.2f} | "
+                   f"{extra(r, True)}{r['counterpart']} | {_rate(r['images_per_s'])} | {r['speedup']:.2f} | "
                    f"{_fmt(r.get('cpu_speedup'), 2)} | {verdict}{note} |")
     out.append("")
     return out
@@ -1511,6 +1591,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="the PyTorch stack's torch_cpu.json (../shared/anchors/torch_anchor.py, run just "
                          "before): adds the ratio column for every workload it timed (with --roar-only: "
                          "the grid's row only; the others are listed as not run)")
+    ap.add_argument("--against-after", default=None, metavar="PATH",
+                    help="with --from-run: the anchor's torch_cpu.json of a second run made AFTER attrax-bench; "
+                         "re-scores that run's side-by-side table against both anchor runs (geometric mean, each "
+                         "run's ratio, the anchor's drift) and writes it to the run folder's sandwich.md")
+    ap.add_argument("--from-run", default=None, metavar="DIR",
+                    help="an attrax-bench --out folder whose run used --against; runs no workload")
     ap.add_argument("--dataset-root", default=None, metavar="DIR",
                     help="the image folder of --dataset image_folder (none given: a small synthetic folder is "
                          "generated); with a large zoo --model (resnet18, resnet50, vgg16, vit) the paper-scale "
@@ -1523,6 +1609,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.probe:
         print(json.dumps(probe()))
         return 0
+    if a.from_run or a.against_after:
+        return _sandwich_main(a)
     from attrax import perf_scale
 
     if perf_scale.wanted(a):  # large zoo models / image folders: the paper-scale section
@@ -1568,6 +1656,30 @@ def main(argv: list[str] | None = None) -> int:
             end = md.find("\n## ", start + 1)
             print(md[start: end if end > 0 else None].rstrip() + "\n")
     print(Path(out) / "performance.md")
+    return 0
+
+
+def _sandwich_main(a: argparse.Namespace) -> int:
+    """`--from-run DIR --against-after PATH`: the side-by-side table of a finished run against
+    the anchor run before it and the one after it."""
+    from attrax.train import atomic_write_bytes
+
+    try:
+        if not (a.from_run and a.against_after):
+            raise AttraxError("--from-run and --against-after go together: the finished attrax-bench run folder and "
+                              "the anchor's torch_cpu.json made after it")
+        records = load_run_records(a.from_run)
+        after = load_anchor(a.against_after)
+        target = float(load_config(a.config).get("target", 1.5))
+    except AttraxError as e:
+        print(f"attrax-bench: error: {e}", file=sys.stderr)
+        return 2
+    rows = sandwich_records(records, after, str(a.against_after))
+    md = "\n".join(against_markdown(rows, target)).rstrip() + "\n"
+    atomic_write_bytes(Path(a.from_run) / "sandwich.md", md.encode())
+    atomic_write_bytes(Path(a.from_run) / "sandwich.json", json.dumps(rows, indent=1, default=str).encode())
+    print(md)
+    print(Path(a.from_run) / "sandwich.md")
     return 0
 
 

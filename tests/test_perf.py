@@ -465,3 +465,77 @@ def test_parallel_step_bound_runs_a_model_per_thread():
     assert rec["name"] == "parallel steps alone" and rec["hparams"] == {"batch": 40, "steps": 1, "threads": 2}
     assert rec["images_per_s"] == pytest.approx(2 * 40 / rec["seconds"])
     assert perf._parallel_step_bound(tr, model, ds, epochs=1, workers=1) is None  # one core: no bound to report
+
+
+def test_sandwich_rescores_a_finished_run_against_the_anchor_before_and_after(tmp_path, capsys):
+    """`--from-run DIR --against-after PATH`: each PyTorch figure becomes the geometric mean of the
+    anchor run before attrax and the one after it; the single-run ratios and the drift are kept;
+    an unchanged second run gives the one-run ratios back."""
+    from attrax import perf
+
+    before = json.loads(_anchor_json(tmp_path).read_text())
+    sal = {"kind": "against", "name": "attribution.Saliency", "anchor_settings": "s", "bar": 1000.0,
+           "anchor_foreign": 0.01, "source": "before.json", "counterpart": "gradient", "images_per_s": 3000.0,
+           "cpu_images_per_s": 3300.0, "speedup": 3.0, "cpu_speedup": 3.3}
+    grid = {"kind": "against", "name": "training.roar_retrain", "anchor_settings": "s", "bar": 2000.0,
+            "source": "before.json", "counterpart": "ROAR + KAR grid", "images_per_s": 3000.0, "speedup": 1.5,
+            "goal": 2.0, "retrains": 10, "train_images_total": 120_000, "train_s": 40.0, "grid_s": 60.0}
+    grid["note"] = perf._grid_note(grid, 2000.0)
+    gone = {"kind": "against", "name": "attribution.Gone", "anchor_settings": "s", "bar": 50.0,
+            "source": "before.json", "counterpart": "x", "images_per_s": 100.0, "speedup": 2.0}
+    records = [{"kind": "method", "name": "gradient", "images_per_s": 3000.0}, sal, grid, gone]
+
+    same = perf.sandwich_records(records, {**before, "roar_retrain": {"n_train": 4000, "wall_s": 6.0}}, "a.json")
+    assert len(same) == 3  # only the side-by-side records
+    s0 = same[0]
+    assert s0["anchor_drift"] == pytest.approx(1.0) and s0["speedup"] == pytest.approx(3.0)
+    assert s0["speedup_before"] == s0["speedup_after"] == pytest.approx(3.0)
+
+    slower = json.loads(json.dumps(before))
+    slower["attribution"]["Saliency"]["images_per_s"] = 250.0  # the machine got 4x slower for PyTorch
+    slower["roar_retrain"] = {"n_train": 4000, "wall_s": 24.0}  # 3 x 4000 / 24 = 500 training images/s
+    rows = perf.sandwich_records(records, slower, "after.json")
+    s, g, x = rows
+    assert s["bar"] == pytest.approx(500.0) and s["bar_before"] == 1000.0 and s["bar_after"] == 250.0
+    assert s["anchor_drift"] == pytest.approx(0.25)
+    assert (s["speedup"], s["speedup_before"], s["speedup_after"]) == pytest.approx((6.0, 3.0, 12.0))
+    assert s["cpu_speedup"] == pytest.approx(6.6) and s["anchor_foreign"] == 0.01
+    assert g["bar"] == pytest.approx(1000.0) and g["speedup"] == pytest.approx(3.0)
+    assert "PyTorch-equivalent 120.0 s" in g["note"]  # 120,000 images at the mean 1,000 images/s
+    assert x["speedup"] == 2.0 and "before-run figure only" in x["note"] and "bar_after" not in x
+    md = "\n".join(perf.against_markdown(rows, 1.5))
+    assert "Sandwich" in md and "after.json" in md
+    line = next(ln for ln in md.splitlines() if ln.startswith("| attribution.Saliency"))
+    assert "| 1,000.0 / 250.0 | 0.25 | 3.00 / 12.00 |" in line and line.endswith("| ok |")
+    assert "BELOW (goal 2x)" not in next(ln for ln in md.splitlines() if ln.startswith("| training.roar_retrain"))
+
+    # the command: a run folder with its records, the second anchor JSON
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"bench": {"records": records}}))
+    after = tmp_path / "after.json"
+    after.write_text(json.dumps(slower))
+    capsys.readouterr()
+    assert perf.main(["--from-run", str(run), "--against-after", str(after)]) == 0
+    printed = capsys.readouterr().out
+    assert "| 1,000.0 / 250.0 | 0.25 |" in printed and (run / "sandwich.md").read_text() in printed
+    assert json.loads((run / "sandwich.json").read_text())[0]["speedup"] == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("case,msg", [("alone", "go together"), ("no_run", "no run.json"),
+                                      ("damaged", "run.json is damaged"), ("no_against", "no side-by-side records")])
+def test_sandwich_bad_input_is_one_line(tmp_path, capsys, case, msg):
+    from attrax import perf
+
+    run = tmp_path / "run"
+    run.mkdir()
+    if case == "damaged":
+        (run / "run.json").write_text("{half")
+    elif case == "no_against":
+        (run / "run.json").write_text(json.dumps({"bench": {"records": [{"kind": "method", "name": "gradient"}]}}))
+    args = ["--against-after", str(_anchor_json(tmp_path))]
+    if case != "alone":
+        args += ["--from-run", str(run if case != "no_run" else tmp_path / "nowhere")]
+    assert perf.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and "\n" not in err and err.startswith("attrax-bench: error:")
