@@ -123,7 +123,8 @@ def occlusion_cost(hp: dict, size: int = 28) -> int:
     return max(0, (size - wh) // sh + 1) * max(0, (size - ww) // sw + 1) + 1
 
 
-@METHODS.register("occlusion", family="perturbation", needs="apply", stochastic=False, cost=occlusion_cost)
+@METHODS.register("occlusion", family="perturbation", needs="apply", stochastic=False, cost=occlusion_cost,
+                  forward_only=True)
 def occlusion(
     model,
     params,
@@ -205,6 +206,7 @@ def rise_masks(n_masks: int, cells: int, p_keep: float, height: int, width: int,
     family="perturbation",
     needs="apply",
     stochastic=False,
+    forward_only=True,
     cost=lambda hp: hp.get("n_masks", 1000),
 )
 def rise(

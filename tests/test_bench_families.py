@@ -64,3 +64,35 @@ def test_tiny_model_batch_is_one_compiled_call():
     if jax.default_backend() == "cpu":
         assert harness.default_evals_per_chunk(harness.REFERENCE_ACTIVATION_BYTES) == 128
         assert harness.default_evals_per_chunk(harness.activation_bytes(model, params, x)) >= 300
+
+
+def test_forward_only_methods_get_the_larger_cpu_chunk_budget():
+    """Occlusion and RISE (registry `forward_only=True`) hold no backward residuals, so on CPU
+    their default chunk is FORWARD_ONLY_SCALE x the gradient budget (cnn_a, batch 20: occlusion
+    costs 50 evaluations per image -> 10 images per chunk, not 2); a gradient method keeps the base
+    budget, and an explicit evals_per_chunk still wins. The maps do not depend on the chunking."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import attrax
+    from attrax import harness, methods
+
+    if jax.default_backend() != "cpu":
+        return
+    assert methods.get("occlusion").meta.get("forward_only") and methods.get("rise").meta.get("forward_only")
+    assert not methods.get("integrated_gradients").meta.get("forward_only")
+    ref = harness.REFERENCE_ACTIVATION_BYTES
+    assert harness.default_evals_per_chunk(ref, forward_only=True) == 128 * harness.FORWARD_ONLY_SCALE
+    model = attrax.models.create("cnn_a")
+    x = jax.random.uniform(jax.random.key(0), (20, 28, 28, 1))
+    params = attrax.models.init(model, jax.random.key(1), x[:1])
+    t = jnp.arange(20) % 10
+    big = attrax.explain("occlusion", model, params, x, t)
+    small = attrax.explain("occlusion", model, params, x, t, evals_per_chunk=128)
+    chunks = sorted(k[5] for k in model._cache if isinstance(k, tuple) and k[:2] == ("explain", "occlusion"))
+    assert chunks == [2, 10]
+    np.testing.assert_allclose(np.asarray(big), np.asarray(small), rtol=1e-5, atol=1e-5)
+    attrax.explain("integrated_gradients", model, params, x, t, steps=8)
+    ig = [k[5] for k in model._cache if isinstance(k, tuple) and k[:2] == ("explain", "integrated_gradients")]
+    assert ig == [harness.chunk_size_for(9, 20, 128)]
