@@ -102,6 +102,22 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
   chunks instead of padded 1,024-image chunks, then taking f_c of each re-explained state from
   the explain call itself (`explain(return_score=)`: XLA merges it with the gradient's forward;
   selectivity 1.66x, continuity 1.6x; see protocols/selectivity.py, continuity.py).
+- (2026-12-03 evening, idle 2-core AMD EPYC, AVX2 only) The first layer's forward as a sum of 9
+  shifted, scaled copies of the one-channel input: alone (28x28x1 -> 32, batch 50, + bias +
+  ReLU) 0.44 ms against XLA's 1.24 ms, but inside cnn_a the forward got slower (8.4 vs 6.8 ms at
+  batch 50, one pinned core; XLA fuses the sum into the pooling's consumers), the input gradient
+  even; with an optimization barrier after it the rounds spread +-20% with no clear gain. Not kept.
+- One process per core instead of one thread per core (cnn_a loss + gradient, batch 32): two
+  threads 3,650-3,900 images/s in all, two pinned processes 3,700-4,100 (one pinned process
+  alone ~3,000): equal within noise that day, so the threads stay (an earlier probe had
+  2,000-2,900 against 2,900-3,300 on a slower machine state). `explain`'s fixed cost per call
+  (target checks, key indices, the cut, two threads' hand-off, the finiteness flag) is ~1.7 ms
+  (batch 2: 2.67 ms against 0.93 ms for the bare jitted gradient), 5-9% of a batch-100 gradient.
+- What paid (same evening): 4x the CPU evaluations per chunk for forward-only methods
+  (occlusion, RISE; `attrax.harness.FORWARD_ONLY_SCALE`): occlusion 4x4 at batch 100, medians
+  of 5 interleaved rounds, 550 ms at 128 evaluations per chunk, 421 at 512, 579 at 1,024, 673 at
+  2,048; RISE 10.3 -> 9.2 s. Integrated gradients and SmoothGrad lost at 512 (1.35 -> 1.66 s,
+  1.27 -> 1.73 s), KernelSHAP and LIME were even, so they keep 128.
 """
 
 from __future__ import annotations
