@@ -736,6 +736,123 @@ def _parallel_step_bound(tr, model, ds, epochs: int, workers: int | None = None,
             "note": "one un-split step per thread, a model each: the bound of train_many(mode='parallel')"}
 
 
+def training_flops_per_image(model, sample_x: Any, batch: int = 64) -> float:
+    """XLA's count of floating-point operations of one training gradient (cross-entropy loss,
+    w.r.t. the parameters) per image, from the compiled program's cost analysis. Counted on the
+    convolution form XLA knows (`ATTRAX_CONV_VJP=xla` while tracing): attrax.fastconv's kernel
+    gradient scans chunks of the batch, and XLA's cost analysis counts a loop's body once."""
+    import optax
+
+    from attrax.models import init
+
+    variables = init(model, jax.random.key(0), to_device(np.asarray(sample_x)[:1]))
+    x = jnp.zeros((batch,) + tuple(np.shape(sample_x)[1:]), jnp.float32)
+    y = jnp.zeros((batch,), jnp.int32)
+    other = {k: v for k, v in variables.items() if k != "params"}
+
+    def loss(p, xb, yb):
+        return optax.softmax_cross_entropy_with_integer_labels(model.module.apply({"params": p, **other}, xb), yb).mean()
+
+    old = os.environ.get("ATTRAX_CONV_VJP")
+    os.environ["ATTRAX_CONV_VJP"] = "xla"
+    try:
+        ca = jax.jit(jax.grad(loss)).lower(variables["params"], x, y).compile().cost_analysis()
+    finally:
+        if old is None:
+            os.environ.pop("ATTRAX_CONV_VJP", None)
+        else:
+            os.environ["ATTRAX_CONV_VJP"] = old
+    ca = ca[0] if isinstance(ca, list | tuple) else ca
+    return float(ca["flops"]) / batch
+
+
+MATMUL_SHAPES = ((4096, 512, 512), (12544, 288, 64), (1024, 1024, 1024))
+
+
+def matmul_probe(start_at: float, core: int | None = None, seconds: float = 2.0,
+                 shapes=MATMUL_SHAPES) -> dict[str, Any]:
+    """In this process (pinned to `core` first, before JAX starts its CPU client and threads): the
+    fastest float32 (m, k) @ (k, n) product rate (FLOP/s) over `shapes`, each timed for `seconds`
+    from the wall-clock time `start_at` on (so that the probes of all cores run at once), after a
+    warm-up."""
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+    rng = np.random.default_rng(0)
+    f = jax.jit(lambda u, v: u @ v)
+    args = [(to_device(rng.random((m, k), np.float32)), to_device(rng.random((k, n), np.float32)))
+            for m, k, n in shapes]
+    for a in args:
+        jax.block_until_ready(f(*a))
+    time.sleep(max(0.0, start_at - time.time()))
+    best, label = 0.0, ""
+    for (m, k, n), a in zip(shapes, args, strict=True):
+        calls, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            jax.block_until_ready(f(*a))
+            calls += 1
+        rate = calls * 2 * m * k * n / (time.perf_counter() - t0)
+        if rate > best:
+            best, label = rate, f"({m}, {k}) @ ({k}, {n})"
+    return {"flops": best, "shape": label}
+
+
+def matmul_rate(workers: int | None = None) -> tuple[float, str]:
+    """(FLOP/s, shape) of this machine's fastest float32 matrix product on all its cores: one
+    fresh process pinned to each core (CPU; one process on GPU/TPU), all timed at once
+    (`matmul_probe`), their rates summed: what an ideal step - every FLOP at matrix-product speed
+    on every core - would reach. Measured on the 2-core AMD EPYC of 2026-12-04: 33.5-34.8
+    GFLOP/s per core alone, ~67 for two pinned processes at once (NumPy's OpenBLAS the same);
+    threads of one process reached only 33-63 (XLA:CPU's own thread pool contends)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if jax.default_backend() != "cpu" or not cores:
+        cores = [None]
+    cores = cores[: workers or len(cores)]
+    start = time.time() + 15.0  # after every process's imports and warm-up
+    procs = [subprocess.Popen([sys.executable, "-m", "attrax.perf", "--matmul-probe", str(start)]
+                              + ([] if c is None else ["--matmul-core", str(c)]),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cores]
+    total, shapes = 0.0, set()
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        try:
+            r = json.loads(out.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            raise AttraxError("matmul probe failed: " + ((err or "").strip().splitlines() or ["no output"])[-1][:160])
+        total += float(r["flops"])
+        shapes.add(r["shape"])
+    return total, ", ".join(sorted(shapes)) + f" on {len(cores)} pinned process(es)"
+
+
+def arithmetic_bound(model, sample_x: Any, batch: int = 64, workers: int | None = None) -> dict:
+    """The training bound of this machine: its fastest matrix-product rate on all cores divided
+    by the training gradient's FLOPs per image, i.e. images/s if every operation of the step ran
+    at matrix-product speed. A training loop's images/s over it is its arithmetic efficiency,
+    and a goal ratio against another loop is reachable only where goal x that loop's efficiency
+    stays below 1."""
+    import importlib
+
+    workers = importlib.import_module("attrax.train").cpu_workers() if workers is None else workers
+    if jax.default_backend() != "cpu":
+        workers = 1
+    fpi = training_flops_per_image(model, sample_x, batch)
+    rate, shape = matmul_rate(workers)
+    return {"kind": "train", "name": "arithmetic bound", "images_per_s": rate / fpi,
+            "hparams": {"batch": batch, "threads": workers}, "flops_per_image": fpi, "matmul_flops": rate,
+            "note": f"{fpi / 1e6:.2f} MFLOP per image (XLA's count of the loss gradient) at "
+                    f"{rate / 1e9:.1f} GFLOP/s (float32 {shape})"}
+
+
+def _efficiency_note(rec: dict[str, Any], bound: dict[str, Any]) -> str:
+    """A training row's place under the arithmetic bound: the anchor's and attrax's share of it
+    and the share the row's goal asks for."""
+    b = bound["images_per_s"]
+    goal = rec.get("goal") or 1.5
+    txt = f"arithmetic bound {b:,.0f} img/s: PyTorch {rec['bar'] / b:.0%}"
+    if rec.get("images_per_s"):
+        txt += f", attrax {rec['images_per_s'] / b:.0%}"
+    return txt + f"; {goal:g}x needs {goal * rec['bar'] / b:.0%}"
+
+
 def bench_training(cfg: dict[str, Any]) -> list[dict]:
     """lax.scan vs Python-loop epochs, and vmapped vs sequential training of several seeds."""
     import importlib
@@ -753,12 +870,13 @@ def bench_training(cfg: dict[str, Any]) -> list[dict]:
         t = time_calls(lambda c=c: tr.fit(model, ds.x, ds.y, seed=0, cfg=c, progress=False)[0],
                        repeats=2, warmup=0, max_seconds=60)
         recs.append({"kind": "train", "name": "fit", "hparams": {"loop": loop, "epochs": epochs},
-                     "images_per_s": len(ds.x) * epochs / t["median_s"], "compile_s": t["compile_s"],
-                     "seconds": t["median_s"]})
+                     "images_per_s": tr.images_trained(len(ds.x), c.batch_size, epochs) / t["median_s"],
+                     "compile_s": t["compile_s"], "seconds": t["median_s"]})
     recs.append(_fit_step_overhead(tr, model, ds, epochs, recs[0]["seconds"]))
     bound = _parallel_step_bound(tr, model, ds, epochs)
     if bound:
         recs.append(bound)
+    recs.append(arithmetic_bound(model, ds.x[:1]))
     configs = [(cfg["model"], {}, int(tcfg.get("seeds", 4)), epochs, 64)]
     small = tcfg.get("dispatch_bound")  # a step so small that fixed per-call costs dominate (GPU-shaped)
     if small:
@@ -779,7 +897,7 @@ def bench_training(cfg: dict[str, Any]) -> list[dict]:
             recs.append({"kind": "train", "name": "train_many",
                          "hparams": {"model": label, "mode": mode, "seeds": n_seeds, "epochs": ep, "batch": bs,
                                      "loop": "python"},
-                         "images_per_s": n_seeds * len(ds.x) * ep / t["median_s"],
+                         "images_per_s": n_seeds * tr.images_trained(len(ds.x), bs, ep) / t["median_s"],
                          "compile_s": t["compile_s"], "seconds": t["median_s"]})
     return recs
 
@@ -870,10 +988,11 @@ def bench_roar_grid(cfg: dict[str, Any], log=lambda *a: None) -> list[dict]:
                 os.environ["ATTRAX_CACHE"] = old
     n = first["n_trained"]
     same = max(float(np.abs(first["accs"][k] - seq["accs"][k]).max()) for k in methods)
+    per_model = importlib.import_module("attrax.train").images_trained(len(train_set), tcfg.batch_size, tcfg.epochs)
     hp = {"methods": len(methods), "fractions": len(fractions), "seeds": len(seeds),
           "protocols": "roar+kar", "train_images": len(train_set), "test_images": len(test_set),
-          "epochs": tcfg.epochs, "model": model_name, "retrains": n}
-    imgs = n * len(train_set) * tcfg.epochs
+          "epochs": tcfg.epochs, "model": model_name, "retrains": n, "images_per_retrain": per_model}
+    imgs = n * per_model
 
     def record(mode: str, res: dict, ratio: float, **extra) -> dict:
         return {"kind": "roar", "name": "roar_kar_grid", "hparams": dict(hp, mode=mode), "seconds": res["wall_s"],
@@ -887,7 +1006,7 @@ def bench_roar_grid(cfg: dict[str, Any], log=lambda *a: None) -> list[dict]:
         recs.append({"kind": "roar", "name": "roar_kar_grid", "hparams": dict(
             hp, mode="vmap", methods=len(vm_names), retrains=vm["n_trained"], subset=",".join(vm_names)),
             "seconds": vm["wall_s"], "train_s": vm["train_s"], "eval_s": vm["eval_s"],
-            "images_per_s": vm["n_trained"] * len(train_set) * tcfg.epochs / vm["train_s"],
+            "images_per_s": vm["n_trained"] * per_model / vm["train_s"],
             "train_ratio": vm["train_s"] / seq_s})
     return recs
 
@@ -1027,7 +1146,7 @@ def bench_against_training(spec: dict[str, Any], work: dict[str, Any], cfg: dict
     ds = ds.take(min(n_train, len(ds.x)))
     model = attrax.models.create(cfg.get("model", "cnn_a"))
     tcfg = attrax.TrainConfig(epochs=int(work["epochs"]), batch_size=int(work["batch_size"]), lr=1e-3)
-    images = len(ds.x) * tcfg.epochs
+    images = tr.images_trained(len(ds.x), tcfg.batch_size, tcfg.epochs)
     if spec["train"] == "parallel":
         seeds = list(range(int(spec.get("seeds", 4))))
 
@@ -1105,11 +1224,23 @@ def against_records(anchor: dict[str, Any], source: str, cfg: dict[str, Any], re
                 rec["cpu_speedup"] = found["cpu_images_per_s"] / w["images_per_s"]
             if found.get("kind") == "roar" and found.get("seconds"):
                 h = found["hparams"]
-                rec.update(retrains=h["retrains"], train_images_total=h["retrains"] * h["train_images"] * h["epochs"],
+                per = h.get("images_per_retrain") or h["train_images"] * h["epochs"]
+                rec.update(retrains=h["retrains"], train_images_total=h["retrains"] * per,
                            train_s=found["train_s"], grid_s=found["seconds"])
                 rec["note"] = _grid_note(rec, w["images_per_s"])
             out.append(rec)
     return out
+
+
+def _with_bound_notes(recs: list[dict], bound: dict[str, Any] | None) -> list[dict]:
+    """The training rows of `recs` with the arithmetic bound (`arithmetic_bound`) beside them."""
+    if not bound:
+        return recs
+    for r in recs:
+        if r.get("name", "").startswith("training.") and r.get("bar"):
+            r["arith_bound"] = bound["images_per_s"]
+            r["note"] = "; ".join(t for t in (r.get("note"), _efficiency_note(r, bound)) if t)
+    return recs
 
 
 def _grid_note(rec: dict[str, Any], bar: float) -> str:
@@ -1153,6 +1284,10 @@ def sandwich_records(records: list[dict], after: dict[str, Any], after_source: s
                 r["cpu_speedup"] = r["cpu_images_per_s"] / r["bar"]
             if r.get("train_images_total"):
                 r["note"] = _grid_note(r, r["bar"])
+            elif r.get("arith_bound"):
+                r["note"] = None
+            if r.get("arith_bound"):
+                r["note"] = "; ".join(t for t in (r.get("note"), _efficiency_note(r, {"images_per_s": r["arith_bound"]})) if t)
         out.append(r)
     return out
 
@@ -1371,15 +1506,15 @@ def markdown(records: list[dict], cfg: dict[str, Any], env: dict[str, Any]) -> s
     trains = [r for r in records if r["kind"] == "train"]
     if trains:
         out += ["## Training strategies (all kept; `auto` chooses by backend)", "",
-                "| what | settings | images/s (all models) | time | compile s |", "|---|---|---:|---:|---:|"]
+                "| what | settings | images/s (all models) | time | compile s | note |", "|---|---|---:|---:|---:|---|"]
         def dur(v):
             if v is None:
                 return "-"
             return f"{v * 1e3:.2f} ms" if v < 1 else f"{v:.2f} s"
 
-        out += [f"| {r['name']} | {', '.join(f'{k}={v}' for k, v in r['hparams'].items())} | "
-                f"{_fmt(r.get('images_per_s'))} | {dur(r.get('seconds'))} | {_fmt(r.get('compile_s'), 2)} |"
-                if not r.get("note") else f"| {r['name']} | {r['hparams']} | - | - | {r['note']} |" for r in trains]
+        out += [f"| {r['name']} | {', '.join(f'{k}={v}' for k, v in (r.get('hparams') or {}).items())} | "
+                f"{_fmt(r.get('images_per_s'))} | {dur(r.get('seconds'))} | {_fmt(r.get('compile_s'), 2)} | "
+                f"{r.get('note') or r.get('error') or ''} |" for r in trains]
         out.append("")
     grids = [r for r in records if r["kind"] == "roar" and not r.get("error")]
     if grids:
@@ -1551,7 +1686,8 @@ def run(cfg: dict[str, Any], out_dir: str | Path, *, methods: list[str], protoco
             except Exception as e:  # noqa: BLE001 - one failing entry must not stop the benchmark
                 return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
 
-        for r in against_records(against, against_source, cfg, records, run_entry):
+        bound = next((r for r in records if r.get("name") == "arithmetic bound" and r.get("images_per_s")), None)
+        for r in _with_bound_notes(against_records(against, against_source, cfg, records, run_entry), bound):
             records.append(r)
             log(f"against   {r['name']:32s} " + (f"{r['speedup']:6.2f}x  ({r['counterpart']})" if r.get("speedup")
                                                  else str(r.get("note", ""))))
@@ -1620,10 +1756,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", default=None, metavar="PATH",
                     help="weights of the large zoo --model (attrax.models.import_weights; default: random init)")
     ap.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--matmul-probe", type=float, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--matmul-core", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     if a.probe:
         print(json.dumps(probe()))
+        return 0
+    if a.matmul_probe is not None:
+        print(json.dumps(matmul_probe(a.matmul_probe, a.matmul_core)))
         return 0
     if a.from_run or a.against_after:
         return _sandwich_main(a)

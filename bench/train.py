@@ -156,6 +156,15 @@ def _make_step(model: Model, tx: optax.GradientTransformation, parts: int = 1):
     return step
 
 
+def images_trained(n: int, batch_size: int, epochs: int) -> int:
+    """Images one model's training steps go through: `fit` and `train_many` drop the last
+    n % batch examples of every epoch (a full batch per step, one compiled shape), so an images/s
+    figure counts these, not n * epochs (the PyTorch loop of ../shared/anchors keeps its short
+    last batch and trains all n)."""
+    b = min(int(batch_size), int(n))
+    return (int(n) // b) * b * int(epochs) if b > 0 else 0
+
+
 def _epoch_batches(n: int, batch: int, key: Array) -> Array:
     """(batches, batch) example indices of one epoch, on the device: a seeded permutation, the last
     n % batch examples of it dropped."""

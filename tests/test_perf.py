@@ -175,6 +175,12 @@ def test_bench_roar_grid_times_batched_and_sequential_retraining(tmp_path):
     md = (out / "performance.md").read_text()
     assert "## ROAR + KAR grid" in md and "| parallel | 8 |" in md and "difference" in md
     assert recs[0]["max_accuracy_diff"] == 0.0  # parallel retrains equal the sequential ones
+    # images/s counts the images the steps went through (40 digits, batch 8: all of them)
+    tr = __import__("importlib").import_module("attrax.train")
+    for r in recs[:2]:
+        per = r["hparams"]["images_per_retrain"]
+        assert per == tr.images_trained(40, 8, 1) == 40
+        assert r["images_per_s"] == pytest.approx(r["hparams"]["retrains"] * per / r["train_s"])
     # --against with --roar-only compares the grid only: no method is timed for the anchor's rows
     every = meta["bench"]["records"]
     assert not [r for r in every if r["kind"] in ("method", "protocol", "train")]
@@ -502,6 +508,9 @@ def test_sandwich_rescores_a_finished_run_against_the_anchor_before_and_after(tm
     assert s["cpu_speedup"] == pytest.approx(6.6) and s["anchor_foreign"] == 0.01
     assert g["bar"] == pytest.approx(1000.0) and g["speedup"] == pytest.approx(3.0)
     assert "PyTorch-equivalent 120.0 s" in g["note"]  # 120,000 images at the mean 1,000 images/s
+    # a training row's arithmetic-bound note follows the re-scored PyTorch figure
+    bounded = perf.sandwich_records([dict(grid, arith_bound=4000.0)], slower, "after.json")[0]
+    assert "PyTorch-equivalent 120.0 s" in bounded["note"] and "PyTorch 25%, attrax 75%; 2x needs 50%" in bounded["note"]
     assert x["speedup"] == 2.0 and "before-run figure only" in x["note"] and "bar_after" not in x
     md = "\n".join(perf.against_markdown(rows, 1.5))
     assert "Sandwich" in md and "after.json" in md
@@ -539,3 +548,63 @@ def test_sandwich_bad_input_is_one_line(tmp_path, capsys, case, msg):
     assert perf.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err and err.startswith("attrax-bench: error:")
+
+
+def test_images_trained_counts_only_full_batches():
+    """fit / train_many drop an epoch's last n % batch examples: images/s must not count them."""
+    import importlib
+
+    tr = importlib.import_module("attrax.train")
+    assert tr.images_trained(1000, 64, 2) == 15 * 64 * 2 == 1920
+    assert tr.images_trained(4000, 64, 3) == 62 * 64 * 3
+    assert tr.images_trained(40, 64, 1) == 40  # a batch larger than the set: one step of all of it
+    assert tr.images_trained(0, 64, 1) == 0
+    # and the steps really see that many: a fit of 10 images at batch 4 takes 2 steps per epoch
+    idx = tr._epoch_batches(10, 4, __import__("jax").random.key(0))
+    assert idx.shape == (2, 4) and tr.images_trained(10, 4, 1) == idx.size
+
+
+def test_training_flops_per_image_is_xlas_count_of_the_gradient():
+    """Known answer on a model written the ordinary way: a VALID 3x3 conv (8x8x1 -> 2 channels)
+    and a dense layer (72 -> 2). Products: the conv's forward and kernel gradient 6*6*2*9*2 each
+    (no input gradient for the data), the dense layer's forward, kernel and input gradient 72*2*2
+    each; plus the elementwise ops (bias, ReLU, loss: XLA counts 4,128 in all)."""
+    import flax.linen as nn
+
+    import attrax
+    from attrax import perf
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.relu(nn.Conv(2, (3, 3), padding="VALID")(x))
+            return nn.Dense(2)(x.reshape(x.shape[0], -1))
+
+    model = attrax.models.as_model(Tiny())
+    fpi = perf.training_flops_per_image(model, np.zeros((1, 8, 8, 1), np.float32), batch=4)
+    matmul = 2 * (6 * 6 * 2 * 9 * 2) + 3 * (72 * 2 * 2)
+    assert matmul <= fpi <= 1.25 * matmul
+
+
+def test_matmul_probe_and_the_efficiency_note():
+    from attrax import perf
+
+    r = perf.matmul_probe(start_at=0.0, seconds=0.05, shapes=((64, 64, 64), (32, 64, 16)))
+    assert r["flops"] > 0 and r["shape"] in ("(64, 64) @ (64, 64)", "(32, 64) @ (64, 16)")
+    note = perf._efficiency_note({"bar": 1000.0, "images_per_s": 1500.0, "goal": 2.0}, {"images_per_s": 2500.0})
+    assert note == "arithmetic bound 2,500 img/s: PyTorch 40%, attrax 60%; 2x needs 80%"
+    rows = perf._with_bound_notes([{"name": "training.roar_retrain", "bar": 1000.0, "images_per_s": 1500.0},
+                                   {"name": "attribution.Saliency", "bar": 1000.0, "images_per_s": 1500.0}],
+                                  {"images_per_s": 2500.0})
+    assert rows[0]["arith_bound"] == 2500.0 and "PyTorch 40%" in rows[0]["note"]
+    assert "arith_bound" not in rows[1] and "note" not in rows[1]
+
+
+@pytest.mark.slow
+def test_arithmetic_bound_runs_one_pinned_probe_per_core():
+    import attrax
+    from attrax import perf
+
+    rec = perf.arithmetic_bound(attrax.models.create("mlp", hidden=(8,)), np.zeros((1, 28, 28, 1), np.float32))
+    assert rec["images_per_s"] == pytest.approx(rec["matmul_flops"] / rec["flops_per_image"])
+    assert "pinned process" in rec["note"]
