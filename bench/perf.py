@@ -751,7 +751,8 @@ def training_flops_per_image(model, sample_x: Any, batch: int = 64) -> float:
     other = {k: v for k, v in variables.items() if k != "params"}
 
     def loss(p, xb, yb):
-        return optax.softmax_cross_entropy_with_integer_labels(model.module.apply({"params": p, **other}, xb), yb).mean()
+        logits = model.module.apply({"params": p, **other}, xb)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     old = os.environ.get("ATTRAX_CONV_VJP")
     os.environ["ATTRAX_CONV_VJP"] = "xla"
@@ -817,7 +818,8 @@ def matmul_rate(workers: int | None = None) -> tuple[float, str]:
         try:
             r = json.loads(out.strip().splitlines()[-1])
         except (IndexError, json.JSONDecodeError):
-            raise AttraxError("matmul probe failed: " + ((err or "").strip().splitlines() or ["no output"])[-1][:160])
+            last = ((err or "").strip().splitlines() or ["no output"])[-1][:160]
+            raise AttraxError(f"matmul probe failed: {last}") from None
         total += float(r["flops"])
         shapes.add(r["shape"])
     return total, ", ".join(sorted(shapes)) + f" on {len(cores)} pinned process(es)"
@@ -1287,7 +1289,8 @@ def sandwich_records(records: list[dict], after: dict[str, Any], after_source: s
             elif r.get("arith_bound"):
                 r["note"] = None
             if r.get("arith_bound"):
-                r["note"] = "; ".join(t for t in (r.get("note"), _efficiency_note(r, {"images_per_s": r["arith_bound"]})) if t)
+                eff = _efficiency_note(r, {"images_per_s": r["arith_bound"]})
+                r["note"] = "; ".join(t for t in (r.get("note"), eff) if t)
         out.append(r)
     return out
 
