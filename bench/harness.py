@@ -114,6 +114,11 @@ def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]
         return x, None
     if not isinstance(target, jax.Array):
         target = np.asarray(target)
+    if target.dtype.kind not in "iu":
+        raise AttraxError(
+            f"target must be int class indices of shape ({x.shape[0]},) or 'predicted', got {target.dtype} "
+            f"{target.shape}"
+        )
     if target.ndim == 0:
         target = jnp.full((x.shape[0],), target)
     if target.shape != (x.shape[0],) or not jnp.issubdtype(target.dtype, jnp.integer):
@@ -123,6 +128,21 @@ def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]
     if isinstance(target, jax.Array) and target.dtype == jnp.int32:
         return x, target
     return x, to_device(target, jnp.int32)
+
+
+def named_target(model: Model, params: Any, x: Any, target: Any) -> Any:
+    """`target` as class indices where it names a target mode: "predicted" is the model's argmax
+    class of each input (one forward); "label" needs the labels themselves, so it is a one-line
+    error; any other string gets the did-you-mean error of `check_target_mode`. Arrays pass
+    through unchanged."""
+    if not isinstance(target, str):
+        return target
+    check_target_mode(target)
+    if target != "predicted":
+        raise AttraxError("target='label' needs the labels: pass the class indices (shape (n,)) as target, "
+                          "or target='predicted' for the model's own class")
+    x, _ = check_batch(x)
+    return resolve_target(model, params, x, None, "predicted")
 
 
 def _concrete(*arrays: Any) -> bool:
@@ -532,7 +552,8 @@ def explain(
     """Relevance maps of `method` for a batch (the Python API's `attrax.explain`).
 
     `model` may be a zoo `Model`, any Flax linen module, or a plain `apply_fn(params, x)`.
-    Hyperparameters are static (one compile per method, hyperparameters and chunk shape); the
+    `target`: the class explained per input, int indices of shape (n,) (or one int for all), or
+    "predicted" (each input's argmax class). Hyperparameters are static (one compile per method, hyperparameters and chunk shape); the
     batch runs in chunks of `chunk_size` images (default: from `evals_per_chunk` and the method's
     cost), and per-example keys make the result independent of the chunking.
 
@@ -546,6 +567,7 @@ def explain(
 
     entry = resolve(method)  # registered names and compositions such as "smooth(gradient)"
     model = as_model(model)
+    target = named_target(model, params, x, target)
     x, target = check_batch(x, target)
     allowed = entry.hparams()
     unknown = set(hparams) - set(allowed)
@@ -624,6 +646,7 @@ def evaluate(
                           f"attrax.protocols.get({protocol!r}).fn(method, model, train_set, test_set, ...) "
                           f"or run it with `attrax protocol={protocol}`")
     model = as_model(model)
+    target = named_target(model, params, x, target)
     x, target = check_batch(x, target)
     check_target_range(model, params, x, target)
     relevance = check_relevance(relevance, x)

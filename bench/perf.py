@@ -113,6 +113,19 @@ What did not help (measured on the shared 2-core CPU, process CPU time, jaxlib 0
   2,000-2,900 against 2,900-3,300 on a slower machine state). `explain`'s fixed cost per call
   (target checks, key indices, the cut, two threads' hand-off, the finiteness flag) is ~1.7 ms
   (batch 2: 2.67 ms against 0.93 ms for the bare jitted gradient), 5-9% of a batch-100 gradient.
+- (2026-12-04, another 2-core AMD EPYC: 33.5-34.8 GFLOP/s per core for a float32 matrix
+  product, ~67 for both at once; the PyTorch loop 1,139-1,231 training images/s, attrax
+  `train_many` parallel 1,707-1,769) conv -> ReLU -> max-pool blocks as one custom_vjp for
+  training that keeps the pool's winner index (int8) instead of the convolution's output and
+  scatters the cotangent by it: the pooling alone 2-4x faster (28x28x32 at batch 64: forward +
+  backward 3.2 vs 6.3 ms; 14x14x64: 0.8 vs 2.8 ms), the first block's forward with the 3x3
+  convolution as 9 shifted products fused into the pooling 1.9 vs 3.9 ms, but every whole block
+  no faster (conv1: 10.7 vs 10.4-11.2 ms forward + parameter gradient; conv2: 55.5 vs 48.3 ms
+  with the input gradient) and the whole gradient slower (70 vs 63.5 ms): XLA already fuses the
+  pooling backward with the ReLU mask and the transposed products, and the scattered cotangent
+  is written once more in full. Not kept. The step's share of the arithmetic bound
+  (`arithmetic_bound`: 23.4 MFLOP per image, XLA's count) was 60% for `train_many` and 42% for
+  the PyTorch loop on that machine: a 2x ROAR + KAR grid would need 84% of it.
 - What paid (same evening): 4x the CPU evaluations per chunk for forward-only methods
   (occlusion, RISE; `attrax.harness.FORWARD_ONLY_SCALE`): occlusion 4x4 at batch 100, medians
   of 5 interleaved rounds, 550 ms at 128 evaluations per chunk, 421 at 512, 579 at 1,024, 673 at

@@ -39,6 +39,24 @@ def test_target_outside_the_models_outputs(linear, bad):
         attrax.evaluate("pixel_flipping", model, params, x, t, x, key=0)
 
 
+def test_target_predicted_is_the_models_argmax_and_other_strings_are_one_line(linear):
+    """target="predicted" explains (and scores) each input's argmax class: the same maps as the
+    indices themselves; "label" (it needs the labels), a typo, floats and strings are one line."""
+    model, params, x, target, _ = linear
+    pred = jnp.argmax(model(params, x), axis=-1).astype(jnp.int32)
+    r = attrax.explain("gradient", model, params, x, "predicted")
+    assert jnp.array_equal(r, attrax.explain("gradient", model, params, x, pred))
+    s = attrax.evaluate("pixel_flipping", model, params, x, "predicted", r, key=0)
+    same = attrax.evaluate("pixel_flipping", model, params, x, pred, r, key=0)
+    assert s.values.keys() == same.values.keys()
+    assert all(jnp.allclose(s.values[k], same.values[k]) for k in s.values)
+    for bad, msg in (("label", "needs the labels"), ("predicted_class", "did you mean 'predicted'"),
+                     (jnp.ones(4) * 1.0, "int class indices"), (["a", "b", "c", "d"], "int class indices")):
+        with pytest.raises(attrax.AttraxError, match=msg) as err:
+            attrax.explain("gradient", model, params, x, bad)
+        _one_line(err)
+
+
 def test_model_returning_nan_is_named(linear):
     model, params, x, target, _ = linear
     nan_model = attrax.as_model(lambda p, xx: model(p, xx) * jnp.nan)
