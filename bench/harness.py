@@ -554,8 +554,9 @@ def explain(
     `model` may be a zoo `Model`, any Flax linen module, or a plain `apply_fn(params, x)`.
     `target`: the class explained per input, int indices of shape (n,) (or one int for all), or
     "predicted" (each input's argmax class). Hyperparameters are static (one compile per method,
-    hyperparameters and chunk shape); the batch runs in chunks of `chunk_size` images (default: from `evals_per_chunk` and the method's
-    cost), and per-example keys make the result independent of the chunking.
+    hyperparameters and chunk shape); the batch runs in chunks of `chunk_size` images (default:
+    from `evals_per_chunk` and the method's cost), and per-example keys make the result
+    independent of the chunking.
 
     `return_score="logit"` (or "probability", "log_probability"): return `(relevance, f_c(x))`,
     the target score of each input computed in the same compiled call ("logits": the model's
