@@ -441,7 +441,39 @@ def in_threads(calls: list[Callable[[], Any]], workers: int) -> list[Any]:
     return [f.result() for f in futures]
 
 
-def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
+#: Primitives that XLA:CPU runs as LAPACK custom calls. jaxlib's LAPACK kernels spread a batch
+#: over the intra-op thread pool and wait for it from a pool thread: two such calls from two chunk
+#: threads at once each hold one of the pool's threads and wait for the other forever (seen with
+#: KernelSHAP's `pinv(hermitian=True)` -> `eigh` on a small user CNN, 2026-12-04). Computations
+#: holding one run their chunks in turn.
+LAPACK_PRIMITIVES = frozenset({"eigh", "svd", "cholesky", "lu", "qr", "geqrf", "geqp3", "householder_product",
+                               "orgqr", "eig", "schur", "hessenberg", "tridiagonal", "tridiagonal_solve"})
+
+
+def lapack_primitives(jaxpr) -> set[str]:
+    """The LAPACK-backed primitives (`LAPACK_PRIMITIVES`) anywhere in a (closed) jaxpr,
+    sub-computations (jit, custom derivatives, loops, conditionals) included."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+    found: set[str] = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in LAPACK_PRIMITIVES:
+            found.add(eqn.primitive.name)
+        for v in eqn.params.values():
+            for sub in (v if isinstance(v, list | tuple) else (v,)):
+                if isinstance(sub, jcore.ClosedJaxpr | jcore.Jaxpr):
+                    found |= lapack_primitives(sub)
+    return found
+
+
+def effective_chunk(n: int, chunk: int, workers: int) -> int:
+    """The images per compiled call `map_chunks` runs: a chunk of two or more images cut into
+    `workers` equal chunks, rounded up to a multiple of the device count."""
+    if workers > 1 and min(chunk, n) >= 2:  # a chunk of one image stays one (its memory)
+        chunk = -(-min(chunk, n) // workers)
+    return device_multiple(chunk)
+
+
+def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array, threads: bool = True) -> Array:
     """Apply a compiled `fn(*batch_arrays)` over fixed-size chunks (last one padded).
 
     Padding keeps one shape, so a second chunk never retraces. With several local devices the
@@ -450,13 +482,12 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array) -> Array:
     into that many equal chunks (the same images in flight at once, so the same memory) and the
     chunks run in the threads, their results in order; chunks of one image run in turn. `fn` must
     be per-example (every registered method is: the conformance suite checks it), so the result
-    does not depend on the split.
+    does not depend on the split. `threads=False` runs the chunks in turn (computations with LAPACK
+    calls: `lapack_primitives`).
     """
-    workers = chunk_workers()
+    workers = chunk_workers() if threads else 1
     threaded = workers > 1 and min(chunk, n) >= 2  # a chunk of one image stays one (its memory)
-    if threaded:
-        chunk = -(-min(chunk, n) // workers)
-    chunk = device_multiple(chunk)
+    chunk = effective_chunk(n, chunk, workers)
     sharding = batch_sharding(chunk)
     # on one CPU device the chunks are cut, padded and joined in NumPy (views of the same host
     # memory): done with jax ops, each slice, pad and join shape was a compiled program of its own
@@ -616,12 +647,27 @@ def explain(
         return r, finite, score_of(model, p, xx, tt, return_score)
 
     check_return_score(return_score)
+    cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given,
+                 return_score)
+
     if jit:
-        cache_key = ("explain", method, _freeze(static), tuple(per_image), x.shape[1:], chunk, given,
-                     return_score)
         run = model.cached(cache_key, lambda: jax.jit(run))
+
+    def threadable() -> bool:
+        """No LAPACK call in the method (see `LAPACK_PRIMITIVES`): traced at the threaded chunk
+        shape, the trace the first threaded call then reuses (jit caches it by shape)."""
+        size = effective_chunk(n, chunk, chunk_workers())
+
+        def spec(a):
+            return jax.ShapeDtypeStruct((size,) + tuple(a.shape[1:]), a.dtype)
+
+        args = (params, spec(x), spec(target), spec(chunked_keys), base, *map(spec, sliced))
+        jaxpr = run.trace(*args).jaxpr if jit else jax.make_jaxpr(run)(*args)
+        return not lapack_primitives(jaxpr)
+
+    threads = chunk_workers() < 2 or min(chunk, n) < 2 or model.cached(cache_key + ("threadable",), threadable)
     out, finite, *scores = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x,
-                                      target, chunked_keys, *sliced)
+                                      target, chunked_keys, *sliced, threads=threads)
     if _concrete(out, x) and not np.asarray(finite).all():
         return check_output_finite(out, method, model, params, x)  # raises, naming the cause
     return out if return_score is None else (out, scores[0])

@@ -282,7 +282,7 @@ def fit(
     data = (to_device(x), to_device(y, jnp.int32))
     loop = pick_loop(cfg.loop)
     parts = split_parts(variables, batch)
-    threaded = _threaded(model, cfg, parts) if loop == "python" else None
+    threaded = _threaded(model, cfg, parts) if loop == "python" and not uses_lapack(model, variables, x[:1]) else None
     run = threaded.fit_call if threaded else _fit_runner(model, cfg, parts, loop)
     epoch_idx = _epoch_idx_fn(n, batch)
     losses = []
@@ -465,6 +465,33 @@ class _ThreadedStep:
         return self._update(carry, outs, xb.shape[0])
 
 
+def uses_lapack(model: Model, variables, sample_x) -> bool:
+    """Whether the model's training gradient calls LAPACK (`harness.LAPACK_PRIMITIVES`: eigh, svd,
+    ... in a whitening or orthogonalizing layer): such steps must not run from two threads at
+    once (jaxlib's LAPACK kernels wait on the shared intra-op pool; two of them deadlock), so
+    fit's threaded sub-batches and train_many's parallel mode run one at a time. Traced once per
+    model and input shape."""
+    from attrax.harness import lapack_primitives
+
+    shape = tuple(np.shape(sample_x)[1:])
+
+    def check():
+        x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
+        y = jax.ShapeDtypeStruct((2,), jnp.int32)
+        params = variables["params"]
+        other = {k: v for k, v in variables.items() if k != "params"}
+
+        def loss(p, xb, yb):
+            out = model.module.apply({"params": p, **other}, xb, mutable=list(other)) if other else \
+                model.module.apply({"params": p}, xb)
+            logits = out[0] if other else out
+            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+
+        return bool(lapack_primitives(jax.make_jaxpr(jax.grad(loss))(params, x, y)))
+
+    return _memo(("lapack", _model_key(model, TrainConfig()), shape), check)
+
+
 def _threaded(model: Model, cfg: TrainConfig, parts: int) -> _ThreadedStep | None:
     """The threaded split step where it applies: a split step (CPU, no mutable state, see
     `split_parts`) and as many chunk threads (`harness.chunk_workers`, `ATTRAX_CHUNK_THREADS`)."""
@@ -558,11 +585,12 @@ def fit_stream(
     n = len(src)
     if n == 0:
         raise AttraxError("fit_stream: the stream source has no rows")
-    variables, state, k_data = _start(model, cfg, seed, src.rows(np.arange(1)), variables)
+    first = src.rows(np.arange(1))
+    variables, state, k_data = _start(model, cfg, seed, first, variables)
     batch = min(cfg.batch_size, n)
     n_batches = n // batch
     parts = split_parts(variables, batch) if parts is None else int(parts)
-    threaded = _threaded(model, cfg, parts)
+    threaded = None if uses_lapack(model, variables, first) else _threaded(model, cfg, parts)
     run = threaded.stream_call if threaded else _stream_runner(model, cfg, parts)
     epoch_idx = _epoch_idx_fn(n, batch)
     losses: list[float] = []
@@ -905,7 +933,9 @@ def train_many(
         results[i] = train_group([i], fn)
         bar.update(1)
 
-    _run_jobs(job, m, min(m, workers or cpu_workers()) if chosen == "parallel" else 1)
+    parallel = chosen == "parallel" and not uses_lapack(model, jax.eval_shape(lambda: init(model, keys[0][0], sample)),
+                                                         xs[0][:1])
+    _run_jobs(job, m, min(m, workers or cpu_workers()) if parallel else 1)
     bar.close()
     return [r[0] for r in results], np.asarray([r[1][:, 0] for r in results])
 
@@ -936,6 +966,10 @@ def _train_many_stream(model: Model, x, y, seeds: list[int], *, cfg: TrainConfig
         raise AttraxError(f"train_many needs data sets of equal size, got {sorted({len(s) for s in sources})}")
     chosen = pick_many_mode(mode)
     n_workers = min(m, workers or cpu_workers()) if chosen == "parallel" else 1
+    if n_workers > 1:
+        sample = np.zeros((1, *sources[0].shape[1:]), np.float32)  # its shape only: no read
+        if uses_lapack(model, jax.eval_shape(lambda: init(model, jax.random.key(0), to_device(sample))), sample):
+            n_workers = 1
     parts = 1 if chosen == "parallel" else None  # as the in-memory modes: no split where models share the cores
     results: list[Any] = [None] * m
 
