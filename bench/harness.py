@@ -665,7 +665,7 @@ def explain(
         jaxpr = run.trace(*args).jaxpr if jit else jax.make_jaxpr(run)(*args)
         return not lapack_primitives(jaxpr)
 
-    threads = chunk_workers() < 2 or min(chunk, n) < 2 or model.cached(cache_key + ("threadable",), threadable)
+    threads = chunk_workers() < 2 or min(chunk, n) < 2 or model.cached(("threadable",) + cache_key, threadable)
     out, finite, *scores = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x,
                                       target, chunked_keys, *sliced, threads=threads)
     if _concrete(out, x) and not np.asarray(finite).all():
