@@ -700,13 +700,22 @@ def _fixed_batch_steps(tr, model, ds, split: bool):
     variables = tr.init(model, jax.random.key(0), to_device(ds.x[:1]))
     tx = tr._optimizer(tr.TrainConfig())
     parts = tr.split_parts(variables, batch) if split else 1
+    # fit's own step: its sub-batch halves from two threads where fit uses them (`_ThreadedStep`)
+    threaded = tr._threaded(model, tr.TrainConfig(), parts) if split and not tr.uses_lapack(
+        model, variables, ds.x[:1]) else None
     step = jax.jit(tr._make_step(model, tx, parts), donate_argnums=0)
     xb, yb = to_device(ds.x[:batch]), to_device(ds.y[:batch])
+    idx = jnp.arange(batch, dtype=jnp.int32)[None]
 
     def run(steps: int):
         fresh = jax.tree.map(jax.numpy.copy, variables)  # the step donates its state
         other = {k: v for k, v in fresh.items() if k != "params"}
         state = (fresh["params"], other, tx.init(fresh["params"]))
+        if threaded is not None:
+            carry = (state, jnp.zeros((), jnp.float32))
+            for _ in range(steps):
+                carry = threaded.fit_call(carry, (xb, yb), idx, 0)
+            return carry[0]
         for _ in range(steps):
             state = step(state, xb, yb)[0]
         return state
