@@ -609,3 +609,25 @@ def test_arithmetic_bound_runs_one_pinned_probe_per_core():
     rec = perf.arithmetic_bound(attrax.models.create("mlp", hidden=(8,)), np.zeros((1, 28, 28, 1), np.float32))
     assert rec["images_per_s"] == pytest.approx(rec["matmul_flops"] / rec["flops_per_image"])
     assert "pinned process" in rec["note"]
+
+
+def test_fit_steps_alone_times_fits_own_step(monkeypatch):
+    """`fit steps alone` steps the state with fit's own step (two threaded halves on a 2-thread
+    CPU), and the trained state equals the fused split step's to float rounding."""
+    import importlib
+
+    import attrax
+    from attrax import perf
+
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "2")
+    tr = importlib.import_module("attrax.train")
+    ds = attrax.datasets.load("synthetic", "train", n_train=64, n_test=4, size=16, num_classes=2, distractors=0, seed=0)
+    model = attrax.models.create("mlp", hidden=(8,), num_classes=2)
+    batch, run = perf._fixed_batch_steps(tr, model, ds, split=True)
+    threaded_state = run(3)
+    monkeypatch.setenv("ATTRAX_CHUNK_THREADS", "1")
+    _, fused = perf._fixed_batch_steps(tr, model, ds, split=True)
+    for a, b in zip(jax.tree.leaves(threaded_state), jax.tree.leaves(fused(3)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    rec = perf._fit_step_overhead(tr, model, ds, epochs=1, fit_s=1.0)
+    assert rec["hparams"] == {"batch": 64, "steps": 1} and rec["images_per_s"] == pytest.approx(64 / rec["seconds"])
