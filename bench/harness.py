@@ -114,17 +114,16 @@ def check_batch(x: Any, target: Any | None = None) -> tuple[Array, Array | None]
         return x, None
     if not isinstance(target, jax.Array):
         target = np.asarray(target)
-    if target.dtype.kind not in "iu":
-        raise AttraxError(
-            f"target must be int class indices of shape ({x.shape[0]},) or 'predicted', got {target.dtype} "
-            f"{target.shape}"
-        )
+    def bad(t):
+        return AttraxError(f"target must be int class indices of shape ({x.shape[0]},) or 'predicted', "
+                           f"got {t.dtype} {t.shape}")
+
+    if target.dtype.kind not in "iu":  # before jnp.full, which fails deep inside JAX on strings
+        raise bad(target)
     if target.ndim == 0:
         target = jnp.full((x.shape[0],), target)
-    if target.shape != (x.shape[0],) or not jnp.issubdtype(target.dtype, jnp.integer):
-        raise AttraxError(
-            f"target must be int class indices of shape ({x.shape[0]},), got {target.dtype} {target.shape}"
-        )
+    if target.shape != (x.shape[0],):
+        raise bad(target)
     if isinstance(target, jax.Array) and target.dtype == jnp.int32:
         return x, target
     return x, to_device(target, jnp.int32)
@@ -465,10 +464,16 @@ def lapack_primitives(jaxpr) -> set[str]:
     return found
 
 
+def splits_chunks(n: int, chunk: int, workers: int) -> bool:
+    """Whether `map_chunks` cuts each chunk for `workers` threads: a chunk of one image stays one
+    (its memory)."""
+    return workers > 1 and min(chunk, n) >= 2
+
+
 def effective_chunk(n: int, chunk: int, workers: int) -> int:
     """The images per compiled call `map_chunks` runs: a chunk of two or more images cut into
     `workers` equal chunks, rounded up to a multiple of the device count."""
-    if workers > 1 and min(chunk, n) >= 2:  # a chunk of one image stays one (its memory)
+    if splits_chunks(n, chunk, workers):
         chunk = -(-min(chunk, n) // workers)
     return device_multiple(chunk)
 
@@ -486,7 +491,7 @@ def map_chunks(fn: Callable, n: int, chunk: int, *arrays: Array, threads: bool =
     calls: `lapack_primitives`).
     """
     workers = chunk_workers() if threads else 1
-    threaded = workers > 1 and min(chunk, n) >= 2  # a chunk of one image stays one (its memory)
+    threaded = splits_chunks(n, chunk, workers)
     chunk = effective_chunk(n, chunk, workers)
     sharding = batch_sharding(chunk)
     # on one CPU device the chunks are cut, padded and joined in NumPy (views of the same host
@@ -665,7 +670,7 @@ def explain(
         jaxpr = run.trace(*args).jaxpr if jit else jax.make_jaxpr(run)(*args)
         return not lapack_primitives(jaxpr)
 
-    threads = chunk_workers() < 2 or min(chunk, n) < 2 or model.cached(("threadable",) + cache_key, threadable)
+    threads = not splits_chunks(n, chunk, chunk_workers()) or model.cached(("threadable",) + cache_key, threadable)
     out, finite, *scores = map_chunks(lambda xx, tt, kk, *bb: run(params, xx, tt, kk, base, *bb), n, chunk, x,
                                       target, chunked_keys, *sliced, threads=threads)
     if _concrete(out, x) and not np.asarray(finite).all():

@@ -763,23 +763,15 @@ def training_flops_per_image(model, sample_x: Any, batch: int = 64) -> float:
     w.r.t. the parameters) per image, from the compiled program's cost analysis. Counted on the
     convolution form XLA knows (`ATTRAX_CONV_VJP=xla` while tracing): attrax.fastconv's kernel
     gradient scans chunks of the batch, and XLA's cost analysis counts a loop's body once."""
-    import optax
-
     from attrax.models import init
 
     variables = init(model, jax.random.key(0), to_device(np.asarray(sample_x)[:1]))
     x = jnp.zeros((batch,) + tuple(np.shape(sample_x)[1:]), jnp.float32)
     y = jnp.zeros((batch,), jnp.int32)
-    other = {k: v for k, v in variables.items() if k != "params"}
-
-    def loss(p, xb, yb):
-        logits = model.module.apply({"params": p, **other}, xb)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
     old = os.environ.get("ATTRAX_CONV_VJP")
     os.environ["ATTRAX_CONV_VJP"] = "xla"
     try:
-        ca = jax.jit(jax.grad(loss)).lower(variables["params"], x, y).compile().cost_analysis()
+        ca = _train_step_fn(model).lower(variables, x, y).compile().cost_analysis()
     finally:
         if old is None:
             os.environ.pop("ATTRAX_CONV_VJP", None)
@@ -1309,10 +1301,9 @@ def sandwich_records(records: list[dict], after: dict[str, Any], after_source: s
             if r.get("train_images_total"):
                 r["note"] = _grid_note(r, r["bar"])
             elif r.get("arith_bound"):
-                r["note"] = None
+                r["note"] = None  # the bound's note alone, rewritten below against the new bar
             if r.get("arith_bound"):
-                eff = _efficiency_note(r, {"images_per_s": r["arith_bound"]})
-                r["note"] = "; ".join(t for t in (r.get("note"), eff) if t)
+                _with_bound_notes([r], {"images_per_s": r["arith_bound"]})
         out.append(r)
     return out
 

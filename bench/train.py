@@ -475,19 +475,13 @@ def uses_lapack(model: Model, variables, sample_x) -> bool:
 
     shape = tuple(np.shape(sample_x)[1:])
 
-    def check():
+    def check():  # the un-split training step itself, traced from shapes
+        tx = _optimizer(TrainConfig())
+        params = variables["params"]
+        state = (params, {k: v for k, v in variables.items() if k != "params"}, jax.eval_shape(tx.init, params))
         x = jax.ShapeDtypeStruct((2, *shape), jnp.float32)
         y = jax.ShapeDtypeStruct((2,), jnp.int32)
-        params = variables["params"]
-        other = {k: v for k, v in variables.items() if k != "params"}
-
-        def loss(p, xb, yb):
-            out = model.module.apply({"params": p, **other}, xb, mutable=list(other)) if other else \
-                model.module.apply({"params": p}, xb)
-            logits = out[0] if other else out
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-        return bool(lapack_primitives(jax.make_jaxpr(jax.grad(loss))(params, x, y)))
+        return bool(lapack_primitives(jax.make_jaxpr(_make_step(model, tx))(state, x, y)))
 
     return _memo(("lapack", _model_key(model, TrainConfig()), shape), check)
 
@@ -872,7 +866,8 @@ def train_many(
     sample = to_device(xs[0][:1])
     # the step `fit` would use for one model alone (the same sub-batch split), except where models
     # already share the cores (parallel) or one vmapped step (vmap)
-    parts = split_parts(jax.eval_shape(lambda: init(model, jax.random.key(0), sample)), batch)
+    shapes = jax.eval_shape(lambda: init(model, jax.random.key(0), sample))
+    parts = split_parts(shapes, batch)
     xd = jnp.stack([to_device(a) for a in xs])  # (variants, n, ...): each distinct array once
     yd = jnp.stack([to_device(a, jnp.int32) for a in ys])
     loop = pick_loop(cfg.loop)
@@ -933,8 +928,7 @@ def train_many(
         results[i] = train_group([i], fn)
         bar.update(1)
 
-    parallel = chosen == "parallel" and not uses_lapack(model, jax.eval_shape(lambda: init(model, keys[0][0], sample)),
-                                                         xs[0][:1])
+    parallel = chosen == "parallel" and not uses_lapack(model, shapes, xs[0][:1])
     _run_jobs(job, m, min(m, workers or cpu_workers()) if parallel else 1)
     bar.close()
     return [r[0] for r in results], np.asarray([r[1][:, 0] for r in results])
